@@ -1,0 +1,130 @@
+"""Async chat-completions client for any OpenAI-compatible endpoint.
+
+The retry policy is ours, not the SDK's (its ``max_retries`` is set to 0): exponential
+backoff on 429, 5xx, timeouts and dropped connections, bounded by ``LLMConfig.max_retries``.
+Model choice is a weighted draw from a seeded RNG, so a run's sequence of models replays.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import openai
+
+from adrs.llm.budget import BudgetTracker, Usage
+from adrs.llm.config import LLMConfig, LLMModelConfig
+
+Message = Mapping[str, str]
+
+# Errors worth another attempt: the server was busy or flaky, the request itself was fine.
+RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
+
+
+class LLMError(RuntimeError):
+    """A call failed for good (non-retryable error, or retries exhausted)."""
+
+
+class MissingAPIKeyError(LLMError):
+    """The environment variable named by ``api_key_env`` is not set."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One successful chat completion with its accounting."""
+
+    text: str
+    model: str
+    usage: Usage
+    latency_s: float
+    attempts: int
+
+
+def _api_key(model: LLMModelConfig, env: Mapping[str, str]) -> str:
+    if model.api_key_env is None:
+        return "not-needed"  # local servers (vLLM, llama.cpp) accept any key
+    key = env.get(model.api_key_env)
+    if not key:
+        raise MissingAPIKeyError(
+            f"model {model.name!r} reads its API key from ${model.api_key_env}, which is not set; "
+            f"export {model.api_key_env}=... or set api_key_env: null for an endpoint without keys"
+        )
+    return key
+
+
+def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
+    """Delay before retry number ``attempt`` (1-based): doubling, capped, with 0-25% jitter."""
+    base = min(max_s, initial_s * (2 ** (attempt - 1)))
+    return base * (1.0 + 0.25 * rng.random())
+
+
+class LLMClient:
+    """Chat completions with weighted model choice, retries, token/cost accounting and a budget.
+
+    ``env`` defaults to ``os.environ``; keys are read once, at construction, so a missing
+    key fails before the run starts rather than at the first proposal.
+    """
+
+    def __init__(self, config: LLMConfig, seed: int = 0, env: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        env = os.environ if env is None else env
+        self._clients = {
+            i: openai.AsyncOpenAI(
+                api_key=_api_key(m, env), base_url=m.base_url, timeout=m.timeout_s, max_retries=0,
+            )
+            for i, m in enumerate(config.models)
+        }
+        self._rng = random.Random(f"llm-models/{seed}")
+        self._jitter = random.Random(f"llm-backoff/{seed}")
+        self.budget = BudgetTracker(config.budget_usd, config.budget_tokens)
+        self._slots = asyncio.Semaphore(config.max_in_flight)
+
+    def choose_model(self) -> int:
+        """Index of the next model, drawn by weight from the seeded RNG."""
+        weights = [m.weight for m in self.config.models]
+        return self._rng.choices(range(len(weights)), weights=weights, k=1)[0]
+
+    async def complete(self, messages: Sequence[Message], model_index: int | None = None) -> Completion:
+        """One chat completion, retried on transient errors; usage is charged to the budget.
+
+        Does not check the budget (a repair turn of an in-flight proposal must finish);
+        proposal-level code calls ``budget.check()`` before starting.
+        """
+        idx = self.choose_model() if model_index is None else model_index
+        model = self.config.models[idx]
+        client = self._clients[idx]
+        attempts = 0
+        async with self._slots:
+            while True:
+                attempts += 1
+                start = time.monotonic()
+                try:
+                    resp = await client.chat.completions.create(
+                        model=model.name, messages=[dict(m) for m in messages],
+                        temperature=model.temperature, max_tokens=model.max_tokens,
+                    )
+                except RETRYABLE as exc:
+                    if attempts > self.config.max_retries:
+                        raise LLMError(
+                            f"{model.name}: giving up after {attempts} attempt(s): {type(exc).__name__}: {exc}"
+                        ) from exc
+                    await asyncio.sleep(backoff_delay(
+                        attempts, self.config.backoff_initial_s, self.config.backoff_max_s, self._jitter))
+                    continue
+                except openai.APIError as exc:
+                    raise LLMError(f"{model.name}: {type(exc).__name__}: {exc}") from exc
+                latency = time.monotonic() - start
+                break
+        text = (resp.choices[0].message.content or "") if resp.choices else ""
+        u = resp.usage
+        pt, ct = (u.prompt_tokens or 0, u.completion_tokens or 0) if u else (0, 0)
+        usage = Usage(pt, ct, model.cost(pt, ct), 1)
+        self.budget.record(usage)
+        return Completion(text=text, model=model.name, usage=usage, latency_s=latency, attempts=attempts)
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c.close()
