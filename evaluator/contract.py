@@ -25,6 +25,7 @@ __all__ = [
     "attention_logits",
     "num_causal",
     "budget",
+    "top_per_query",
     "ENTRY_POINT",
     "EVOLVE_START",
     "EVOLVE_END",
@@ -122,3 +123,15 @@ def attention_logits(inp: MaskerInput) -> torch.Tensor:
     keys = expand_kv(inp.keys, inp.num_heads).float()
     logits = torch.matmul(inp.queries.float(), keys.transpose(-1, -2)) * inp.scaling
     return logits.masked_fill(~causal_mask(inp), float("-inf"))
+
+
+def top_per_query(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the ``counts`` highest ``scores`` in each row of ``[..., q, k]``.
+
+    ``counts`` is ``[q]`` (same for every head) or ``scores.shape[:-1]`` (per row).
+    ``-inf`` entries are never picked, so passing causally masked scores keeps the result causal.
+    """
+    order = scores.argsort(dim=-1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return (rank < counts.to(scores.device).unsqueeze(-1)) & torch.isfinite(scores)

@@ -124,7 +124,7 @@ def _sparse_to_dense(sel: SparseSelection, shape: tuple[int, int, int, int], dev
     if bool((counts > 1).any()):
         raise InvalidSelection("SparseSelection lists the same key twice for one query")
     dense = torch.zeros(shape, dtype=torch.float32, device=device)
-    dense.scatter_(3, safe, torch.where(used, w, torch.zeros_like(w)), reduce="add")
+    dense.scatter_add_(3, safe, torch.where(used, w, torch.zeros_like(w)))
     return dense
 
 
