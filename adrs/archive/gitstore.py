@@ -1,0 +1,148 @@
+"""Git plumbing for the archive: the repository is the source of truth.
+
+Candidates are written with plumbing only (gitdb object writes, then ``git update-ref``), never
+through an index or a working tree, so adding a child of an old candidate moves no other ref.
+Each write is atomic on its own: gitdb writes an object to a temp file and renames it, and
+update-ref renames a ``.lock`` file onto the ref. An interrupted write leaves at most an
+unreferenced object or a stale ``.lock`` file, which :func:`clear_stale_locks` removes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Mapping
+
+import git
+from gitdb.base import IStream
+
+from adrs.archive.model import ARCHIVE_IDENTITY, Identity, Meta
+
+CANDIDATE_REFS = "refs/candidates"
+BEST_REF = "refs/heads/best"
+REJECT_NOTES = "refs/notes/rejected"  # a note here means "rejected"; its text holds the reason
+CODE_FILE = "candidate.py"
+RECORD_FILE = "score.json"
+
+
+def init_repo(path: Path) -> git.Repo:
+    """Create (or re-open) the bare candidate repository and set it up for plumbing-only use."""
+    repo = git.Repo.init(path, bare=True)
+    with repo.config_writer() as cw:
+        cw.set_value("gc", "auto", "0")  # no background gc racing a SIGKILL; objects are small
+        cw.set_value("core", "logAllRefUpdates", "true")  # reflog of `best` = history of the leader
+        cw.set_value("notes", "displayRef", REJECT_NOTES)  # `git log` shows rejections inline
+    # HEAD follows `best`, so a bare `git log` in the repo is the lineage of the best candidate.
+    repo.git.symbolic_ref("HEAD", BEST_REF)
+    return repo
+
+
+def _store(repo: git.Repo, kind: bytes, data: bytes) -> str:
+    return repo.odb.store(IStream(kind, len(data), BytesIO(data))).hexsha.decode()
+
+
+def _actor_line(who: Identity, when: float) -> str:
+    return f"{who.name} <{who.email}> {int(when)} +0000"
+
+
+def write_commit(
+    repo: git.Repo, code: str, meta: Meta, record: Mapping[str, Any], message: str,
+    parent_commit: str | None, author: Identity,
+) -> str:
+    """Write blobs, tree and commit objects for a candidate; return the commit sha (no ref yet)."""
+    score = {"archive": meta.to_dict(), **record}  # bookkeeping first: it reads first in `git show`
+    code_blob = _store(repo, b"blob", code.encode())
+    score_blob = _store(repo, b"blob", (json.dumps(score, indent=2, default=str) + "\n").encode())
+    # Tree entries must be sorted by name; "candidate.py" < "score.json".
+    tree = b"".join(
+        b"100644 " + name.encode() + b"\0" + bytes.fromhex(sha)
+        for name, sha in sorted([(CODE_FILE, code_blob), (RECORD_FILE, score_blob)])
+    )
+    tree_sha = _store(repo, b"tree", tree)
+    head = [f"tree {tree_sha}"] + ([f"parent {parent_commit}"] if parent_commit else [])
+    head += [f"author {_actor_line(author, meta.created)}", f"committer {_actor_line(ARCHIVE_IDENTITY, meta.created)}"]
+    return _store(repo, b"commit", ("\n".join(head) + "\n\n" + message).encode())
+
+
+def create_ref(repo: git.Repo, cid: str, commit: str) -> None:
+    """Point ``refs/candidates/<cid>`` at ``commit``; fails if the ref already exists."""
+    # The empty old-value makes update-ref refuse to overwrite: a candidate is written once.
+    repo.git.update_ref(f"{CANDIDATE_REFS}/{cid}", commit, "")
+
+
+def candidate_refs(repo: git.Repo) -> dict[str, str]:
+    """``{candidate id: commit sha}`` for every candidate ref."""
+    out = repo.git.for_each_ref("--format=%(refname:lstrip=2) %(objectname)", CANDIDATE_REFS)
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def read_candidate(repo: git.Repo, commit: str) -> tuple[Meta, dict[str, Any], str]:
+    """``(meta, record, code)`` stored in a candidate commit."""
+    tree = repo.commit(commit).tree
+    data = json.loads(tree[RECORD_FILE].data_stream.read())
+    meta = Meta.from_dict(data.pop("archive"))
+    return meta, data, tree[CODE_FILE].data_stream.read().decode()
+
+
+def set_best(repo: git.Repo, commit: str | None) -> None:
+    """Move (or delete, when nothing is eligible) the ``best`` branch."""
+    current = ref_target(repo, BEST_REF)
+    if commit == current:
+        return
+    if commit is None:
+        repo.git.update_ref("-d", BEST_REF)
+    else:
+        repo.git.update_ref("-m", "best candidate", BEST_REF, commit)
+
+
+def ref_target(repo: git.Repo, ref: str) -> str | None:
+    try:
+        return repo.git.rev_parse("--verify", "--quiet", ref + "^{commit}") or None
+    except git.GitCommandError:
+        return None
+
+
+def rejections(repo: git.Repo) -> dict[str, str]:
+    """``{commit sha: note blob sha}`` of rejected candidates."""
+    try:
+        out = repo.git.notes("--ref", REJECT_NOTES, "list")
+    except git.GitCommandError:
+        return {}
+    return {c: n for n, c in (line.split() for line in out.splitlines() if line.strip())}
+
+
+def reject_reason(repo: git.Repo, note_blob: str) -> str:
+    """The reason stored in a rejection note (its first line is ``rejected: <reason>``)."""
+    text = repo.git.cat_file("blob", note_blob)
+    first = text.splitlines()[0] if text else ""
+    return first.removeprefix("rejected:").strip()
+
+
+def add_rejection(repo: git.Repo, commit: str, reason: str, reviewer: Identity, when: float) -> None:
+    text = f"rejected: {' '.join(reason.split())}\nreviewer: {reviewer}\ndate: {_iso(when)}\n"
+    env = {**reviewer.env("AUTHOR"), **reviewer.env("COMMITTER")}
+    repo.git.notes("--ref", REJECT_NOTES, "add", "-f", "-m", text, commit, env=env)
+
+
+def add_tag(repo: git.Repo, name: str, commit: str, message: str, tagger: Identity) -> None:
+    """An annotated tag (so it carries who, when and why); fails if the tag exists."""
+    repo.git.tag("-a", name, "-m", message, commit, env=tagger.env("COMMITTER"))
+
+
+def _iso(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def clear_stale_locks(repo_dir: Path) -> list[Path]:
+    """Remove ``*.lock`` files left by a killed git process.
+
+    Only safe while holding the run lock: every writer to this repository goes through it,
+    so no live git process can own one of these files.
+    """
+    stale = [p for p in repo_dir.rglob("*.lock") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+

@@ -1,0 +1,347 @@
+"""A run's store: ``open_run`` and the :class:`Archive` it returns.
+
+Layout of a run directory::
+
+    config.yaml     resolved config (written by the caller; see Archive.config_path)
+    repo/           bare git repository, one commit per candidate  <- source of truth
+    index.sqlite    SQLite index (WAL) for the leaderboard          <- derived, rebuildable
+    logs/           free for the loop's logs
+    archive.lock    fcntl lock serialising writers across processes
+
+Write order for every change is git first, index second, both under the run lock; on open
+(and before each write) :meth:`Archive.recover` makes the index agree with git. So after a
+SIGKILL at any point a candidate is either fully recorded or absent.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import git
+
+from adrs.archive import gitstore, index
+from adrs.archive.model import (
+    AUTHOR_KINDS, MODEL_IDENTITY, SEED_IDENTITY, AuthorKind, CandidateRef, Identity, Meta,
+    candidate_id, commit_message, human_identity, iteration_of, one_line, row_from,
+)
+
+LOCK_FILE = "archive.lock"
+INDEX_FILE = "index.sqlite"
+
+
+class ArchiveError(RuntimeError):
+    """A request the archive cannot honour (duplicate iteration, unknown candidate, ...)."""
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Exclusive inter-process lock on the run; released by the kernel if the holder dies.
+
+    Not re-entrant (flock on a second descriptor would block), so public methods take it
+    once and call ``_locked`` helpers.
+    """
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock
+
+
+@dataclass(frozen=True)
+class RecoverReport:
+    """What :meth:`Archive.recover` had to fix."""
+
+    inserted: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+    restatused: tuple[str, ...] = ()
+    stale_locks: int = 0
+    best: str | None = None
+
+    @property
+    def clean(self) -> bool:
+        return not (self.inserted or self.deleted or self.restatused or self.stale_locks)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    commit: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Archive:
+    """Handle on one run directory. Cheap to open; open one per process."""
+
+    run_dir: Path
+    repo: git.Repo
+    conn: sqlite3.Connection
+
+    # -- paths -------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    @property
+    def repo_dir(self) -> Path:
+        return self.run_dir / "repo"
+
+    @property
+    def index_path(self) -> Path:
+        return self.run_dir / INDEX_FILE
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        self.conn.close()
+        self.repo.close()
+
+    def __enter__(self) -> "Archive":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes ------------------------------------------------------------------------------
+    def add_candidate(
+        self, code: str, record: Mapping[str, Any], parent: str | int | CandidateRef | None = None,
+        iteration: int | None = None, island: int = 0, author: AuthorKind = "model",
+        summary: str = "", identity: Identity | None = None, created: float | None = None,
+    ) -> CandidateRef:
+        """Commit a candidate (valid or failed) and index it; returns its row.
+
+        ``record`` is the score record (metrics, per-layer, validity/category, wall time,
+        workload hash, ``llm: {model, usage}``, prompt, raw response). ``iteration=None``
+        takes the next free number under the lock, which is what concurrent writers want.
+        ``identity`` overrides the git author (default: model/seed identity, or the human
+        from git config for ``author='human'``).
+        """
+        if author not in AUTHOR_KINDS:
+            raise ValueError(f"author must be one of {AUTHOR_KINDS}, got {author!r}")
+        if "archive" in record:
+            raise ValueError("record key 'archive' is reserved for the archive's bookkeeping")
+        with run_lock(self.run_dir):
+            self._recover_locked()  # another writer may have died between git and index
+            it = self._next_iteration_locked() if iteration is None else int(iteration)
+            cid = candidate_id(it)
+            if it < 0 or cid in gitstore.candidate_refs(self.repo):
+                raise ArchiveError(f"iteration {it} is already recorded (or negative)")
+            parent_ref = None if parent is None else self.get(parent)
+            meta = Meta(
+                id=cid, iteration=it, island=int(island), author=author,
+                parent_id=parent_ref.id if parent_ref else None,
+                summary=one_line(summary), created=time.time() if created is None else float(created),
+            )
+            who = identity or self._default_identity(author)
+            msg = commit_message(meta, record, parent_ref.commit if parent_ref else None)
+            # 1) git: objects, then the ref that makes them reachable. This is the commit point.
+            commit = gitstore.write_commit(self.repo, code, meta, record, msg,
+                                           parent_ref.commit if parent_ref else None, who)
+            gitstore.create_ref(self.repo, cid, commit)
+            # 2) index row, 3) best branch; both re-derivable by recover() if we die here.
+            row = row_from(meta, record, commit, None)
+            index.insert(self.conn, row)
+            self._update_best_locked()
+            return row
+
+    def mark_rejected(self, candidate: str | int | CandidateRef, reason: str,
+                      reviewer: Identity | None = None) -> CandidateRef:
+        """Reject a candidate after review: it stays archived but is no longer eligible for best.
+
+        The rejection is a git note (``refs/notes/rejected``), so a rebuild from git keeps it.
+        """
+        with run_lock(self.run_dir):
+            self._recover_locked()
+            ref = self.get(candidate)
+            who = reviewer or self._human()
+            gitstore.add_rejection(self.repo, ref.commit, reason, who, time.time())
+            reason_stored = gitstore.reject_reason(self.repo, gitstore.rejections(self.repo)[ref.commit])
+            index.set_rejected(self.conn, ref.id, reason_stored, "rejected")
+            self._update_best_locked()
+            return self.get(ref.id)
+
+    def tag_checkpoint(self, name: str, candidate: str | int | CandidateRef, message: str,
+                       tagger: Identity | None = None) -> Checkpoint:
+        """Annotated tag ``name`` on a candidate, e.g. a review checkpoint."""
+        with run_lock(self.run_dir):
+            ref = self.get(candidate)
+            gitstore.add_tag(self.repo, name, ref.commit, message, tagger or self._human())
+        return Checkpoint(name, ref.commit, message)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """All annotated tags, oldest first."""
+        out = self.repo.git.for_each_ref(
+            "--sort=creatordate", "--format=%(refname:lstrip=2)%00%(*objectname)%00%(contents:subject)", "refs/tags")
+        return [Checkpoint(*line.split("\0")) for line in out.splitlines() if line]
+
+    # -- recovery ----------------------------------------------------------------------------
+    def recover(self) -> RecoverReport:
+        """Make the index and the best branch agree with git (run on open; idempotent)."""
+        with run_lock(self.run_dir):
+            return self._recover_locked()
+
+    def reindex(self) -> int:
+        """Drop every index row and rebuild from git; returns the number of candidates."""
+        with run_lock(self.run_dir):
+            self.conn.execute("DELETE FROM candidates")
+            self._recover_locked()
+            return len(self.all())
+
+    def _recover_locked(self) -> RecoverReport:
+        stale = gitstore.clear_stale_locks(self.repo_dir)
+        refs = gitstore.candidate_refs(self.repo)
+        notes = gitstore.rejections(self.repo)
+        rows = {r.id: r for r in index.all_rows(self.conn)}
+        deleted = [cid for cid, r in rows.items() if refs.get(cid) != r.commit]
+        inserted = [cid for cid, sha in refs.items() if cid not in rows or cid in deleted]
+        restatused = []
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for cid in deleted:  # rows without a (matching) commit
+                index.delete(self.conn, cid)
+            for cid in inserted:  # commits without a row
+                meta, record, _ = gitstore.read_candidate(self.repo, refs[cid])
+                note = notes.get(refs[cid])
+                reason = gitstore.reject_reason(self.repo, note) if note else None
+                index.insert(self.conn, row_from(meta, record, refs[cid], reason))
+            for cid, r in rows.items():  # rejections written to git but not to the index
+                if cid in deleted or (r.status == "rejected") == (r.commit in notes):
+                    continue
+                meta, record, _ = gitstore.read_candidate(self.repo, r.commit)
+                note = notes.get(r.commit)
+                fixed = row_from(meta, record, r.commit, gitstore.reject_reason(self.repo, note) if note else None)
+                index.set_rejected(self.conn, cid, fixed.reject_reason, fixed.status)
+                restatused.append(cid)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        best = self._update_best_locked()
+        return RecoverReport(tuple(inserted), tuple(deleted), tuple(restatused), len(stale),
+                             best.id if best else None)
+
+    def _update_best_locked(self) -> CandidateRef | None:
+        best = index.best(self.conn)
+        gitstore.set_best(self.repo, best.commit if best else None)
+        return best
+
+    # -- reads -------------------------------------------------------------------------------
+    def next_iteration(self) -> int:
+        """The iteration a resumed loop continues at: one past the highest committed one."""
+        return self._next_iteration_locked()
+
+    def _next_iteration_locked(self) -> int:
+        # From git refs, not the index: a candidate whose row is not written yet still counts.
+        its = [iteration_of(cid) for cid in gitstore.candidate_refs(self.repo)]
+        return max(its) + 1 if its else 0
+
+    def get(self, cand: str | int | CandidateRef) -> CandidateRef:
+        """Look up by id (``c000012``), iteration (12 or "12"), commit prefix, or ``'best'``."""
+        if isinstance(cand, CandidateRef):
+            cand = cand.id
+        if isinstance(cand, int) or (isinstance(cand, str) and cand.isdigit() and len(cand) < 7):
+            hits = index.find(self.conn, "iteration = ?", (int(cand),))
+        elif cand == "best":
+            b = index.best(self.conn)
+            hits = [b] if b else []
+        elif re.fullmatch(r"c\d+", cand):
+            hits = index.find(self.conn, "id = ?", (cand,))
+        elif re.fullmatch(r"[0-9a-f]{4,40}", cand):
+            hits = index.find(self.conn, '"commit" LIKE ?', (cand + "%",))
+        else:
+            hits = []
+        if len(hits) != 1:
+            raise KeyError(f"{'ambiguous' if hits else 'no'} candidate {cand!r}")
+        return hits[0]
+
+    def best(self) -> CandidateRef | None:
+        return index.best(self.conn)
+
+    def leaderboard(self, top_k: int = 10, island: int | None = None,
+                    include_failed: bool = False) -> list[CandidateRef]:
+        """Top ``top_k`` valid candidates by combined_score (higher is better)."""
+        return index.leaderboard(self.conn, top_k, island, include_failed)
+
+    def all(self) -> list[CandidateRef]:
+        """Every indexed candidate, by iteration."""
+        return index.all_rows(self.conn)
+
+    def code(self, cand: str | int | CandidateRef) -> str:
+        return gitstore.read_candidate(self.repo, self.get(cand).commit)[2]
+
+    def record(self, cand: str | int | CandidateRef) -> dict[str, Any]:
+        return gitstore.read_candidate(self.repo, self.get(cand).commit)[1]
+
+    def lineage(self, cand: str | int | CandidateRef) -> list[CandidateRef]:
+        """The candidate and its ancestors, newest first (same as ``git log <commit>``)."""
+        out, ref = [], self.get(cand)
+        while ref is not None:
+            out.append(ref)
+            ref = self.get(ref.parent_id) if ref.parent_id else None
+        return out
+
+    def diff(self, cand: str | int | CandidateRef) -> str:
+        """The mutation: ``git diff parent commit`` of candidate.py ('' for a root)."""
+        ref = self.get(cand)
+        if not ref.parent_id:
+            return ""
+        return self.repo.git.diff(self.get(ref.parent_id).commit, ref.commit, "--", gitstore.CODE_FILE)
+
+    # -- identities --------------------------------------------------------------------------
+    def _human(self) -> Identity:
+        reader = self.repo.config_reader()  # repo, then global and system config
+        name = reader.get_value("user", "name", default="") or None
+        email = reader.get_value("user", "email", default="") or None
+        return human_identity(name, email)
+
+    def _default_identity(self, author: AuthorKind) -> Identity:
+        return {"model": MODEL_IDENTITY, "seed": SEED_IDENTITY}.get(author) or self._human()
+
+
+def _connect_or_reset(path: Path) -> sqlite3.Connection:
+    """Open the index; a corrupt file is discarded (git has everything) and started afresh."""
+    try:
+        return index.connect(path)
+    except sqlite3.DatabaseError:
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+        return index.connect(path)
+
+
+def open_run(run_dir: str | os.PathLike[str], create: bool = False) -> Archive:
+    """Open a run directory (``create=True`` makes it), then :meth:`Archive.recover` it."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "repo").is_dir():
+        if not create:
+            raise FileNotFoundError(f"{run_dir} is not a run directory (no repo/); pass create=True")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        if create:  # idempotent: safe if a previous create was killed half-way
+            repo = gitstore.init_repo(run_dir / "repo")
+            (run_dir / "logs").mkdir(exist_ok=True)
+        else:
+            repo = git.Repo(run_dir / "repo")
+        archive = Archive(run_dir, repo, _connect_or_reset(run_dir / INDEX_FILE))
+        archive._recover_locked()
+    return archive
+
+
+def reindex(run_dir: str | os.PathLike[str]) -> int:
+    """Rebuild ``index.sqlite`` from git alone (``adrs reindex RUN``); returns the candidate count."""
+    run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        for suffix in ("", "-wal", "-shm"):
+            (run_dir / (INDEX_FILE + suffix)).unlink(missing_ok=True)
+    with open_run(run_dir) as archive:  # recover() on an empty index inserts every candidate
+        return len(archive.all())
