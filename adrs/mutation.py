@@ -203,6 +203,13 @@ def _closest_hint(block_lines: list[str], search_lines: list[str]) -> str:
     return f"The most similar text in the EVOLVE block (line {best_i + 1}) is:\n```\n{snippet}\n```"
 
 
+def _drop_marker_lines(edit: EditBlock) -> EditBlock:
+    """Models often quote the EVOLVE marker lines as anchors; they are scaffolding, so drop them."""
+    def clean(text: str) -> str:
+        return "\n".join(x for x in text.split("\n") if x.strip() not in (EVOLVE_START, EVOLVE_END))
+    return EditBlock(clean(edit.search), clean(edit.replace))
+
+
 def apply_edit(block: str, edit: EditBlock, scaffolding: str = "") -> tuple[str | None, str | None]:
     """Apply one edit to the EVOLVE block text: ``(new_block, None)`` or ``(None, error)``.
 
@@ -210,6 +217,7 @@ def apply_edit(block: str, edit: EditBlock, scaffolding: str = "") -> tuple[str 
     equal up to indentation (the replacement is then re-indented by the same offset, so it
     takes the block's own indentation).
     """
+    edit = _drop_marker_lines(edit)
     search = edit.search.strip("\n")
     if not search.strip():
         return None, "a SEARCH section is empty; copy the exact lines to replace from the EVOLVE block"

@@ -33,6 +33,8 @@ class LoopbackOpenAI:
         self._default = default
         self._lock = threading.Lock()
         self.requests: list[dict[str, Any]] = []
+        self.active = 0
+        self.peak_concurrency = 0  # most requests being handled at once
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,8 +46,15 @@ class LoopbackOpenAI:
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
                 reply = server._next(body)
-                if reply.delay_s:
-                    time.sleep(reply.delay_s)
+                with server._lock:
+                    server.active += 1
+                    server.peak_concurrency = max(server.peak_concurrency, server.active)
+                try:
+                    if reply.delay_s:
+                        time.sleep(reply.delay_s)
+                finally:
+                    with server._lock:
+                        server.active -= 1
                 if reply.status != 200:
                     return self._send(reply.status, {"error": {"message": f"scripted {reply.status}", "type": "scripted"}})
                 self._send(200, {

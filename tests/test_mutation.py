@@ -127,3 +127,14 @@ def test_unterminated_block_is_reported():
 
 def test_check_candidate_accepts_parent():
     assert check_candidate(PARENT) is None
+
+
+def test_marker_lines_quoted_in_search_are_ignored():
+    r = apply_reply(PARENT, diff("# EVOLVE-BLOCK-START\nSINK_TOKENS = 4", "# EVOLVE-BLOCK-START\nSINK_TOKENS = 6"))
+    assert r.ok, r.error
+    assert r.code.count("# EVOLVE-BLOCK-START") == 1 and "SINK_TOKENS = 6" in r.code
+
+
+def test_diff_blocks_inside_a_fence_are_found():
+    r = apply_reply(PARENT, "Summary: x\n```python\n" + diff("SINK_TOKENS = 4", "SINK_TOKENS = 5", "") + "```\n")
+    assert r.ok and r.kind == "diff" and r.summary == "x"
