@@ -1,0 +1,141 @@
+"""The sandbox worker: ``python -m evaluator.sandbox.worker READY_FD LIMITS_JSON``.
+
+Runs exactly one candidate, then exits. Order matters, and everything before step 6 is
+trusted code:
+
+1. new network namespace (while still single-threaded, as unshare(CLONE_NEWUSER) requires);
+2. rlimits: address space, file size, no core dumps, task count;
+3. import torch and friends (this is the slow part, done before the candidate's clock starts,
+   so a warm spare worker can do it ahead of time);
+4. say "ready" on READY_FD, read one job (JSON line) from stdin;
+5. open the shared inputs file, chdir to scratch, drop to ``nobody`` (root only), audit hook;
+6. load the candidate, run ``masker`` on every record, write each selection to ``out/``;
+7. write ``status.json`` (success or a categorised failure) and exit.
+
+The parent trusts none of what this process writes: a candidate can rewrite any of it.
+"""
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import sys
+import traceback
+
+from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, isolate_network
+from evaluator.sandbox.limits import SandboxLimits
+
+MAX_DETAILS = 4000
+
+
+def _trim(text: str, limit: int = MAX_DETAILS) -> str:
+    """Keep the end of a traceback (where the error is), marking the cut."""
+    return text if len(text) <= limit else "...[trimmed]...\n" + text[-limit:]
+
+
+def _is_memory_error(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    name = type(exc).__name__
+    text = str(exc).lower()
+    return name == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text \
+        or "cannot allocate memory" in text
+
+
+def _candidate_traceback(exc: BaseException, candidate: str) -> str:
+    """Traceback without the worker's own frames: the model should see its code, not ours."""
+    tb = traceback.TracebackException.from_exception(exc, limit=-12)
+    frames = [f for f in tb.stack if not f.filename.endswith(os.path.join("sandbox", "worker.py"))]
+    tb.stack = traceback.StackSummary.from_list(frames)
+    return _trim("".join(tb.format()))
+
+
+def main() -> None:
+    ready_fd, limits = int(sys.argv[1]), SandboxLimits.from_json(sys.argv[2])
+    network = isolate_network()
+    cuda_job = os.environ.get("ADRS_SANDBOX_CUDA") == "1"
+    # RLIMIT_NPROC only binds a non-root uid; as root it would be ignored until we drop.
+    apply_rlimits(None if cuda_job else limits.memory_mb, limits.output_bytes + (1 << 20),
+                  limits.nproc if is_root() else None)
+    faulthandler.enable()  # a segfault prints the Python stack to stderr for the report
+
+    # Everything a masker may import must be imported now: once we run as nobody, the
+    # interpreter's own directory may be unreadable (e.g. under /root).
+    import collections, functools, heapq, itertools, math, random, typing, dataclasses  # noqa: F401,E401
+    import numpy  # noqa: F401
+    import numpy.ctypeslib  # noqa: F401 - safetensors needs it lazily
+    import torch
+
+    from evaluator import contract  # noqa: F401
+    from evaluator.candidate import load_masker, masker_input
+    from evaluator.sandbox.transport import InputReader, encode_selection
+    from safetensors.torch import save, save_file
+
+    # Warm up the write path once, so nothing it lazily imports is needed after the drop.
+    encoded, _ = encode_selection(torch.ones(1, 1, 1, 2), (1, 1, 1, 2), "cpu")
+    save(encoded)
+    os.write(ready_fd, b"R")
+    os.close(ready_fd)
+    job = json.loads(sys.stdin.readline(1 << 20))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+    scratch, out = job["scratch"], os.path.join(job["scratch"], "out")
+    status_path = os.path.join(scratch, "status.json")
+    reader = InputReader(job["inputs"], job["device"])
+    torch.set_num_threads(int(job["num_threads"]))  # same threads as in process: same float results
+    if job["device"].startswith("cuda"):
+        if limits.gpu_memory_fraction:
+            torch.cuda.set_per_process_memory_fraction(limits.gpu_memory_fraction)
+        # Initialise CUDA and load cuBLAS now: their libraries may be unreadable as nobody.
+        x = torch.ones(8, 8, device=job["device"])
+        (x @ x).sum().item()
+    os.chdir(scratch)
+    if is_root() and job.get("drop_privileges", True):
+        drop_privileges()
+    os.makedirs(out, exist_ok=True)
+
+    def finish(status: dict) -> None:
+        status["network"] = network
+        with open(status_path, "w") as fh:
+            json.dump(status, fh)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    if limits.audit_hook:
+        install_audit_hook(scratch)
+
+    candidate = job["candidate"]
+    try:
+        masker = load_masker(candidate)
+    except BaseException as exc:  # noqa: BLE001 - anything at import time is the candidate's
+        category = "memory" if _is_memory_error(exc) else "import"
+        finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc}"[:1000],
+                "details": _candidate_traceback(exc, candidate)})
+
+    records, written = [], 0
+    for i in range(len(reader)):
+        rec = reader.record(i)
+        where = f"sample {rec.sample}, layer {rec.layer}"
+        try:
+            selection = masker(masker_input(rec, job["density_target"], job["base_seed"], state={}))
+            tensors, meta = encode_selection(selection, rec.weights_shape, str(rec.queries.device))
+        except BaseException as exc:  # noqa: BLE001
+            category = "memory" if _is_memory_error(exc) else "exception"
+            finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc} ({where})"[:1000],
+                    "details": _candidate_traceback(exc, candidate)})
+        path = os.path.join(out, f"rec{i}.safetensors")
+        save_file(tensors, path)
+        written += os.path.getsize(path)
+        if written > limits.output_bytes:
+            finish({"ok": False, "category": "output",
+                    "reason": f"selections exceed {limits.output_bytes} bytes (at {where}); return fewer or sparser tensors"})
+        records.append({"file": os.path.basename(path), "meta": meta})
+        del selection, tensors
+    finish({"ok": True, "records": records})
+
+
+if __name__ == "__main__":
+    main()
