@@ -1,6 +1,6 @@
 """Git plumbing for the archive: the repository is the source of truth.
 
-Candidates are written with plumbing only (gitdb object writes, then ``git update-ref``), never
+Candidates are written with plumbing only (gitdb loose-object writes, then ``git update-ref``), never
 through an index or a working tree, so adding a child of an old candidate moves no other ref.
 Each write is atomic on its own: gitdb writes an object to a temp file and renames it, and
 update-ref renames a ``.lock`` file onto the ref. An interrupted write leaves at most an
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import git
+from gitdb import LooseObjectDB
 from gitdb.base import IStream
 
 from adrs.archive.model import ARCHIVE_IDENTITY, Identity, Meta
@@ -38,8 +39,10 @@ def init_repo(path: Path) -> git.Repo:
     return repo
 
 
-def _store(repo: git.Repo, kind: bytes, data: bytes) -> str:
-    return repo.odb.store(IStream(kind, len(data), BytesIO(data))).hexsha.decode()
+def _store(odb: LooseObjectDB, kind: bytes, data: bytes) -> str:
+    # In-process equivalent of `git hash-object -w`: temp file + rename, so a kill leaves
+    # either the whole object or a stray objects/obj* temp file (see clear_stale_locks).
+    return odb.store(IStream(kind, len(data), BytesIO(data))).hexsha.decode()
 
 
 def _actor_line(who: Identity, when: float) -> str:
@@ -51,18 +54,19 @@ def write_commit(
     parent_commit: str | None, author: Identity,
 ) -> str:
     """Write blobs, tree and commit objects for a candidate; return the commit sha (no ref yet)."""
+    odb = LooseObjectDB(str(Path(repo.git_dir) / "objects"))
     score = {"archive": meta.to_dict(), **record}  # bookkeeping first: it reads first in `git show`
-    code_blob = _store(repo, b"blob", code.encode())
-    score_blob = _store(repo, b"blob", (json.dumps(score, indent=2, default=str) + "\n").encode())
+    code_blob = _store(odb, b"blob", code.encode())
+    score_blob = _store(odb, b"blob", (json.dumps(score, indent=2, default=str) + "\n").encode())
     # Tree entries must be sorted by name; "candidate.py" < "score.json".
     tree = b"".join(
         b"100644 " + name.encode() + b"\0" + bytes.fromhex(sha)
         for name, sha in sorted([(CODE_FILE, code_blob), (RECORD_FILE, score_blob)])
     )
-    tree_sha = _store(repo, b"tree", tree)
+    tree_sha = _store(odb, b"tree", tree)
     head = [f"tree {tree_sha}"] + ([f"parent {parent_commit}"] if parent_commit else [])
     head += [f"author {_actor_line(author, meta.created)}", f"committer {_actor_line(ARCHIVE_IDENTITY, meta.created)}"]
-    return _store(repo, b"commit", ("\n".join(head) + "\n\n" + message).encode())
+    return _store(odb, b"commit", ("\n".join(head) + "\n\n" + message).encode())
 
 
 def create_ref(repo: git.Repo, cid: str, commit: str) -> None:
@@ -73,8 +77,20 @@ def create_ref(repo: git.Repo, cid: str, commit: str) -> None:
 
 def candidate_refs(repo: git.Repo) -> dict[str, str]:
     """``{candidate id: commit sha}`` for every candidate ref."""
-    out = repo.git.for_each_ref("--format=%(refname:lstrip=2) %(objectname)", CANDIDATE_REFS)
-    return dict(line.split() for line in out.splitlines() if line.strip())
+    return refs_snapshot(repo)[0]
+
+
+def refs_snapshot(repo: git.Repo) -> tuple[dict[str, str], str | None]:
+    """Candidate refs and the ``best`` branch, read with a single git call."""
+    out = repo.git.for_each_ref("--format=%(refname) %(objectname)", CANDIDATE_REFS, BEST_REF)
+    cands, best = {}, None
+    for line in out.splitlines():
+        ref, sha = line.split()
+        if ref == BEST_REF:
+            best = sha
+        else:
+            cands[ref.removeprefix(CANDIDATE_REFS + "/")] = sha
+    return cands, best
 
 
 def read_candidate(repo: git.Repo, commit: str) -> tuple[Meta, dict[str, Any], str]:
@@ -85,15 +101,14 @@ def read_candidate(repo: git.Repo, commit: str) -> tuple[Meta, dict[str, Any], s
     return meta, data, tree[CODE_FILE].data_stream.read().decode()
 
 
-def set_best(repo: git.Repo, commit: str | None) -> None:
-    """Move (or delete, when nothing is eligible) the ``best`` branch."""
-    current = ref_target(repo, BEST_REF)
+def set_best(repo: git.Repo, commit: str | None, current: str | None) -> None:
+    """Move (or delete, when nothing is eligible) the ``best`` branch from ``current``."""
     if commit == current:
         return
     if commit is None:
         repo.git.update_ref("-d", BEST_REF)
     else:
-        repo.git.update_ref("-m", "best candidate", BEST_REF, commit)
+        repo.git.update_ref("-m", f"best candidate {commit[:10]}", BEST_REF, commit)
 
 
 def ref_target(repo: git.Repo, ref: str) -> str | None:
@@ -135,12 +150,13 @@ def _iso(when: float) -> str:
 
 
 def clear_stale_locks(repo_dir: Path) -> list[Path]:
-    """Remove ``*.lock`` files left by a killed git process.
+    """Remove ``*.lock`` files left by a killed git process, and gitdb's half-written temp objects.
 
     Only safe while holding the run lock: every writer to this repository goes through it,
-    so no live git process can own one of these files.
+    so no live process can own one of these files.
     """
     stale = [p for p in repo_dir.rglob("*.lock") if p.is_file()]
+    stale += [p for p in (repo_dir / "objects").glob("obj*") if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

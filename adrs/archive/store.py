@@ -20,7 +20,7 @@ import re
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -64,6 +64,9 @@ class RecoverReport:
     restatused: tuple[str, ...] = ()
     stale_locks: int = 0
     best: str | None = None
+    # Git state seen while recovering, so a caller holding the lock need not read it again.
+    refs: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    best_commit: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def clean(self) -> bool:
@@ -132,10 +135,11 @@ class Archive:
         if "archive" in record:
             raise ValueError("record key 'archive' is reserved for the archive's bookkeeping")
         with run_lock(self.run_dir):
-            self._recover_locked()  # another writer may have died between git and index
-            it = self._next_iteration_locked() if iteration is None else int(iteration)
+            rep = self._recover_locked()  # another writer may have died between git and index
+            refs, refs_best = rep.refs, rep.best_commit
+            it = _next_iteration(refs) if iteration is None else int(iteration)
             cid = candidate_id(it)
-            if it < 0 or cid in gitstore.candidate_refs(self.repo):
+            if it < 0 or cid in refs:
                 raise ArchiveError(f"iteration {it} is already recorded (or negative)")
             parent_ref = None if parent is None else self.get(parent)
             meta = Meta(
@@ -152,7 +156,7 @@ class Archive:
             # 2) index row, 3) best branch; both re-derivable by recover() if we die here.
             row = row_from(meta, record, commit, None)
             index.insert(self.conn, row)
-            self._update_best_locked()
+            self._update_best_locked(refs_best)
             return row
 
     def mark_rejected(self, candidate: str | int | CandidateRef, reason: str,
@@ -162,13 +166,13 @@ class Archive:
         The rejection is a git note (``refs/notes/rejected``), so a rebuild from git keeps it.
         """
         with run_lock(self.run_dir):
-            self._recover_locked()
+            current_best = self._recover_locked().best_commit
             ref = self.get(candidate)
             who = reviewer or self._human()
             gitstore.add_rejection(self.repo, ref.commit, reason, who, time.time())
             reason_stored = gitstore.reject_reason(self.repo, gitstore.rejections(self.repo)[ref.commit])
             index.set_rejected(self.conn, ref.id, reason_stored, "rejected")
-            self._update_best_locked()
+            self._update_best_locked(current_best)
             return self.get(ref.id)
 
     def tag_checkpoint(self, name: str, candidate: str | int | CandidateRef, message: str,
@@ -200,7 +204,7 @@ class Archive:
 
     def _recover_locked(self) -> RecoverReport:
         stale = gitstore.clear_stale_locks(self.repo_dir)
-        refs = gitstore.candidate_refs(self.repo)
+        refs, best_commit = gitstore.refs_snapshot(self.repo)
         notes = gitstore.rejections(self.repo)
         rows = {r.id: r for r in index.all_rows(self.conn)}
         deleted = [cid for cid, r in rows.items() if refs.get(cid) != r.commit]
@@ -227,24 +231,21 @@ class Archive:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
-        best = self._update_best_locked()
+        best = self._update_best_locked(best_commit)
         return RecoverReport(tuple(inserted), tuple(deleted), tuple(restatused), len(stale),
-                             best.id if best else None)
+                             best.id if best else None, refs, best.commit if best else None)
 
-    def _update_best_locked(self) -> CandidateRef | None:
+    def _update_best_locked(self, current: str | None) -> CandidateRef | None:
+        """Point ``best`` at the index's best row; ``current`` is where the branch is now."""
         best = index.best(self.conn)
-        gitstore.set_best(self.repo, best.commit if best else None)
+        gitstore.set_best(self.repo, best.commit if best else None, current)
         return best
 
     # -- reads -------------------------------------------------------------------------------
     def next_iteration(self) -> int:
         """The iteration a resumed loop continues at: one past the highest committed one."""
-        return self._next_iteration_locked()
-
-    def _next_iteration_locked(self) -> int:
         # From git refs, not the index: a candidate whose row is not written yet still counts.
-        its = [iteration_of(cid) for cid in gitstore.candidate_refs(self.repo)]
-        return max(its) + 1 if its else 0
+        return _next_iteration(gitstore.candidate_refs(self.repo))
 
     def get(self, cand: str | int | CandidateRef) -> CandidateRef:
         """Look up by id (``c000012``), iteration (12 or "12"), commit prefix, or ``'best'``."""
@@ -307,6 +308,11 @@ class Archive:
 
     def _default_identity(self, author: AuthorKind) -> Identity:
         return {"model": MODEL_IDENTITY, "seed": SEED_IDENTITY}.get(author) or self._human()
+
+
+def _next_iteration(refs: Mapping[str, str]) -> int:
+    its = [iteration_of(cid) for cid in refs]
+    return max(its) + 1 if its else 0
 
 
 def _connect_or_reset(path: Path) -> sqlite3.Connection:
