@@ -23,6 +23,7 @@ _DIVIDER_RE = re.compile(r"^\s*={5,}\s*$")
 _REPLACE_RE = re.compile(r"^\s*>{5,}\s*REPLACE\s*$")
 _FENCE_RE = re.compile(r"^\s*```\s*([\w+-]*)\s*$")
 _SUMMARY_RE = re.compile(r"^\s*\**summary\**\s*:\s*\**\s*(.+?)\s*$", re.IGNORECASE)
+_THINK_RE = re.compile(r"<think>.*?(</think>|\Z)", re.DOTALL | re.IGNORECASE)
 SUMMARY_MAX_CHARS = 160
 
 
@@ -344,12 +345,19 @@ def apply_rewrite(parent_code: str, new_code: str, summary: str = "") -> Mutatio
     return _finish(parts, block, "rewrite", summary, 1, notes)
 
 
+def strip_reasoning(reply: str) -> str:
+    """Drop ``<think>...</think>`` sections of reasoning models: drafts there are not the answer."""
+    stripped = _THINK_RE.sub("", reply)
+    return stripped if stripped.strip() else reply
+
+
 def apply_reply(parent_code: str, reply: str) -> MutationResult:
     """Parse a model reply and apply it to ``parent_code``.
 
     SEARCH/REPLACE blocks win when present; otherwise a fenced full rewrite; otherwise the
     reply is prose only and the result is an error ("no code").
     """
+    reply = strip_reasoning(reply)
     summary = extract_summary(reply)
     edits, parse_error = parse_edit_blocks(reply)
     if parse_error:

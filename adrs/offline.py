@@ -12,6 +12,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from adrs.llm.budget import Usage
+from adrs.llm.proposal import Proposal
 from adrs.mutation import MutationResult, apply_rewrite
 from evaluator.candidate import split_candidate
 
@@ -190,6 +192,11 @@ class OfflineMutator:
             return MutationResult(code=None, error="no tunable numeric constants in the EVOLVE block",
                                   kind="perturb", summary="")
         return self._result(parent_code, new_block, "perturb", "perturb: " + "; ".join(changes))
+
+    def proposal(self, parent_code: str, partner_code: str | None = None, key: int | str = 0) -> Proposal:
+        """The same mutation wrapped like an LLM proposal (model "offline", zero usage)."""
+        result = self.propose(parent_code, partner_code, key)
+        return Proposal(result=result, model="offline", usage=Usage(), turns=0, replies=())
 
     @staticmethod
     def _result(parent_code: str, new_block: str, kind: str, summary: str) -> MutationResult:

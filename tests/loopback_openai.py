@@ -23,6 +23,7 @@ class Reply:
     delay_s: float = 0.0
     prompt_tokens: int = 100
     completion_tokens: int = 50
+    retry_after: str | None = None  # sent as a Retry-After header on error replies
 
 
 class LoopbackOpenAI:
@@ -56,7 +57,8 @@ class LoopbackOpenAI:
                     with server._lock:
                         server.active -= 1
                 if reply.status != 200:
-                    return self._send(reply.status, {"error": {"message": f"scripted {reply.status}", "type": "scripted"}})
+                    extra = {"Retry-After": reply.retry_after} if reply.retry_after is not None else {}
+                    return self._send(reply.status, {"error": {"message": f"scripted {reply.status}", "type": "scripted"}}, extra)
                 self._send(200, {
                     "id": f"chatcmpl-{len(server.requests)}", "object": "chat.completion", "created": int(time.time()),
                     "model": body.get("model", "loopback"),
@@ -66,12 +68,14 @@ class LoopbackOpenAI:
                               "total_tokens": reply.prompt_tokens + reply.completion_tokens},
                 })
 
-            def _send(self, status: int, payload: dict[str, Any]) -> None:
+            def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
                     self.end_headers()
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):

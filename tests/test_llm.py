@@ -191,3 +191,14 @@ def test_proposals_run_concurrently_up_to_max_in_flight():
         done = asyncio.run(go(srv.base_url))
         assert srv.peak_concurrency == 3
     assert len(done) == 6 and all(p.result.ok for p in done)
+
+
+def test_retry_after_header_is_honoured_within_cap():
+    import time
+
+    good = diff("SINK_TOKENS = 4", "SINK_TOKENS = 8")
+    with LoopbackOpenAI([Reply(status=429, retry_after="0.3"), Reply(good)]) as srv:
+        start = time.monotonic()
+        p, _ = run_propose(srv, backoff_max_s=1.0)
+        assert time.monotonic() - start >= 0.3
+    assert p.result.ok

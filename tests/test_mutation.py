@@ -138,3 +138,9 @@ def test_marker_lines_quoted_in_search_are_ignored():
 def test_diff_blocks_inside_a_fence_are_found():
     r = apply_reply(PARENT, "Summary: x\n```python\n" + diff("SINK_TOKENS = 4", "SINK_TOKENS = 5", "") + "```\n")
     assert r.ok and r.kind == "diff" and r.summary == "x"
+
+
+def test_reasoning_sections_are_ignored():
+    reply = "<think>maybe\n```python\nSINK_TOKENS = 99\n```\n</think>\n" + diff("SINK_TOKENS = 4", "SINK_TOKENS = 5")
+    r = apply_reply(PARENT, reply)
+    assert r.ok and "SINK_TOKENS = 5" in r.code and "99" not in r.code

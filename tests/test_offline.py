@@ -56,3 +56,8 @@ def test_no_constants_is_an_error():
     code = PARENT.replace("SINK_TOKENS = 4\n", "").replace("max=SINK_TOKENS", "max=keep")
     r = OfflineMutator().propose(code)
     assert not r.ok and "no tunable" in r.error
+
+
+def test_offline_proposal_has_llm_shape():
+    p = OfflineMutator(seed=0).proposal(PARENT, key=2)
+    assert p.model == "offline" and p.usage.calls == 0 and p.code == OfflineMutator(seed=0).propose(PARENT, key=2).code

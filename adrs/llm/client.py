@@ -22,6 +22,24 @@ Message = Mapping[str, str]
 
 # Errors worth another attempt: the server was busy or flaky, the request itself was fine.
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
+# Other statuses that mean "try again later" (request timeout, conflict, too early).
+RETRYABLE_STATUS = frozenset({408, 409, 425})
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, RETRYABLE):
+        return True
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in RETRYABLE_STATUS
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """The server's Retry-After (seconds form) if it sent one."""
+    response = getattr(exc, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # HTTP-date form: fall back to our own backoff
 
 
 class LLMError(RuntimeError):
@@ -106,16 +124,19 @@ class LLMClient:
                         model=model.name, messages=[dict(m) for m in messages],
                         temperature=model.temperature, max_tokens=model.max_tokens,
                     )
-                except RETRYABLE as exc:
+                except openai.APIError as exc:
+                    if not is_retryable(exc):
+                        raise LLMError(f"{model.name}: {type(exc).__name__}: {exc}") from exc
                     if attempts > self.config.max_retries:
                         raise LLMError(
                             f"{model.name}: giving up after {attempts} attempt(s): {type(exc).__name__}: {exc}"
                         ) from exc
-                    await asyncio.sleep(backoff_delay(
-                        attempts, self.config.backoff_initial_s, self.config.backoff_max_s, self._jitter))
+                    delay = backoff_delay(attempts, self.config.backoff_initial_s, self.config.backoff_max_s, self._jitter)
+                    hinted = retry_after_s(exc)
+                    if hinted is not None:  # honour the server, within our cap
+                        delay = min(max(delay, hinted), self.config.backoff_max_s)
+                    await asyncio.sleep(delay)
                     continue
-                except openai.APIError as exc:
-                    raise LLMError(f"{model.name}: {type(exc).__name__}: {exc}") from exc
                 latency = time.monotonic() - start
                 break
         text = (resp.choices[0].message.content or "") if resp.choices else ""
