@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from evaluator.candidate import CandidateFormatError, split_candidate
 from evaluator.contract import ENTRY_POINT
 
 DEFAULT_TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "prompts"
@@ -79,8 +80,10 @@ def format_failures(failures: Sequence[Any], max_chars: int = 1500) -> str:
             text = f
         else:
             d = _as_dict(f)
-            head = d.get("summary") or d.get("id") or "child"
-            text = f"{head}: {d.get('category') or 'failure'}: {d.get('reason') or d.get('error') or ''}"
+            mutation = d.get("mutation") if isinstance(d.get("mutation"), Mapping) else {}
+            head = d.get("summary") or mutation.get("summary") or d.get("id") or "child"
+            reason = d.get("reason") or d.get("error") or mutation.get("error") or ""
+            text = f"{head}: {d.get('category') or 'failure'}: {reason}"
             if d.get("details"):
                 text += f"\n{d['details']}"
         text = text.strip()
@@ -88,6 +91,14 @@ def format_failures(failures: Sequence[Any], max_chars: int = 1500) -> str:
             text = text[:max_chars] + "\n... (truncated)"
         out.append(f"- {text}")
     return "\n".join(out) if out else NONE_TEXT
+
+
+def _evolve_block(code: str) -> str:
+    """Only the EVOLVE block of a full candidate: the scaffolding is the same for all, save tokens."""
+    try:
+        return split_candidate(code).block
+    except CandidateFormatError:
+        return code
 
 
 def format_inspirations(items: Sequence[Any]) -> str:
@@ -99,7 +110,7 @@ def format_inspirations(items: Sequence[Any]) -> str:
                 f"error {_num(d.get('error'))}, density {_num(d.get('density'))}")
         if d.get("summary"):
             head += f"\n{d['summary']}"
-        out.append(f"{head}\n```python\n{str(d.get('code', '')).strip()}\n```")
+        out.append(f"{head}\n```python\n{_evolve_block(str(d.get('code', ''))).strip()}\n```")
     return "\n\n".join(out) if out else NONE_TEXT
 
 

@@ -58,3 +58,13 @@ def test_custom_template_dir_and_unknown_placeholder(tmp_path):
     (tmp_path / "user.md").write_text("$parent_cod")
     with pytest.raises(KeyError, match="parent_cod"):
         render_prompt("x = 1", template_dir=tmp_path)
+
+
+def test_archive_shaped_records():
+    failed = ScoreReport.failure("exception", "RuntimeError: shape mismatch", details="Traceback ...").to_dict()
+    failed["mutation"] = {"kind": "diff", "summary": "add top-k"}
+    top = {"id": "c9", "code": PARENT.replace("SINK_TOKENS = 4", "SINK_TOKENS = 7"), "combined_score": -0.1}
+    u = render_prompt(PARENT, failures=[failed], top=[top]).user
+    assert "add top-k: exception: RuntimeError: shape mismatch" in u and "Traceback" in u
+    insp = u.split("## Top candidates")[1]
+    assert "SINK_TOKENS = 7" in insp and "import torch" not in insp  # only the EVOLVE block is shown
