@@ -23,6 +23,7 @@ class Reply:
     delay_s: float = 0.0
     prompt_tokens: int = 100
     completion_tokens: int = 50
+    send_usage: bool = True  # False: omit the usage object, as some servers do
     retry_after: str | None = None  # sent as a Retry-After header on error replies
 
 
@@ -64,8 +65,8 @@ class LoopbackOpenAI:
                     "model": body.get("model", "loopback"),
                     "choices": [{"index": 0, "finish_reason": "stop",
                                  "message": {"role": "assistant", "content": reply.content}}],
-                    "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                              "total_tokens": reply.prompt_tokens + reply.completion_tokens},
+                    **({"usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                                  "total_tokens": reply.prompt_tokens + reply.completion_tokens}} if reply.send_usage else {}),
                 })
 
             def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:

@@ -202,3 +202,15 @@ def test_retry_after_header_is_honoured_within_cap():
         p, _ = run_propose(srv, backoff_max_s=1.0)
         assert time.monotonic() - start >= 0.3
     assert p.result.ok
+
+
+def test_missing_usage_is_estimated_so_budget_binds():
+    async def go(url):
+        client = LLMClient(config(url), env=ENV)
+        try:
+            return await client.complete([{"role": "user", "content": "x" * 400}])
+        finally:
+            await client.close()
+    with LoopbackOpenAI([Reply("y" * 80, send_usage=False)]) as srv:
+        done = asyncio.run(go(srv.base_url))
+    assert done.usage.prompt_tokens == 101 and done.usage.completion_tokens == 21 and done.usage.cost_usd > 0

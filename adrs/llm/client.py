@@ -22,6 +22,7 @@ Message = Mapping[str, str]
 
 # Errors worth another attempt: the server was busy or flaky, the request itself was fine.
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
+CHARS_PER_TOKEN = 4
 # Other statuses that mean "try again later" (request timeout, conflict, too early).
 RETRYABLE_STATUS = frozenset({408, 409, 425})
 
@@ -115,6 +116,8 @@ class LLMClient:
         model = self.config.models[idx]
         client = self._clients[idx]
         attempts = 0
+        # Backoff sleeps keep the slot on purpose: a rate-limited endpoint must not get more
+        # concurrent requests while we wait.
         async with self._slots:
             while True:
                 attempts += 1
@@ -141,7 +144,11 @@ class LLMClient:
                 break
         text = (resp.choices[0].message.content or "") if resp.choices else ""
         u = resp.usage
-        pt, ct = (u.prompt_tokens or 0, u.completion_tokens or 0) if u else (0, 0)
+        if u is not None and (u.prompt_tokens or u.completion_tokens):
+            pt, ct = u.prompt_tokens or 0, u.completion_tokens or 0
+        else:  # some servers omit usage; estimate (~4 chars/token) so the budget still binds
+            pt = sum(len(m.get("content") or "") for m in messages) // CHARS_PER_TOKEN + 1
+            ct = len(text) // CHARS_PER_TOKEN + 1
         usage = Usage(pt, ct, model.cost(pt, ct), 1)
         self.budget.record(usage)
         return Completion(text=text, model=model.name, usage=usage, latency_s=latency, attempts=attempts)
