@@ -16,7 +16,7 @@ install-test: install
 	$(PIP) install -q -e ".[$(EXTRAS),test]"
 
 demo: install
-	$(PYTHON) benchmarks/bench_seeds.py --workload default
+	adrs run configs/default.yaml
 
 test: install-test
 	$(PYTHON) -m pytest -q

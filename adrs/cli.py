@@ -76,6 +76,154 @@ def _evaluate(file: Path, wl, target: float, in_process: bool, timeout: float):
     return evaluate_in_sandbox(file, wl, target, limits=SandboxLimits(wall_s=timeout))
 
 
+def _open(run_dir: Path):
+    from adrs.archive import open_run
+
+    if not (run_dir / "repo").is_dir():
+        raise UserError(f"not a run directory: {run_dir}")
+    return open_run(run_dir)
+
+
+def _get(archive, cand: str):
+    from adrs.archive.store import ArchiveError
+
+    try:
+        return archive.get(int(cand) if cand.isdigit() else cand)
+    except (ArchiveError, KeyError, LookupError) as exc:
+        raise UserError(f"unknown candidate {cand!r}: {exc}") from None
+
+
+def _evolve(run_dir: Path, cfg, iterations: Optional[int], base: Path) -> None:
+    import asyncio
+
+    from rich.live import Live
+
+    from adrs.display import candidate_line, render
+    from adrs.evaluate import make_scorer
+    from adrs.loop import LoopStats, evolve
+
+    scorer = make_scorer(cfg)
+    total = 1 + (cfg.iterations if iterations is None else iterations)
+    lines: list[str] = []
+    with Live(render(LoopStats(), lines, total, 0), console=out, refresh_per_second=4, transient=False) as live:
+        def on_event(event: dict) -> None:
+            if event["kind"] == "candidate":
+                lines.append(candidate_line(event))
+                live.update(render(event["stats"], lines, total, event["ref"].iteration + 1))
+            else:
+                lines.append(event.get("message", ""))
+        try:
+            asyncio.run(evolve(run_dir, cfg, scorer, iterations=iterations, on_event=on_event, base=base))
+        except KeyboardInterrupt:
+            console.print(f"stopped; everything committed is kept. Resume with: adrs resume {run_dir}")
+            raise typer.Exit(130)
+    console.print(f"done. Leaderboard: adrs leaderboard {run_dir}")
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="YAML run config (see `adrs init`)"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: runs/<name>-<timestamp>"),
+    iterations: Optional[int] = typer.Option(None, help="override the config's iteration count"),
+    llm: Optional[str] = typer.Option(None, help="'offline' to use the LLM-free mutator"),
+) -> None:
+    """Start an evolution run."""
+    import time as _time
+
+    from adrs.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+        if llm is not None:
+            if llm != "offline":
+                raise UserError("--llm accepts only 'offline'; configure endpoints in the config file")
+            cfg = cfg.model_copy(update={"llm": "offline"})
+    except ConfigError as exc:
+        raise UserError(f"{config}: {exc}") from None
+    if run_dir is None:
+        run_dir = Path("runs") / f"{cfg.name}-{_time.strftime('%Y%m%d-%H%M%S')}"
+    if (run_dir / "repo").exists():
+        raise UserError(f"{run_dir} already holds a run; use `adrs resume {run_dir}`")
+    console.print(f"run directory: {run_dir}")
+    _evolve(run_dir, cfg, iterations, config.resolve().parent)
+
+
+@app.command()
+def resume(run_dir: Path = typer.Argument(..., help="run directory"),
+           iterations: Optional[int] = typer.Option(None, help="override the total iteration count")) -> None:
+    """Continue a run from what was committed."""
+    from adrs.config import ConfigError, load_config
+
+    archive = _open(run_dir)
+    archive.close()
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    _evolve(run_dir, cfg, iterations, Path.cwd())
+
+
+@app.command()
+def leaderboard(run_dir: Path = typer.Argument(...), top: int = typer.Option(10, "--top"),
+                json_out: bool = typer.Option(False, "--json")) -> None:
+    """Best candidates of a run."""
+    with _open(run_dir) as archive:
+        rows = archive.leaderboard(top)
+    if json_out:
+        print(json.dumps([{k: getattr(r, k) for k in ("id", "iteration", "island", "status", "combined_score", "error",
+                                                       "density", "author", "parent_id", "commit")} for r in rows]))
+        return
+    table = Table("id", "iter", "island", "score", "error", "density", "author", "summary", title=str(run_dir))
+    for r in rows:
+        table.add_row(r.id, str(r.iteration), str(r.island), f"{r.combined_score:.5f}", f"{r.error:.4f}",
+                      f"{r.density:.4f}", r.author, (r.summary or "")[:50])
+    out.print(table)
+
+
+@app.command()
+def show(run_dir: Path = typer.Argument(...), cand: str = typer.Argument(..., help="id, iteration, commit prefix or 'best'")) -> None:
+    """A candidate's code, its diff to the parent and its score breakdown."""
+    with _open(run_dir) as archive:
+        ref = _get(archive, cand)
+        record = archive.record(ref.id)
+        out.print(f"[bold]{ref.id}[/bold] iteration {ref.iteration}, island {ref.island}, {ref.status}, parent {ref.parent_id}, commit {ref.commit[:10]}")
+        out.print(_report_table(record))
+        out.rule("diff to parent")
+        print(archive.diff(ref.id) or "(no parent)")
+        out.rule("code")
+        print(archive.code(ref.id))
+
+
+@app.command()
+def diff(run_dir: Path = typer.Argument(...), a: str = typer.Argument(...), b: str = typer.Argument(...)) -> None:
+    """Diff between two candidates' code."""
+    with _open(run_dir) as archive:
+        ra, rb = _get(archive, a), _get(archive, b)
+        text = archive.repo.git.diff(ra.commit, rb.commit, "--", "candidate.py")
+    print(text or "(identical)")
+
+
+@app.command()
+def reindex(run_dir: Path = typer.Argument(...)) -> None:
+    """Rebuild the SQLite index from git alone."""
+    from adrs.archive import reindex as _reindex
+
+    if not (run_dir / "repo").is_dir():
+        raise UserError(f"not a run directory: {run_dir}")
+    n = _reindex(run_dir)
+    console.print(f"reindexed {n} candidates")
+
+
+@app.command()
+def init(path: Path = typer.Argument(Path("adrs.yaml"), help="where to write the example config")) -> None:
+    """Write a commented example config."""
+    if path.exists():
+        raise UserError(f"{path} exists; not overwriting")
+    example = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    path.write_text(example.read_text())
+    console.print(f"wrote {path}; start with: adrs run {path}")
+
+
 @app.callback()
 def _root() -> None:
     """Evolve sparse-attention maskers with an LLM, scored safely. Add --debug for tracebacks."""

@@ -20,7 +20,7 @@ from evaluator.records import AttentionRecord
 WEIGHT_TOLERANCE = 1e-5
 
 FAILURE_CATEGORIES = (
-    "syntax", "import", "exception", "timeout", "memory", "invalid", "crash", "output", "harness",
+    "syntax", "import", "exception", "timeout", "memory", "invalid", "crash", "output", "harness", "mutation",
 )
 
 

@@ -1,0 +1,47 @@
+"""Scoring candidate code for the loop: sandboxed by default, with the held-out cascade."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from adrs.config import RunConfig
+from evaluator.scoring import ScoreReport
+from evaluator.workload import Workload, load_workload
+
+
+@dataclass
+class CodeScorer:
+    """Scores code strings on the run's workloads; the held-out workload loads on first use."""
+
+    config: RunConfig
+    workload: Workload
+    _heldout: Workload | None = None
+
+    def score(self, code: str, heldout: bool = False) -> ScoreReport:
+        """Fast score of ``code`` on the search (or held-out) workload."""
+        wl = self.heldout_workload() if heldout else self.workload
+        with tempfile.TemporaryDirectory(prefix="adrs-cand-") as tmp:
+            path = Path(tmp) / "candidate.py"
+            path.write_text(code)
+            if self.config.evaluation.in_process:
+                from evaluator.inprocess import score_file
+
+                return score_file(path, wl, self.config.density_target)
+            from evaluator.sandbox import SandboxLimits, evaluate_in_sandbox
+
+            limits = SandboxLimits(wall_s=self.config.evaluation.timeout_s, memory_mb=self.config.evaluation.memory_mb)
+            return evaluate_in_sandbox(path, wl, self.config.density_target, limits=limits)
+
+    def heldout_workload(self) -> Workload:
+        spec = self.config.heldout_spec()
+        if spec is None:
+            raise ValueError("this run has no held-out workload (heldout_workload: null)")
+        if self._heldout is None:
+            self._heldout = load_workload(spec, progress=False)
+        return self._heldout
+
+
+def make_scorer(config: RunConfig, progress: bool = True) -> CodeScorer:
+    """Load (capturing if needed) the search workload."""
+    return CodeScorer(config, load_workload(config.workload_spec(), progress=progress))

@@ -1,0 +1,246 @@
+"""The evolution loop: pick a parent, propose a mutation, score it, commit it; repeat.
+
+Every candidate is committed to the archive as soon as it is scored, so a killed run loses
+only work in flight, and `resume` continues from what was committed. Iteration numbers are
+assigned at commit time under the archive's lock: no gaps, no duplicates. With one proposal
+in flight (always so for the offline mutator) the run is a deterministic function of its
+seed and config, so a replay produces the same archive.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from adrs.archive import open_run
+from adrs.archive.store import Archive
+from adrs.config import RunConfig, dump_config
+from adrs.evaluate import CodeScorer
+from adrs.mutation import MutationResult
+from adrs.offline import OfflineMutator
+from adrs.parents import ParentRecord, apply_migration, plan_migration, select_parent, should_migrate
+from evaluator.scoring import ScoreReport
+
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Child:
+    """A scored proposal, ready to commit."""
+
+    parent_id: str
+    island: int
+    code: str
+    report: ScoreReport
+    mutation: MutationResult
+    llm: dict[str, Any] | None = None
+    prompt: str | None = None
+    response: str | None = None
+
+
+@dataclass
+class LoopStats:
+    """What the live display shows; updated as candidates land."""
+
+    started: float = field(default_factory=time.time)
+    committed: int = 0
+    in_flight: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    best_history: list[float] = field(default_factory=list)
+    tokens: int = 0
+    cost_usd: float = 0.0
+
+
+def island_view(rows: list[Any], iteration: int, cfg: RunConfig) -> list[ParentRecord]:
+    """Archive rows as selection records, with every migration up to ``iteration`` replayed.
+
+    Migrations are recomputed from the archive rather than stored, so they survive resume
+    and a replay reaches the same islands.
+    """
+    ordered = sorted(rows, key=lambda r: r.iteration)
+    view: list[ParentRecord] = []
+    taken = 0
+    for point in range(1, iteration + 1):
+        if not should_migrate(point, cfg.selection):
+            continue
+        while taken < len(ordered) and ordered[taken].iteration < point:
+            view.append(_parent_record(ordered[taken]))
+            taken += 1
+        view = apply_migration(view, plan_migration(view, cfg.selection))
+    view.extend(_parent_record(r) for r in ordered[taken:])
+    return view
+
+
+def _parent_record(row: Any) -> ParentRecord:
+    return ParentRecord(
+        id=row.id, island=row.island, combined_score=row.combined_score, error=row.error,
+        density=row.density, valid=row.status == "valid",
+    )
+
+
+def _record(child: Child, scorer: CodeScorer) -> dict[str, Any]:
+    data = child.report.to_dict()
+    data["mutation"] = {"kind": child.mutation.kind, "summary": child.mutation.summary, "error": child.mutation.error}
+    data["workload_hash"] = scorer.workload.hash
+    if child.llm:
+        data["llm"] = child.llm
+    if child.prompt is not None:
+        data["prompt"] = child.prompt
+        data["response"] = child.response
+    return data
+
+
+def ensure_seed(archive: Archive, cfg: RunConfig, scorer: CodeScorer, base: Path) -> None:
+    """Commit the seed candidate as iteration 0 if the archive is empty."""
+    if archive.next_iteration() > 0:
+        return
+    path = Path(cfg.seed_candidate)
+    if not path.is_absolute() and not path.exists():
+        path = base / path
+    code = path.read_text()
+    report = scorer.score(code)
+    record = report.to_dict() | {"workload_hash": scorer.workload.hash, "mutation": {"kind": "seed", "summary": path.name}}
+    archive.add_candidate(code, record, parent=None, iteration=0, island=0, author="seed", summary=f"seed: {path.name}")
+
+
+class Proposer:
+    """Turns (parent, inspirations) into a child: offline mutator or LLM."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.offline = OfflineMutator(seed=cfg.seed)
+        self.client = None
+        if cfg.llm != "offline":
+            from adrs.llm.client import LLMClient
+
+            self.client = LLMClient(cfg.llm, seed=cfg.seed)
+
+    @property
+    def max_in_flight(self) -> int:
+        return 1 if self.client is None else self.cfg.llm.max_in_flight
+
+    async def propose(self, archive: Archive, choice: Any, key: int, notes: list[str]) -> tuple[MutationResult, dict | None, str | None, str | None]:
+        parent_code = archive.code(choice.parent_id)
+        if self.client is None:
+            partner = archive.code(choice.top_ids[0]) if choice.top_ids else None
+            return self.offline.propose(parent_code, partner, key=key), None, None, None
+        from adrs.llm.proposal import propose
+        from adrs.prompts import render_prompt
+
+        def insp(ids: tuple[str, ...]) -> list[dict[str, Any]]:
+            return [archive.record(i) | {"id": i, "code": archive.code(i)} for i in ids]
+
+        failures = [r for r in (archive.record(c.id) for c in archive.all() if c.parent_id == choice.parent_id and c.status == "failed")][-3:]
+        prompt = render_prompt(
+            parent_code, archive.record(choice.parent_id), parent_id=choice.parent_id,
+            density_target=self.cfg.density_target, failures=failures, top=insp(choice.top_ids),
+            diverse=insp(choice.diverse_ids), notes=notes,
+        )
+        proposal = await propose(self.client, prompt.system, prompt.user, parent_code)
+        usage = proposal.usage
+        llm = {"model": proposal.model, "turns": proposal.turns, "usage": {
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "cost_usd": usage.cost_usd}}
+        return proposal.result, llm, prompt.system + "\n\n" + prompt.user, "\n\n---\n\n".join(proposal.replies)
+
+
+async def _make_child(archive: Archive, cfg: RunConfig, scorer: CodeScorer, proposer: Proposer, slot: int, notes: list[str]) -> Child:
+    rows = archive.all()
+    choice = select_parent(island_view(rows, slot, cfg), slot, cfg.selection, cfg.seed)
+    mutation, llm, prompt, response = await proposer.propose(archive, choice, slot, notes)
+    if mutation.code is None:
+        report = ScoreReport.failure("mutation", mutation.error or "the reply could not be applied")
+        code = archive.code(choice.parent_id)
+    else:
+        code = mutation.code
+        report = await asyncio.to_thread(scorer.score, code)
+    return Child(choice.parent_id, choice.island, code, report, mutation, llm, prompt, response)
+
+
+def _cascade(archive: Archive, scorer: CodeScorer, child: Child, record: dict[str, Any]) -> str | None:
+    """Re-score a candidate that beats the best on the held-out workload; the reason if it fails to confirm."""
+    best = archive.best()
+    margin = scorer.config.evaluation.heldout_margin
+    if scorer.config.heldout_spec() is None or not child.report.valid or best is None:
+        return None
+    if child.report.combined_score <= best.combined_score + margin:
+        return None
+    held = scorer.score(child.code, heldout=True)
+    record["heldout"] = held.to_dict()
+    best_held = archive.record(best.id).get("heldout")
+    if best_held is None:
+        best_held = scorer.score(archive.code(best.id), heldout=True).to_dict()
+    if not held.valid:
+        return f"held-out evaluation failed ({held.category}: {held.reason})"
+    if best_held.get("valid") and held.combined_score < best_held["combined_score"]:
+        return (f"gain does not replicate on held-out: {held.combined_score:.4f} < best's {best_held['combined_score']:.4f}")
+    return None
+
+
+def review_notes(archive: Archive) -> list[str]:
+    """Human notes left at review, newest last, for the prompts."""
+    return [c.message for c in archive.checkpoints() if getattr(c, "message", None)][-5:]
+
+
+async def evolve(
+    run_dir: Path, cfg: RunConfig, scorer: CodeScorer, iterations: int | None = None,
+    on_event: Callable[[Event], None] | None = None, base: Path = Path("."),
+) -> LoopStats:
+    """Run until the archive holds ``1 + iterations`` candidates (seed included) or the budget ends."""
+    emit = on_event or (lambda e: None)
+    stats = LoopStats()
+    with open_run(run_dir, create=True) as archive:
+        if not archive.config_path.exists():
+            archive.config_path.write_text(dump_config(cfg))
+        archive.recover()
+        ensure_seed(archive, cfg, scorer, base)
+        proposer = Proposer(cfg)
+        total = 1 + (cfg.iterations if iterations is None else iterations)
+        notes = review_notes(archive)
+        pending: set[asyncio.Task] = set()
+        next_slot = archive.next_iteration()
+        try:
+            while archive.next_iteration() < total or pending:
+                while len(pending) < proposer.max_in_flight and next_slot < total and not _budget_done(proposer):
+                    pending.add(asyncio.create_task(_make_child(archive, cfg, scorer, proposer, next_slot, notes)))
+                    next_slot += 1
+                if not pending:
+                    break
+                stats.in_flight = len(pending)
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is not None:
+                        if type(exc).__name__ == "BudgetExceeded":
+                            emit({"kind": "budget", "message": str(exc)})
+                            continue
+                        raise exc
+                    _commit(archive, scorer, task.result(), stats, emit)
+        finally:
+            for task in pending:
+                task.cancel()
+    return stats
+
+
+def _budget_done(proposer: Proposer) -> bool:
+    return proposer.client is not None and proposer.client.budget.exhausted
+
+
+def _commit(archive: Archive, scorer: CodeScorer, child: Child, stats: LoopStats, emit: Callable[[Event], None]) -> None:
+    record = _record(child, scorer)
+    rejection = _cascade(archive, scorer, child, record)
+    ref = archive.add_candidate(child.code, record, parent=child.parent_id, island=child.island,
+                                author="model", summary=child.mutation.summary or child.mutation.error or "")
+    if rejection:
+        archive.mark_rejected(ref, rejection)
+    stats.committed += 1
+    if not child.report.valid:
+        stats.failures[child.report.category] = stats.failures.get(child.report.category, 0) + 1
+    if child.llm:
+        stats.tokens += child.llm["usage"]["prompt_tokens"] + child.llm["usage"]["completion_tokens"]
+        stats.cost_usd += child.llm["usage"]["cost_usd"]
+    best = archive.best()
+    if best is not None:
+        stats.best_history.append(best.combined_score)
+    emit({"kind": "candidate", "ref": ref, "report": child.report, "best": best, "rejection": rejection, "stats": stats})
