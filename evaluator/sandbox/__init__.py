@@ -4,6 +4,6 @@
 ScoreReport whose numbers equal in-process scoring exactly, or a categorised failure.
 """
 from evaluator.sandbox.limits import SandboxLimits
-from evaluator.sandbox.runner import Worker, WorkerPool, evaluate_in_sandbox
+from evaluator.sandbox.runner import SandboxRun, Worker, WorkerPool, evaluate_in_sandbox, run_candidate
 
-__all__ = ["SandboxLimits", "Worker", "WorkerPool", "evaluate_in_sandbox"]
+__all__ = ["SandboxLimits", "SandboxRun", "Worker", "WorkerPool", "evaluate_in_sandbox", "run_candidate"]

@@ -187,6 +187,16 @@ class WorkerPool:
         self.close()
 
 
+@dataclass
+class SandboxRun:
+    """A report plus how the worker ended; tests and benchmarks look behind the report."""
+
+    report: ScoreReport
+    outcome: WorkerOutcome | None = None
+    pgid: int | None = None
+    marker: str | None = None
+
+
 def evaluate_in_sandbox(
     candidate_path: str | Path, workload: Any, density_target: float = 0.10, base_seed: int | None = None,
     limits: SandboxLimits | None = None, pool: WorkerPool | None = None,
@@ -197,6 +207,14 @@ def evaluate_in_sandbox(
     the numbers of a valid result are computed here, by the trusted scorer, and equal
     ``evaluator.inprocess.score_file`` exactly.
     """
+    return run_candidate(candidate_path, workload, density_target, base_seed, limits, pool).report
+
+
+def run_candidate(
+    candidate_path: str | Path, workload: Any, density_target: float = 0.10, base_seed: int | None = None,
+    limits: SandboxLimits | None = None, pool: WorkerPool | None = None,
+) -> SandboxRun:
+    """``evaluate_in_sandbox`` that also returns the worker's outcome, process group and marker."""
     t_start = time.perf_counter()
     limits = pool.limits if pool is not None else (limits or SandboxLimits())
     base_seed = workload.spec.seed if base_seed is None else base_seed
@@ -206,9 +224,10 @@ def evaluate_in_sandbox(
         source = candidate_path.read_text()
         compile(source, str(candidate_path), "exec")  # compiling runs nothing: safe here
     except SyntaxError as exc:
-        return _done(ScoreReport.failure("syntax", f"line {exc.lineno}: {exc.msg}", details=_syntax_context(exc)), label, t_start)
+        return SandboxRun(_done(ScoreReport.failure("syntax", f"line {exc.lineno}: {exc.msg}", details=_syntax_context(exc)),
+                                label, t_start))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return _done(ScoreReport.failure("import", f"cannot read candidate: {exc}"), label, t_start)
+        return SandboxRun(_done(ScoreReport.failure("import", f"cannot read candidate: {exc}"), label, t_start))
 
     device = workload.records[0].queries.device
     inputs = workload_inputs(workload)
@@ -227,7 +246,7 @@ def evaluate_in_sandbox(
         report = _interpret(outcome, limits, workload, density_target, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return _done(report, label, t_start)
+    return SandboxRun(_done(report, label, t_start), outcome, worker.pgid, worker.marker)
 
 
 def _done(report: ScoreReport, label: str, t_start: float) -> ScoreReport:

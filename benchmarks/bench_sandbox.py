@@ -1,0 +1,114 @@
+"""Per-candidate overhead of the sandbox versus the scoring work itself.
+
+For each workload (tiny, small) and device (cpu; cuda when available) and seed masker:
+
+* in_process_s: load + run the masker on every record + trusted scoring, in this process;
+* sandbox_cold_s: the same through ``evaluate_in_sandbox`` with a freshly started worker;
+* sandbox_warm_s: the same with a warm spare worker from a ``WorkerPool`` (torch imported);
+* startup_s: start a worker until it is ready (interpreter + torch + isolation);
+* inputs_write_s: writing the workload's shared inputs file (once per workload, not per call).
+
+Overhead ratio = (sandbox - in_process) / in_process. Prints a table and writes
+benchmarks/results/sandbox.json. Usage: ``python benchmarks/bench_sandbox.py [--repeat 3]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from evaluator.inprocess import score_file  # noqa: E402
+from evaluator.sandbox import SandboxLimits, Worker, WorkerPool, evaluate_in_sandbox  # noqa: E402
+from evaluator.sandbox.transport import workload_inputs  # noqa: E402
+from evaluator.workload import load_workload  # noqa: E402
+
+SEEDS = [REPO / "seeds" / "sink_window.py", REPO / "seeds" / "oracle_topk.py"]
+
+
+def _median(fn, repeat: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def bench(workload_name: str, device: str, repeat: int, limits: SandboxLimits) -> list[dict]:
+    workload = load_workload(workload_name, device=device, progress=False)
+    t0 = time.perf_counter()
+    workload_inputs(workload)
+    inputs_write_s = time.perf_counter() - t0
+    startup = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        w = Worker(limits, cuda=device == "cuda")
+        w.wait_ready(limits.startup_s)
+        startup.append(time.perf_counter() - t0)
+        w.close()
+    rows = []
+    for seed in [s for s in SEEDS if s.exists()]:
+        inproc_s, ref = _median(lambda: score_file(seed, workload, 0.1), repeat)
+        cold_s, cold = _median(lambda: evaluate_in_sandbox(seed, workload, 0.1, limits=limits), repeat)
+        with WorkerPool(limits, cuda=device == "cuda") as pool:
+            warm = []
+            for _ in range(repeat):
+                pool._spare.wait_ready(limits.startup_s)  # measure the warm path: spare already up
+                t0 = time.perf_counter()
+                rep = evaluate_in_sandbox(seed, workload, 0.1, pool=pool)
+                warm.append(time.perf_counter() - t0)
+            warm_s = statistics.median(warm)
+        assert cold.combined_score == ref.combined_score == rep.combined_score, (seed.name, cold.reason)
+        rows.append({
+            "workload": workload_name, "device": device, "candidate": seed.stem, "records": len(workload.records),
+            "in_process_s": inproc_s, "sandbox_cold_s": cold_s, "sandbox_warm_s": warm_s,
+            "startup_s": statistics.median(startup), "inputs_write_s": inputs_write_s,
+            "overhead_cold_ratio": (cold_s - inproc_s) / inproc_s, "overhead_warm_ratio": (warm_s - inproc_s) / inproc_s,
+        })
+        print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
+HEAD = f"{'workload':<8} {'dev':<5} {'candidate':<12} {'rec':>4} {'inproc s':>9} {'cold s':>8} {'warm s':>8} " \
+       f"{'start s':>8} {'inputs s':>9} {'cold x':>7} {'warm x':>7}"
+
+
+def _fmt(r: dict) -> str:
+    return (f"{r['workload']:<8} {r['device']:<5} {r['candidate']:<12} {r['records']:>4} {r['in_process_s']:>9.3f} "
+            f"{r['sandbox_cold_s']:>8.3f} {r['sandbox_warm_s']:>8.3f} {r['startup_s']:>8.3f} {r['inputs_write_s']:>9.3f} "
+            f"{r['overhead_cold_ratio']:>7.2f} {r['overhead_warm_ratio']:>7.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workloads", default="tiny,small")
+    ap.add_argument("--devices", default="cpu,cuda")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sandbox.json"))
+    args = ap.parse_args()
+    limits = SandboxLimits(wall_s=600)
+    devices = [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
+    print(HEAD)
+    rows = []
+    for name in args.workloads.split(","):
+        for device in devices:
+            rows += bench(name, device, args.repeat, limits)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "host": platform.node()}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

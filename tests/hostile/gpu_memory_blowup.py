@@ -1,0 +1,22 @@
+"""Hostile: allocates GPU memory until it fails; expect memory (GPU only)."""
+import torch
+
+from evaluator.contract import MaskerInput, budget, causal_mask
+
+
+def _valid(inp: MaskerInput) -> torch.Tensor:
+    """A correct sink + window selection, returned when the attack is contained."""
+    keep = budget(inp)
+    k = torch.arange(inp.num_keys)[None, :]
+    pos = inp.query_positions[:, None]
+    sel = ((k < 4) | (k > pos - keep[:, None])) & causal_mask(inp)
+    b, h = inp.queries.shape[:2]
+    return sel.float().expand(b, h, -1, -1).contiguous()
+
+
+# EVOLVE-BLOCK-START
+def masker(inp: MaskerInput):
+    hoard = []
+    while True:
+        hoard.append(torch.ones(256 * 1024 * 1024, device=inp.queries.device))  # 1 GB each
+# EVOLVE-BLOCK-END

@@ -1,0 +1,4 @@
+"""Hostile: imports nothing but fails at import; expect import."""
+# EVOLVE-BLOCK-START
+raise RuntimeError("configuration missing at import time")
+# EVOLVE-BLOCK-END

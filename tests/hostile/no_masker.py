@@ -1,0 +1,4 @@
+"""Hostile: defines no masker; expect import."""
+# EVOLVE-BLOCK-START
+MASKER = None
+# EVOLVE-BLOCK-END

@@ -1,0 +1,24 @@
+"""Hostile: dereferences NULL through ctypes; expect crash."""
+import torch
+
+from evaluator.contract import MaskerInput, budget, causal_mask
+
+
+def _valid(inp: MaskerInput) -> torch.Tensor:
+    """A correct sink + window selection, returned when the attack is contained."""
+    keep = budget(inp)
+    k = torch.arange(inp.num_keys)[None, :]
+    pos = inp.query_positions[:, None]
+    sel = ((k < 4) | (k > pos - keep[:, None])) & causal_mask(inp)
+    b, h = inp.queries.shape[:2]
+    return sel.float().expand(b, h, -1, -1).contiguous()
+
+
+# EVOLVE-BLOCK-START
+import ctypes
+
+
+def masker(inp: MaskerInput):
+    ctypes.string_at(0)
+    return _valid(inp)
+# EVOLVE-BLOCK-END

@@ -1,0 +1,25 @@
+"""Hostile: returns a Tensor subclass that could lie about itself; expect invalid."""
+import torch
+
+from evaluator.contract import MaskerInput, budget, causal_mask
+
+
+def _valid(inp: MaskerInput) -> torch.Tensor:
+    """A correct sink + window selection, returned when the attack is contained."""
+    keep = budget(inp)
+    k = torch.arange(inp.num_keys)[None, :]
+    pos = inp.query_positions[:, None]
+    sel = ((k < 4) | (k > pos - keep[:, None])) & causal_mask(inp)
+    b, h = inp.queries.shape[:2]
+    return sel.float().expand(b, h, -1, -1).contiguous()
+
+
+# EVOLVE-BLOCK-START
+class Sneaky(torch.Tensor):
+    def ne(self, other):  # would make every weight look selected
+        return torch.ones(self.shape, dtype=torch.bool)
+
+
+def masker(inp: MaskerInput):
+    return _valid(inp).as_subclass(Sneaky)
+# EVOLVE-BLOCK-END

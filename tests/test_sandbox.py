@@ -1,0 +1,259 @@
+"""The sandbox: hostile candidates get the right category, nothing survives, scores match in-process.
+
+Hostile cases run concurrently (each in its own worker) to keep the file fast on 2 cores.
+Cases that test the OS-level layer run with the audit hook off, so they prove the layer
+below the hook (netns, nobody, rlimits, process-group kill) holds on its own.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluator.candidate import load_masker, masker_input
+from evaluator.sandbox import SandboxLimits, WorkerPool, evaluate_in_sandbox, run_candidate
+from evaluator.sandbox.isolation import live_descendants, scrubbed_env
+from evaluator.scoring import FAILURE_CATEGORIES, aggregate, score_record
+from evaluator.workload import load_workload
+
+HOSTILE = Path(__file__).parent / "hostile"
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = REPO / "seeds"
+ROOT = os.geteuid() == 0
+LIMITS = SandboxLimits(wall_s=4.0, memory_mb=3072, log_bytes=256 * 1024, output_bytes=32 * 1024 * 1024)
+NO_AUDIT = replace(LIMITS, audit_hook=False)
+SOCKET_PORT = 47291
+WRITE_TARGET = Path("/tmp/adrs-hostile-target")
+SECRETS = {"OPENAI_API_KEY": "sk-hostile-1", "ANTHROPIC_API_KEY": "sk-hostile-2", "ADRS_LLM_API_KEY": "sk-hostile-3",
+           "GITHUB_TOKEN": "sk-hostile-4", "AWS_SECRET_ACCESS_KEY": "sk-hostile-5", "DB_PASSWORD": "sk-hostile-6",
+           "ADRS_LLM_BASE_URL": "http://sk-hostile", "OPENAI_BASE_URL": "http://sk-hostile", "MY_SERVICE_KEY": "sk-hostile-7"}
+
+# case id -> (file, limits, expected category or None for valid, substring of the reason)
+CASES = {
+    "infinite_loop": ("infinite_loop", LIMITS, "timeout", "longer than"),
+    "sleep_past_timeout": ("sleep_past_timeout", LIMITS, "timeout", "longer than"),
+    "memory_blowup": ("memory_blowup", LIMITS, "memory", ""),
+    "segfault": ("segfault", LIMITS, "crash", "SIGSEGV"),
+    "os_exit": ("os_exit", LIMITS, "crash", "exited with code 0"),
+    "read_secrets": ("read_secrets", NO_AUDIT, None, ""),
+    "open_socket_audit": ("open_socket", LIMITS, None, ""),
+    "open_socket_netns": ("open_socket", NO_AUDIT, None, ""),
+    "write_outside_audit": ("write_outside", LIMITS, None, ""),
+    "write_outside_os": ("write_outside", NO_AUDIT, None, ""),
+    "monkeypatch": ("monkeypatch", LIMITS, "invalid", "NaN or infinite"),
+    "print_megabytes": ("print_megabytes", LIMITS, "output", "printed more than"),
+    "returns_too_much": ("returns_too_much", LIMITS, "output", "exceed"),
+    "empty_selection": ("empty_selection", LIMITS, "invalid", "empty"),
+    "nan_weights": ("nan_weights", LIMITS, "invalid", "NaN or infinite"),
+    "inf_weights": ("inf_weights", LIMITS, "invalid", "NaN or infinite"),
+    "negative_weights": ("negative_weights", LIMITS, "invalid", "negative"),
+    "fractional_weights": ("fractional_weights", LIMITS, "invalid", "strictly between 0 and 1"),
+    "future_tokens": ("future_tokens", LIMITS, "invalid", "future"),
+    "wrong_shape": ("wrong_shape", LIMITS, "invalid", "shape"),
+    "wrong_dtype": ("wrong_dtype", LIMITS, "invalid", "dtype torch.int64"),
+    "wrong_device": ("wrong_device", LIMITS, "invalid", "is on meta"),
+    "tensor_subclass": ("tensor_subclass", LIMITS, "invalid", "plain torch.Tensor"),
+    "some_layers_only": ("some_layers_only", LIMITS, "invalid", "sample 0, layer 5: selection is empty"),
+    "raises": ("raises", LIMITS, "exception", "KeyError"),
+    "import_failure": ("import_failure", LIMITS, "import", "configuration missing"),
+    "no_masker": ("no_masker", LIMITS, "import", "masker"),
+    "syntax_error": ("syntax_error", LIMITS, "syntax", "line 5"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_workload("tiny", progress=False)
+
+
+class _Listener:
+    """A TCP listener on 127.0.0.1 that counts connections the candidate must not make."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.accepted = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+                self.accepted += 1
+                conn.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def hostile_runs(tiny):
+    """Run every case once, concurrently, with secrets in our environment and a listener up."""
+    saved = {k: os.environ.get(k) for k in SECRETS}
+    os.environ.update(SECRETS)
+    WRITE_TARGET.mkdir(mode=0o755, exist_ok=True)  # root-owned (when root), not writable by nobody
+    listener = _Listener(SOCKET_PORT)
+
+    def one(case: str):
+        file, limits, _, _ = CASES[case]
+        t0 = time.monotonic()
+        run = run_candidate(HOSTILE / f"{file}.py", tiny, 0.1, limits=limits)
+        return run, time.monotonic() - t0
+
+    try:
+        with ThreadPoolExecutor(max_workers=4) as ex:
+            results = dict(zip(CASES, ex.map(one, CASES)))
+    finally:
+        listener.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield results, listener
+    for leftover in (REPO / "runs" / "pwned.txt", REPO / "evaluator" / "pwned.py", WRITE_TARGET / "pwned.txt"):
+        leftover.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_category(case, hostile_runs):
+    results, _ = hostile_runs
+    run, elapsed = results[case]
+    _, limits, category, reason = CASES[case]
+    report = run.report
+    if category is None:
+        assert report.valid, f"{case}: {report.category}: {report.reason}\n{report.details}"
+    else:
+        assert not report.valid and report.category == category, f"{case}: {report.category}: {report.reason}\n{report.details}"
+        assert reason in (report.reason or ""), report.reason
+        assert report.category in FAILURE_CATEGORIES
+    # Ends within its timeout (+5 s) once the job is handed over, and leaves no process behind.
+    if run.outcome is not None:
+        assert run.outcome.elapsed_s < limits.wall_s + 5, run.outcome.elapsed_s
+        assert live_descendants(run.pgid, run.marker) == []
+
+
+def test_exception_has_candidate_traceback(hostile_runs):
+    report = hostile_runs[0]["raises"][0].report
+    assert "raises.py" in report.details and "helper" in report.details
+    assert "worker.py" not in report.details  # the model sees its own frames, not ours
+    assert "sample 0, layer 0" in report.reason
+
+
+def test_no_connection_reached_listener(hostile_runs):
+    if not ROOT:
+        pytest.skip("network isolation needs root (or unprivileged user namespaces)")
+    assert hostile_runs[1].accepted == 0
+
+
+def test_nothing_written_outside_scratch(hostile_runs):
+    if not ROOT:
+        pytest.skip("the unprivileged worker cannot be kept out of its own user's files")
+    assert not (REPO / "runs" / "pwned.txt").exists()
+    assert not (REPO / "evaluator" / "pwned.py").exists()
+    assert not (WRITE_TARGET / "pwned.txt").exists()
+
+
+def test_parent_unaffected_by_monkeypatch(hostile_runs, tiny):
+    import evaluator.scoring as scoring
+
+    assert torch.isfinite(torch.tensor(float("nan"))).item() is False
+    assert scoring.dense_weights.__module__ == "evaluator.scoring"
+
+
+def test_fork_bomb_leaves_no_survivor(tiny):
+    """Forks and new-session sleepers are all killed; the evaluation still ends on time."""
+    t0 = time.monotonic()
+    run = run_candidate(HOSTILE / "fork_bomb.py", tiny, 0.1, limits=replace(NO_AUDIT, nproc=64))
+    assert run.report.category == "timeout", run.report.reason
+    assert run.outcome.elapsed_s < NO_AUDIT.wall_s + 5
+    assert time.monotonic() - t0 < NO_AUDIT.startup_s + NO_AUDIT.wall_s + 5
+    time.sleep(0.2)
+    assert live_descendants(run.pgid, run.marker) == []
+
+
+def test_scrubbed_env_drops_secrets():
+    env = scrubbed_env({**SECRETS, "PATH": "/bin", "HOME": "/root", "PYTHONPATH": "/x", "SOME_TOKEN": "t"}, "m", "/repo")
+    assert not any(k in env for k in SECRETS) and "SOME_TOKEN" not in env
+    assert env["PATH"] == "/bin" and env["HOME"] != "/root" and env["PYTHONPATH"].startswith("/repo")
+
+
+def _in_process(path: Path, workload, density_target: float):
+    masker = load_masker(path)
+    rows = []
+    for rec in workload.records:
+        sel = masker(masker_input(rec, density_target, workload.spec.seed))
+        rows.append((rec.sample, rec.layer, *score_record(rec, sel)))
+    return aggregate(rows, density_target)
+
+
+SINK_WINDOW = '''import torch
+from evaluator.contract import MaskerInput, budget, causal_mask
+
+# EVOLVE-BLOCK-START
+def masker(inp: MaskerInput):
+    keep = budget(inp)
+    k = torch.arange(inp.num_keys)[None, :]
+    sel = ((k < 4) | (k > inp.query_positions[:, None] - keep[:, None])) & causal_mask(inp)
+    return sel.expand(inp.queries.shape[0], inp.queries.shape[1], -1, -1)
+# EVOLVE-BLOCK-END
+'''
+
+
+def _seed_files(tmp_path: Path) -> list[Path]:
+    seeds = sorted(SEEDS.glob("*.py"))
+    if seeds:
+        return seeds
+    path = tmp_path / "sink_window.py"
+    path.write_text(SINK_WINDOW)
+    return [path]
+
+
+def test_seeds_score_exactly_as_in_process(tiny, tmp_path):
+    """Every seed (deterministic, sampled and sparse-form ones) scores bit-identically."""
+    seeds = _seed_files(tmp_path)
+    with WorkerPool(SandboxLimits(wall_s=60)) as pool:
+        for path in seeds:
+            sandboxed = evaluate_in_sandbox(path, tiny, 0.1, pool=pool)
+            expected = _in_process(path, tiny, 0.1)
+            assert sandboxed.valid, f"{path.name}: {sandboxed.category}: {sandboxed.reason}\n{sandboxed.details}"
+            assert sandboxed.combined_score == expected.combined_score, path.name
+            assert sandboxed.error == expected.error and sandboxed.density == expected.density
+            assert [(x.error, x.density) for x in sandboxed.per_layer] == [(x.error, x.density) for x in expected.per_layer]
+
+
+def test_warm_pool_worker_serves_one_candidate(tiny):
+    """A pooled worker is used once: the second evaluation gets a different process."""
+    with WorkerPool(LIMITS) as pool:
+        a = run_candidate(HOSTILE / "empty_selection.py", tiny, 0.1, pool=pool)
+        b = run_candidate(HOSTILE / "empty_selection.py", tiny, 0.1, pool=pool)
+    assert a.pgid != b.pgid and a.report.category == b.report.category == "invalid"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_memory_blowup():
+    workload = load_workload("tiny", device="cuda", progress=False)
+    limits = replace(LIMITS, wall_s=20, gpu_memory_fraction=0.2)
+    run = run_candidate(HOSTILE / "gpu_memory_blowup.py", workload, 0.1, limits=limits)
+    assert run.report.category == "memory", run.report.reason
+    assert live_descendants(run.pgid, run.marker) == []
+    ok = evaluate_in_sandbox(HOSTILE / "empty_selection.py", workload, 0.1, limits=limits)
+    assert ok.category == "invalid"  # the GPU path validates too
