@@ -241,3 +241,15 @@ def test_recover_report(run: Path) -> None:
         a.conn.execute("DELETE FROM candidates")
         rep = a.recover()
         assert rep.inserted == (s.id,) and rep.best == s.id and not rep.clean
+
+
+def test_create_killed_half_way_is_redone(run: Path) -> None:
+    # A kill during repository creation leaves only a temp dir, never a half-made repo/.
+    (run / "repo.tmp-99999" / "objects").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError):
+        open_run(run)
+    with open_run(run, create=True) as a:
+        assert a.repo.bare and not (run / "repo.tmp-99999").exists()
+        a.add_candidate(SEED_CODE, rec(-0.3), author="seed", summary="seed")
+    with open_run(run, create=True) as a:  # create on an existing run just opens it
+        assert len(a.all()) == 1 and a.recovery.clean

@@ -9,6 +9,8 @@ unreferenced object or a stale ``.lock`` file, which :func:`clear_stale_locks` r
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from io import BytesIO
 from pathlib import Path
@@ -28,15 +30,27 @@ RECORD_FILE = "score.json"
 
 
 def init_repo(path: Path) -> git.Repo:
-    """Create (or re-open) the bare candidate repository and set it up for plumbing-only use."""
-    repo = git.Repo.init(path, bare=True)
+    """Create the bare candidate repository at ``path`` atomically, or open the existing one.
+
+    The repository is built in a temp directory and renamed into place, so a kill during
+    ``git init`` or the config writes (GitPython writes config in place) never leaves a
+    half-made ``repo/``. Call with the run lock held.
+    """
+    if path.is_dir():
+        return git.Repo(path)
+    for old in path.parent.glob(path.name + ".tmp-*"):  # leftovers of killed creations
+        shutil.rmtree(old, ignore_errors=True)
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    repo = git.Repo.init(tmp, bare=True)
     with repo.config_writer() as cw:
         cw.set_value("gc", "auto", "0")  # no background gc racing a SIGKILL; objects are small
         cw.set_value("core", "logAllRefUpdates", "true")  # reflog of `best` = history of the leader
         cw.set_value("notes", "displayRef", REJECT_NOTES)  # `git log` shows rejections inline
     # HEAD follows `best`, so a bare `git log` in the repo is the lineage of the best candidate.
     repo.git.symbolic_ref("HEAD", BEST_REF)
-    return repo
+    repo.close()
+    os.rename(tmp, path)
+    return git.Repo(path)
 
 
 def _store(odb: LooseObjectDB, kind: bytes, data: bytes) -> str:

@@ -20,7 +20,7 @@ import re
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -87,6 +87,8 @@ class Archive:
     run_dir: Path
     repo: git.Repo
     conn: sqlite3.Connection
+    recovery: RecoverReport = field(default_factory=RecoverReport, compare=False)
+    """What open_run's recover() repaired (worth a log line after a crash)."""
 
     # -- paths -------------------------------------------------------------------------------
     @property
@@ -333,14 +335,11 @@ def open_run(run_dir: str | os.PathLike[str], create: bool = False) -> Archive:
             raise FileNotFoundError(f"{run_dir} is not a run directory (no repo/); pass create=True")
         run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
-        if create:  # idempotent: safe if a previous create was killed half-way
-            repo = gitstore.init_repo(run_dir / "repo")
-            (run_dir / "logs").mkdir(exist_ok=True)
-        else:
-            repo = git.Repo(run_dir / "repo")
+        # init_repo is atomic and idempotent, so a create killed half-way is simply redone.
+        repo = gitstore.init_repo(run_dir / "repo") if create else git.Repo(run_dir / "repo")
+        (run_dir / "logs").mkdir(exist_ok=True)
         archive = Archive(run_dir, repo, _connect_or_reset(run_dir / INDEX_FILE))
-        archive._recover_locked()
-    return archive
+        return replace(archive, recovery=archive._recover_locked())
 
 
 def reindex(run_dir: str | os.PathLike[str]) -> int:
