@@ -253,3 +253,11 @@ def test_create_killed_half_way_is_redone(run: Path) -> None:
         a.add_candidate(SEED_CODE, rec(-0.3), author="seed", summary="seed")
     with open_run(run, create=True) as a:  # create on an existing run just opens it
         assert len(a.all()) == 1 and a.recovery.clean
+
+
+def test_human_identity_falls_back_to_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adrs.archive import human_identity
+
+    monkeypatch.setenv("USER", "grace")
+    assert human_identity(None, None) == Identity("grace", "grace@localhost")
+    assert human_identity("Grace Hopper", "g@example.org") == Identity("Grace Hopper", "g@example.org")
