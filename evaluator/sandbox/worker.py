@@ -62,6 +62,7 @@ def main() -> None:
     # Everything a masker may import must be imported now: once we run as nobody, the
     # interpreter's own directory may be unreadable (e.g. under /root).
     import collections, functools, heapq, itertools, math, random, typing, dataclasses  # noqa: F401,E401
+    import bisect, copy, operator, statistics, string, re, encodings.idna, unicodedata  # noqa: F401,E401
     import numpy  # noqa: F401
     import numpy.ctypeslib  # noqa: F401 - safetensors needs it lazily
     import torch
@@ -127,9 +128,17 @@ def main() -> None:
             finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc} ({where})"[:1000],
                     "details": _candidate_traceback(exc, candidate)})
         path = os.path.join(out, f"rec{i}.safetensors")
-        save_file(tensors, path)
-        written += os.path.getsize(path)
-        if written > limits.output_bytes:
+        # Check the size before writing: past RLIMIT_FSIZE the write would fail half-way.
+        written += sum(t.numel() * t.element_size() for t in tensors.values()) + 1024
+        too_big = written > limits.output_bytes
+        if not too_big:
+            try:
+                save_file(tensors, path)
+            except Exception as exc:  # noqa: BLE001 - EFBIG or a full disk: the output limit
+                too_big = "too large" in str(exc).lower() or "no space" in str(exc).lower()
+                if not too_big:
+                    raise
+        if too_big:
             finish({"ok": False, "category": "output",
                     "reason": f"selections exceed {limits.output_bytes} bytes (at {where}); return fewer or sparser tensors"})
         records.append({"file": os.path.basename(path), "meta": meta})
