@@ -169,7 +169,10 @@ def clear_stale_locks(repo_dir: Path) -> list[Path]:
     Only safe while holding the run lock: every writer to this repository goes through it,
     so no live process can own one of these files.
     """
-    stale = [p for p in repo_dir.rglob("*.lock") if p.is_file()]
+    # Git's lock files live at the top (HEAD.lock, packed-refs.lock, config.lock) and beside
+    # refs; objects/ is not walked recursively since it grows with every candidate.
+    stale = [p for p in repo_dir.glob("*.lock") if p.is_file()]
+    stale += [p for p in (repo_dir / "refs").rglob("*.lock") if p.is_file()]
     stale += [p for p in (repo_dir / "objects").glob("obj*") if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
