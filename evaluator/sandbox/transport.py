@@ -18,6 +18,7 @@ them (with the validator's own wording) and then validates the reconstructed ten
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import tempfile
@@ -64,7 +65,9 @@ def workload_inputs(workload: Any) -> Path:
 
     One file per workload and parent process, removed at exit; later candidates reuse it.
     """
-    key = f"{workload.label}-{workload.records[0].queries.device}"
+    # Key on which records are in the workload too: a subset of a workload has its label.
+    which = hashlib.sha256(repr([(r.sample, r.layer) for r in workload.records]).encode()).hexdigest()[:8]
+    key = f"{workload.label}-{workload.records[0].queries.device}-{which}"
     with _inputs_lock:
         path = _inputs_cache.get(key)
         if path is not None and path.exists():
