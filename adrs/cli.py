@@ -120,6 +120,27 @@ def _evolve(run_dir: Path, cfg, iterations: Optional[int], base: Path) -> None:
     console.print(f"done. Leaderboard: adrs leaderboard {run_dir}")
 
 
+def _find_seed(seed: Path, config: Path) -> Path:
+    """The seed file: absolute, else next to the config, in the cwd, or in this checkout's seeds."""
+    repo = Path(__file__).resolve().parents[1]
+    for candidate in ([seed] if seed.is_absolute() else [config.resolve().parent / seed, Path.cwd() / seed, repo / seed]):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise UserError(f"seed_candidate not found: {seed}")
+
+
+def _write_resolved_config(run_dir: Path, cfg) -> None:
+    """Write config.yaml atomically before anything else, so a run killed at once can resume."""
+    import os
+
+    from adrs.config import dump_config
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(dump_config(cfg))
+    os.replace(tmp, run_dir / "config.yaml")
+
+
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="YAML run config (see `adrs init`)"),
@@ -140,10 +161,12 @@ def run(
             cfg = cfg.model_copy(update={"llm": "offline"})
     except ConfigError as exc:
         raise UserError(f"{config}: {exc}") from None
+    cfg = cfg.model_copy(update={"seed_candidate": str(_find_seed(Path(cfg.seed_candidate), config))})
     if run_dir is None:
         run_dir = Path("runs") / f"{cfg.name}-{_time.strftime('%Y%m%d-%H%M%S')}"
-    if (run_dir / "repo").exists():
+    if (run_dir / "config.yaml").exists():
         raise UserError(f"{run_dir} already holds a run; use `adrs resume {run_dir}`")
+    _write_resolved_config(run_dir, cfg)
     console.print(f"run directory: {run_dir}")
     _evolve(run_dir, cfg, iterations, config.resolve().parent)
 
@@ -154,8 +177,8 @@ def resume(run_dir: Path = typer.Argument(..., help="run directory"),
     """Continue a run from what was committed."""
     from adrs.config import ConfigError, load_config
 
-    archive = _open(run_dir)
-    archive.close()
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"not a run directory (no config.yaml): {run_dir}")
     try:
         cfg = load_config(run_dir / "config.yaml")
     except ConfigError as exc:

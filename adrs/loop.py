@@ -18,12 +18,15 @@ from adrs.archive import open_run
 from adrs.archive.store import Archive
 from adrs.config import RunConfig, dump_config
 from adrs.evaluate import CodeScorer
+from adrs.llm.budget import BudgetExceeded
+from adrs.llm.client import LLMError
 from adrs.mutation import MutationResult
 from adrs.offline import OfflineMutator
 from adrs.parents import ParentRecord, apply_migration, plan_migration, select_parent, should_migrate
 from evaluator.scoring import ScoreReport
 
 Event = dict[str, Any]
+MAX_CONSECUTIVE_LLM_FAILURES = 5
 
 
 @dataclass(frozen=True)
@@ -199,24 +202,37 @@ async def evolve(
         total = 1 + (cfg.iterations if iterations is None else iterations)
         notes = review_notes(archive)
         pending: set[asyncio.Task] = set()
-        next_slot = archive.next_iteration()
+        llm_failures = 0
         try:
             while archive.next_iteration() < total or pending:
-                while len(pending) < proposer.max_in_flight and next_slot < total and not _budget_done(proposer):
-                    pending.add(asyncio.create_task(_make_child(archive, cfg, scorer, proposer, next_slot, notes)))
-                    next_slot += 1
+                # The slot keys the random streams; with one proposal in flight it equals the
+                # iteration the child will get, which makes offline runs replay exactly.
+                while len(pending) < proposer.max_in_flight and not _budget_done(proposer):
+                    slot = archive.next_iteration() + len(pending)
+                    if slot >= total:
+                        break
+                    pending.add(asyncio.create_task(_make_child(archive, cfg, scorer, proposer, slot, notes)))
                 if not pending:
                     break
                 stats.in_flight = len(pending)
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     exc = task.exception()
-                    if exc is not None:
-                        if type(exc).__name__ == "BudgetExceeded":
-                            emit({"kind": "budget", "message": str(exc)})
-                            continue
+                    if isinstance(exc, BudgetExceeded):
+                        emit({"kind": "budget", "message": f"budget reached: {exc}; finishing in-flight work"})
+                    elif isinstance(exc, LLMError):
+                        # An endpoint outage is not the candidate's fault: nothing is committed,
+                        # the slot is retried, and a run that cannot reach its LLM stops cleanly.
+                        llm_failures += 1
+                        emit({"kind": "llm_error", "message": f"LLM call failed: {exc}"})
+                        if llm_failures >= MAX_CONSECUTIVE_LLM_FAILURES:
+                            raise LLMError(f"{llm_failures} LLM calls failed in a row (last: {exc}); "
+                                           f"fix the endpoint and run `adrs resume {run_dir}`") from exc
+                    elif exc is not None:
                         raise exc
-                    _commit(archive, scorer, task.result(), stats, emit)
+                    else:
+                        llm_failures = 0
+                        _commit(archive, scorer, task.result(), stats, emit)
         finally:
             for task in pending:
                 task.cancel()

@@ -1,0 +1,108 @@
+"""The evolution loop end to end: offline replay, an LLM on loopback, the held-out cascade."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from adrs.archive import open_run
+from adrs.config import parse_config
+from adrs.evaluate import CodeScorer
+from adrs.loop import evolve
+from conftest import ROOT
+from loopback_openai import LoopbackOpenAI, Reply
+
+
+def tiny_config(**overrides):
+    base = {"name": "t", "workload": "tiny", "heldout_workload": "tiny-heldout", "iterations": 6,
+            "seed_candidate": str(ROOT / "seeds" / "sink_window.py"), "evaluation": {"in_process": True}}
+    base.update(overrides)
+    return parse_config(base)
+
+
+def run(tmp: Path, cfg, workload, **kw):
+    asyncio.run(evolve(tmp, cfg, CodeScorer(cfg, workload), **kw))
+    with open_run(tmp) as archive:
+        return [(r.iteration, r.parent_id, r.island, r.status, r.combined_score, archive.code(r.id)) for r in
+                sorted(archive.all(), key=lambda r: r.iteration)]
+
+
+def test_offline_run_replays_exactly(tmp_path, tiny_workload):
+    cfg = tiny_config()
+    first = run(tmp_path / "a", cfg, tiny_workload)
+    second = run(tmp_path / "b", cfg, tiny_workload)
+    assert [r[0] for r in first] == list(range(7))
+    assert first == second
+    assert any(r[5] != first[0][5] for r in first[1:]), "the mutator changed nothing"
+    other = run(tmp_path / "c", tiny_config(seed=5), tiny_workload)
+    assert other != first
+
+
+def test_resume_continues_without_gaps(tmp_path, tiny_workload):
+    cfg = tiny_config(iterations=3)
+    run(tmp_path, cfg, tiny_workload)
+    rows = run(tmp_path, cfg, tiny_workload, iterations=6)
+    assert [r[0] for r in rows] == list(range(7))
+    # The same run done in one go gives the same archive: resume loses and changes nothing.
+    assert rows == run(tmp_path / "one", cfg, tiny_workload, iterations=6)
+
+
+def test_cascade_rejects_gains_that_do_not_replicate(tmp_path, tiny_workload):
+    rows = run(tmp_path, tiny_config(iterations=12), tiny_workload)
+    with open_run(tmp_path) as archive:
+        best = archive.best()
+        valid = [r for r in archive.all() if r.status == "valid"]
+        assert best.combined_score == max(r.combined_score for r in valid)
+        for r in archive.all():
+            rec = archive.record(r.id)
+            if r.status == "rejected":
+                assert "held-out" in r.reject_reason and "heldout" in rec
+    assert len(rows) == 13
+
+
+GOOD_DIFF = """Use more sink tokens.
+<<<<<<< SEARCH
+SINK_TOKENS = 4
+=======
+SINK_TOKENS = 8
+>>>>>>> REPLACE
+"""
+BROKEN = """<<<<<<< SEARCH
+SINK_TOKENS = 4
+=======
+SINK_TOKENS = (
+>>>>>>> REPLACE
+"""
+
+
+def test_llm_run_on_loopback(tmp_path, tiny_workload):
+    replies = [Reply(GOOD_DIFF), Reply(status=429), Reply("I think we should try harder."),
+               Reply("still no code"), Reply("none"), Reply(BROKEN), Reply(BROKEN), Reply(BROKEN)]
+    with LoopbackOpenAI(replies, default=Reply(GOOD_DIFF)) as server:
+        llm = {"models": [{"name": "scripted", "base_url": server.base_url, "api_key_env": None,
+                           "price_input_per_m": 1.0, "price_output_per_m": 2.0}],
+               "max_in_flight": 1, "backoff_initial_s": 0.01, "max_repair_turns": 2}
+        cfg = tiny_config(iterations=4, llm=llm)
+        rows = run(tmp_path, cfg, tiny_workload)
+    assert [r[0] for r in rows] == list(range(5))
+    with open_run(tmp_path) as archive:
+        first = archive.record("c000001")
+        assert first["llm"]["model"] == "scripted" and first["llm"]["usage"]["prompt_tokens"] > 0
+        assert "SINK_TOKENS = 8" in archive.code("c000001") and "SINK_TOKENS" in first["prompt"]
+        prose = archive.record("c000002")
+        assert prose["valid"] is False and prose["category"] == "mutation"
+        broken = archive.record("c000003")
+        assert broken["category"] in ("mutation", "syntax")
+    assert len(server.requests) >= 8
+
+
+def test_llm_outage_stops_cleanly_without_committing(tmp_path, tiny_workload):
+    from adrs.llm.client import LLMError
+
+    with LoopbackOpenAI([], default=Reply(status=400)) as server:
+        llm = {"models": [{"name": "down", "base_url": server.base_url, "api_key_env": None}], "max_retries": 0}
+        with pytest.raises(LLMError, match="in a row"):
+            run(tmp_path, tiny_config(iterations=3, llm=llm), tiny_workload)
+    with open_run(tmp_path) as archive:
+        assert [r.iteration for r in archive.all()] == [0]  # only the seed; failures of the LLM are not candidates
