@@ -1,0 +1,359 @@
+"""Triton kernels for sparse decode attention (imported lazily by ``sparse_decode``).
+
+Two split-K kernels and one merge kernel:
+
+- ``_split_head``: indices per QUERY head. One program per (batch, query head, chunk); gathers
+  ``BLOCK_N`` K rows, scores them with a float32 dot per row, online softmax, gathers the V rows,
+  accumulates ``sum p v`` in float32 registers.
+- ``_split_group``: indices per KV head, shared by the ``G`` query heads of a GQA group. One
+  program per (batch, KV head, chunk); each gathered K/V tile is used by all ``G`` heads through
+  ``tl.dot`` (query rows padded to 16). Scores: bf16/fp16 operands, float32 accumulation (exact
+  products). ``P @ V``: P is split into a high and a low half in the input dtype and both halves
+  are multiplied, so P carries about 16 significant bits instead of 8 (bf16), float32 accumulation.
+- ``_merge``: combines the chunks' (max, sum, acc) of each query head and writes the output.
+
+Logits are kept in base 2 (``s * scaling * log2(e) + log2(w)``), so ``exp2`` replaces ``exp``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _split_head(
+    Q, K, V, IDX, W, OUT, M_PART, L_PART, ACC_PART,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ib, stride_ih,
+    stride_wb, stride_wh,
+    stride_ob, stride_oh,
+    H, GROUP, T, N, CHUNK, NUM_SPLITS, scale_log2,
+    HAS_W: tl.constexpr, NORMALIZE: tl.constexpr, EARLY_V: tl.constexpr, PREFETCH: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    q = q * scale_log2
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    i_base = IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih
+    w_base = W + b.to(tl.int64) * stride_wb + h.to(tl.int64) * stride_wh
+
+    start = pid_s * CHUNK
+    end = tl.minimum(start + CHUNK, N)
+    m_i = tl.zeros([], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    offs_first = start + tl.arange(0, BLOCK_N)
+    idx_next = tl.load(i_base + offs_first, mask=offs_first < end, other=-1)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        if PREFETCH:  # indices of this block were loaded during the previous one
+            idx = idx_next.to(tl.int64)
+        else:
+            idx = tl.load(i_base + offs_n, mask=nmask, other=-1).to(tl.int64)
+        valid = (idx >= 0) & (idx < T)
+        idx = tl.where(valid, idx, 0)
+        kv_mask = valid[:, None] & dmask[None, :]
+        k = tl.load(k_base + idx[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if EARLY_V:  # issue the V gather together with K: twice the bytes in flight
+            v = tl.load(v_base + idx[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if PREFETCH:
+            offs_nx = offs_n + BLOCK_N
+            idx_next = tl.load(i_base + offs_nx, mask=offs_nx < end, other=-1)
+        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+        if HAS_W:
+            w = tl.load(w_base + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            valid = valid & (w > 0)
+            s = s + tl.log2(tl.where(valid, w, 1.0))
+        s = tl.where(valid, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        if not EARLY_V:
+            v = tl.load(v_base + idx[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m_i = m_new
+
+    if NORMALIZE:
+        o = tl.where(l_i > 0, acc / tl.where(l_i > 0, l_i, 1.0), 0.0)
+        tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, o.to(OUT.dtype.element_ty), mask=dmask)
+    else:
+        row = pid_bh * NUM_SPLITS + pid_s
+        tl.store(M_PART + row, m_i)
+        tl.store(L_PART + row, l_i)
+        tl.store(ACC_PART + row.to(tl.int64) * BLOCK_D + offs_d, acc)
+
+
+@triton.jit
+def _split_group(
+    Q, K, V, IDX, W, OUT, M_PART, L_PART, ACC_PART,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ib, stride_ih,
+    stride_wb, stride_wh,
+    stride_ob, stride_oh,
+    H, H_KV, GROUP, T, N, CHUNK, NUM_SPLITS, scale_log2,
+    HAS_W: tl.constexpr, W_PER_HEAD: tl.constexpr, NORMALIZE: tl.constexpr, EARLY_V: tl.constexpr, PREFETCH: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_bk = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bk // H_KV
+    hk = pid_bk % H_KV
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    offs_h = tl.arange(0, BLOCK_H)
+    hmask = offs_h < GROUP
+    heads = hk * GROUP + offs_h
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=hmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_H, BLOCK_D], input dtype
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    i_base = IDX + b.to(tl.int64) * stride_ib + hk.to(tl.int64) * stride_ih
+
+    start = pid_s * CHUNK
+    end = tl.minimum(start + CHUNK, N)
+    m_i = tl.full([BLOCK_H], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    offs_first = start + tl.arange(0, BLOCK_N)
+    idx_next = tl.load(i_base + offs_first, mask=offs_first < end, other=-1)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        if PREFETCH:  # indices of this block were loaded during the previous one
+            idx = idx_next.to(tl.int64)
+        else:
+            idx = tl.load(i_base + offs_n, mask=nmask, other=-1).to(tl.int64)
+        valid = (idx >= 0) & (idx < T)
+        idx = tl.where(valid, idx, 0)
+        kv_mask = valid[:, None] & dmask[None, :]
+        k = tl.load(k_base + idx[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if EARLY_V:
+            v = tl.load(v_base + idx[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if PREFETCH:
+            offs_nx = offs_n + BLOCK_N
+            idx_next = tl.load(i_base + offs_nx, mask=offs_nx < end, other=-1)
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_H, BLOCK_N] float32
+        valid2 = valid[None, :] & hmask[:, None]
+        if HAS_W:
+            if W_PER_HEAD:
+                w = tl.load(W + b * stride_wb + heads[:, None] * stride_wh + offs_n[None, :],
+                            mask=hmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+            else:
+                w1 = tl.load(W + b * stride_wb + hk * stride_wh + offs_n, mask=nmask, other=0.0).to(tl.float32)
+                w = tl.broadcast_to(w1[None, :], [BLOCK_H, BLOCK_N])
+            valid2 = valid2 & (w > 0)
+            s = s + tl.log2(tl.where(valid2, w, 1.0))
+        s = tl.where(valid2, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if not EARLY_V:
+            v = tl.load(v_base + idx[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        p_hi = p.to(v.dtype)
+        p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p_hi, v, acc)
+        acc = tl.dot(p_lo, v, acc)
+        m_i = m_new
+
+    if NORMALIZE:
+        o = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+        tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], o.to(OUT.dtype.element_ty),
+                 mask=hmask[:, None] & dmask[None, :])
+    else:
+        rows = (b * H + heads) * NUM_SPLITS + pid_s
+        tl.store(M_PART + rows, m_i, mask=hmask)
+        tl.store(L_PART + rows, l_i, mask=hmask)
+        tl.store(ACC_PART + rows.to(tl.int64)[:, None] * BLOCK_D + offs_d[None, :], acc, mask=hmask[:, None])
+
+
+@triton.jit
+def _merge(
+    OUT, M_PART, L_PART, ACC_PART, stride_ob, stride_oh, H, NUM_SPLITS,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    offs_s = tl.arange(0, BLOCK_S)
+    smask = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.load(M_PART + pid * NUM_SPLITS + offs_s, mask=smask, other=-float("inf"))
+    l = tl.load(L_PART + pid * NUM_SPLITS + offs_s, mask=smask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_safe = tl.where(m_max == -float("inf"), 0.0, m_max)
+    scale = tl.exp2(m - m_safe)
+    l_tot = tl.sum(l * scale, axis=0)
+    o = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, CHUNK_S):
+        offs_c = s0 + tl.arange(0, CHUNK_S)
+        cmask = offs_c < NUM_SPLITS
+        mc = tl.load(M_PART + pid * NUM_SPLITS + offs_c, mask=cmask, other=-float("inf"))
+        sc = tl.exp2(mc - m_safe)
+        acc = tl.load(ACC_PART + (pid.to(tl.int64) * NUM_SPLITS + offs_c[:, None]) * BLOCK_D + offs_d[None, :],
+                      mask=cmask[:, None], other=0.0)
+        o += tl.sum(acc * sc[:, None], axis=0)
+    o = tl.where(l_tot > 0, o / tl.where(l_tot > 0, l_tot, 1.0), 0.0)
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, o.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+# Launch defaults per kernel, tuned on an H100 at Llama-3.1-8B shapes (128k context, batch 1,
+# density 0.10; see benchmarks/bench_sparse_decode.py --tune and benchmarks/results/).
+DEFAULTS = {
+    "head": dict(block_n=128, num_warps=2, num_stages=1, ctas_per_sm=4, early_v=True, prefetch=True),
+    "group": dict(block_n=32, num_warps=4, num_stages=2, ctas_per_sm=4, early_v=True, prefetch=True),
+}
+
+# Triton 3.6 was seen to crash in its layout pass (TritonGPURemoveLayoutConversions) on some
+# shape specialisations of these kernels with index prefetching on. A launch whose compilation
+# fails is retried with the simpler variants below, and the key is remembered.
+_FALLBACKS = (dict(prefetch=False), dict(prefetch=False, early_v=False, num_stages=1))
+_BAD_KEYS: set = set()
+
+
+def default_config(rows: int, n: int, group_kernel: bool, device: torch.device, **over) -> dict:
+    """Launch configuration: block size, warps, stages, and the number of chunks per row
+    (about ``ctas_per_sm`` programs per SM, at least one block of indices per program)."""
+    base = dict(DEFAULTS["group" if group_kernel else "head"])
+    base.update({k: v for k, v in over.items() if v is not None})
+    block_n = int(base["block_n"])
+    num_splits = base.get("num_splits")
+    if num_splits is None:
+        target = int(base["ctas_per_sm"]) * _sm_count(device)
+        min_chunk = int(base.get("min_chunk") or block_n)
+        num_splits = max(1, min(triton.cdiv(target, max(rows, 1)), triton.cdiv(n, min_chunk)))
+    num_splits = max(1, min(int(num_splits), triton.cdiv(max(n, 1), block_n)))
+    chunk = triton.cdiv(triton.cdiv(max(n, 1), num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max(n, 1), chunk)
+    return dict(block_n=block_n, num_warps=int(base["num_warps"]), num_stages=int(base["num_stages"]),
+                num_splits=num_splits, chunk=chunk, early_v=bool(base["early_v"]), prefetch=bool(base["prefetch"]))
+
+
+def sparse_decode_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, idx: torch.Tensor,
+    w: Optional[torch.Tensor], scaling: float, *, out: Optional[torch.Tensor] = None,
+    out_dtype: torch.dtype = torch.bfloat16, **tuning,
+) -> torch.Tensor:
+    """``q [b, h, d]``, caches ``[b, h_kv, T, d]``, ``idx [b, h|h_kv, n]``, ``w`` like idx or
+    ``[b, h, n]``: returns ``[b, h, d]``. Shapes are checked by the caller."""
+    b, h, d = q.shape
+    h_kv, T = k_cache.shape[1], k_cache.shape[2]
+    group = h // h_kv
+    n = idx.shape[2]
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("k_cache/v_cache need a contiguous last dimension")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if idx.stride(2) != 1:
+        idx = idx.contiguous()
+    if w is not None and w.stride(2) != 1:
+        w = w.contiguous()
+    if out is None:
+        out = torch.empty((b, h, d), device=q.device, dtype=out_dtype)
+    elif out.stride(2) != 1:
+        raise ValueError("out needs a contiguous last dimension")
+    if n == 0:
+        out.zero_()
+        return out
+    group_kernel = group > 1 and idx.shape[1] == h_kv
+    if group_kernel and (k_cache.dtype == torch.float32 or tuning.pop("per_head", False)):
+        # tl.dot would round float32 operands to tf32: serve the shared list per query head instead.
+        heads = torch.arange(h, device=q.device) // group
+        idx = idx[:, heads]
+        if w is not None and w.shape[1] == h_kv:
+            w = w[:, heads]
+        group_kernel = False
+    rows = b * (h_kv if group_kernel else h)
+    cfg = default_config(rows, n, group_kernel, q.device, **tuning)
+    splits = cfg["num_splits"]
+    block_d = triton.next_power_of_2(d)
+    normalize = splits == 1
+    if normalize:
+        m_part = l_part = acc_part = out  # unused
+    else:
+        m_part = torch.empty((b * h * splits,), device=q.device, dtype=torch.float32)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty((b * h * splits, block_d), device=q.device, dtype=torch.float32)
+    w_arg = w if w is not None else idx
+    sw = (w.stride(0), w.stride(1)) if w is not None else (0, 0)
+    scale_log2 = float(scaling) * LOG2E
+    common = (
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        idx.stride(0), idx.stride(1), sw[0], sw[1], out.stride(0), out.stride(1),
+    )
+    grid = (rows, splits)
+
+    def launch(c: dict) -> None:
+        if group_kernel:
+            _split_group[grid](
+                q, k_cache, v_cache, idx, w_arg, out, m_part, l_part, acc_part, *common,
+                h, h_kv, group, T, n, c["chunk"], splits, scale_log2,
+                HAS_W=w is not None, W_PER_HEAD=(w is not None and w.shape[1] == h and h != h_kv),
+                NORMALIZE=normalize, EARLY_V=c["early_v"], PREFETCH=c["prefetch"], HEAD_DIM=d, BLOCK_D=block_d,
+                BLOCK_N=c["block_n"], BLOCK_H=max(16, triton.next_power_of_2(group)),
+                num_warps=c["num_warps"], num_stages=c["num_stages"],
+            )
+        else:
+            _split_head[grid](
+                q, k_cache, v_cache, idx, w_arg, out, m_part, l_part, acc_part, *common,
+                h, group, T, n, c["chunk"], splits, scale_log2,
+                HAS_W=w is not None, NORMALIZE=normalize, EARLY_V=c["early_v"], PREFETCH=c["prefetch"], HEAD_DIM=d,
+                BLOCK_D=block_d, BLOCK_N=c["block_n"], num_warps=c["num_warps"], num_stages=c["num_stages"],
+            )
+
+    key = (group_kernel, w is not None, None if w is None else w.shape[1], normalize, d, q.dtype, k_cache.dtype,
+           idx.dtype, T % 16, n % 16, cfg["chunk"] % 16, tuple(sorted(cfg.items())))
+    variants = [cfg] + [{**cfg, **fb} for fb in _FALLBACKS]
+    if key in _BAD_KEYS:
+        variants = variants[1:]
+    for i, c in enumerate(variants):
+        try:
+            launch(c)
+            break
+        except Exception as e:  # a compiler crash: try the next, simpler variant
+            if i == len(variants) - 1:
+                raise
+            _BAD_KEYS.add(key)
+            warnings.warn(f"sparse_decode: Triton failed to compile {c}; retrying a simpler variant ({type(e).__name__})")
+    if not normalize:
+        _merge[(b * h,)](
+            out, m_part, l_part, acc_part, out.stride(0), out.stride(1), h, splits,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)), CHUNK_S=min(64, max(2, triton.next_power_of_2(splits))), num_warps=4,
+        )
+    return out
