@@ -259,3 +259,10 @@ def test_gpu_memory_blowup():
     assert live_descendants(run.pgid, run.marker) == []
     ok = evaluate_in_sandbox(HOSTILE / "empty_selection.py", workload, 0.1, limits=limits)
     assert ok.category == "invalid"  # the GPU path validates too
+
+
+def test_worker_start_failure_is_harness_not_candidate(tiny):
+    """A worker that cannot start (here: no time to import torch) is our failure, not the candidate's."""
+    run = run_candidate(HOSTILE / "empty_selection.py", tiny, 0.1, limits=replace(LIMITS, startup_s=0.01))
+    assert run.report.category == "harness", run.report.reason
+    assert live_descendants(run.pgid, run.marker) == []

@@ -62,6 +62,7 @@ class WorkerOutcome:
     log: str
     status: dict[str, Any] | None
     elapsed_s: float
+    job_sent: bool = True  # False: the worker died or hung before taking the job (our fault)
 
 
 class Worker:
@@ -103,11 +104,13 @@ class Worker:
         """Hand over the job, wait at most ``wall_s``, kill the whole tree, collect what is left."""
         t0 = time.monotonic()
         timed_out = False
+        job_sent = False
         try:
             if not self.wait_ready(self.limits.startup_s):
                 raise _StartupFailed()
             self.proc.stdin.write((json.dumps(job) + "\n").encode())
             self.proc.stdin.close()
+            job_sent = True
             t0 = time.monotonic()
             deadline = t0 + self.limits.wall_s
             while self.proc.poll() is None:
@@ -120,13 +123,13 @@ class Worker:
                     self.proc.wait(timeout=0.05)
                 except subprocess.TimeoutExpired:
                     pass
-        except (BrokenPipeError, OSError):
-            pass  # the worker died before taking the job; its exit code tells why
+        except (_StartupFailed, BrokenPipeError, OSError):
+            pass  # the worker died or hung before taking the job: a harness failure
         finally:
             self.close()
         elapsed = time.monotonic() - t0
         return WorkerOutcome(self.proc.returncode, timed_out, self._reader.exceeded.is_set(),
-                             self._reader.text(), _read_status(scratch / "status.json"), elapsed)
+                             self._reader.text(), _read_status(scratch / "status.json"), elapsed, job_sent)
 
     def close(self) -> None:
         """Kill the worker and every descendant (even those that left the group), reap it."""
@@ -272,6 +275,8 @@ def _log_tail(log: str, limit: int = 4000) -> str | None:
 def _interpret(outcome: WorkerOutcome, limits: SandboxLimits, workload: Any, density_target: float, scratch: Path) -> ScoreReport:
     """Turn how the worker ended into a report; only trusted code computes scores."""
     log = _log_tail(outcome.log)
+    if not outcome.job_sent:
+        return ScoreReport.failure("harness", "the sandbox worker failed to start (no candidate code ran)", details=log)
     if outcome.timed_out:
         return ScoreReport.failure("timeout", f"the candidate ran longer than {limits.wall_s:g} s and was killed", details=log)
     if outcome.log_exceeded:
@@ -287,8 +292,6 @@ def _interpret(outcome: WorkerOutcome, limits: SandboxLimits, workload: Any, den
             hint = " (likely the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
             return ScoreReport.failure("crash", f"the candidate process was killed by {sig}{hint}", details=log)
     if status is None:
-        if rc is None:
-            return ScoreReport.failure("harness", "the sandbox worker did not start in time", details=log)
         return ScoreReport.failure(
             "crash", f"the candidate process exited with code {rc} before reporting a result "
             "(os._exit, sys.exit at import, or a crash)", details=log)
