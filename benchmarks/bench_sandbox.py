@@ -62,7 +62,7 @@ def bench(workload_name: str, device: str, repeat: int, limits: SandboxLimits) -
         with WorkerPool(limits, cuda=device == "cuda") as pool:
             warm = []
             for _ in range(repeat):
-                pool._spare.wait_ready(limits.startup_s)  # measure the warm path: spare already up
+                pool.wait_ready(limits.startup_s)  # measure the warm path: spare already up
                 t0 = time.perf_counter()
                 rep = evaluate_in_sandbox(seed, workload, 0.1, pool=pool)
                 warm.append(time.perf_counter() - t0)

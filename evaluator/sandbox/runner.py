@@ -75,6 +75,7 @@ class Worker:
         if cuda:
             env["ADRS_SANDBOX_CUDA"] = "1"
         ready_r, ready_w = os.pipe()
+        # -s: no user site-packages; the scrubbed env and cwd "/" keep the caller's setup out.
         self.proc = subprocess.Popen(
             [sys.executable, "-s", "-m", "evaluator.sandbox.worker", str(ready_w), limits.to_json()],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -168,6 +169,10 @@ class WorkerPool:
         self.limits = limits or SandboxLimits()
         self.cuda = cuda
         self._spare: Worker | None = Worker(self.limits, cuda)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until the spare has finished starting (benchmarks time the warm path with it)."""
+        return self._spare is not None and self._spare.wait_ready(timeout)
 
     def take(self) -> Worker:
         spare = self._spare
