@@ -238,6 +238,8 @@ def run_candidate(
         return SandboxRun(_done(ScoreReport.failure("import", f"cannot read candidate: {exc}"), label, t_start))
 
     device = workload.records[0].queries.device
+    if pool is not None and pool.cuda != (device.type == "cuda"):
+        raise ValueError(f"WorkerPool(cuda={pool.cuda}) cannot serve a workload on {device}")
     inputs = workload_inputs(workload)
     scratch = Path(tempfile.mkdtemp(prefix="adrs-sandbox-"))
     try:
