@@ -75,6 +75,11 @@ def main() -> None:
     # Warm up the write path once, so nothing it lazily imports is needed after the drop.
     encoded, _ = encode_selection(torch.ones(1, 1, 1, 2), (1, 1, 1, 2), "cpu")
     save(encoded)
+    if cuda_job:
+        # CUDA context + cuBLAS before "ready": a warm spare then hands the candidate a live GPU.
+        x = torch.ones(8, 8, device="cuda")
+        (x @ x).sum().item()
+
     os.write(ready_fd, b"R")
     os.close(ready_fd)
     job = json.loads(sys.stdin.readline(1 << 20))
