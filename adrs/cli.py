@@ -117,7 +117,7 @@ def _evolve(run_dir: Path, cfg, iterations: Optional[int], base: Path) -> None:
         except KeyboardInterrupt:
             console.print(f"stopped; everything committed is kept. Resume with: adrs resume {run_dir}")
             raise typer.Exit(130)
-    console.print(f"done. Leaderboard: adrs leaderboard {run_dir}")
+    out.print(f"\ndone. Leaderboard: adrs leaderboard {run_dir}")
 
 
 def _find_seed(seed: Path, config: Path) -> Path:
