@@ -117,6 +117,8 @@ def _evolve(run_dir: Path, cfg, iterations: Optional[int], base: Path) -> None:
         except KeyboardInterrupt:
             console.print(f"stopped; everything committed is kept. Resume with: adrs resume {run_dir}")
             raise typer.Exit(130)
+        finally:
+            scorer.close()
     out.print(f"\ndone. Leaderboard: adrs leaderboard {run_dir}")
 
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from adrs.config import RunConfig
@@ -17,6 +19,9 @@ class CodeScorer:
     config: RunConfig
     workload: Workload
     _heldout: Workload | None = None
+    _pool: Any = None
+    # One sandboxed evaluation at a time on this device; the pool's warm spare hides start-up.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def score(self, code: str, heldout: bool = False) -> ScoreReport:
         """Fast score of ``code`` on the search (or held-out) workload."""
@@ -28,10 +33,19 @@ class CodeScorer:
                 from evaluator.inprocess import score_file
 
                 return score_file(path, wl, self.config.density_target)
-            from evaluator.sandbox import SandboxLimits, evaluate_in_sandbox
+            from evaluator.sandbox import SandboxLimits, WorkerPool, evaluate_in_sandbox
 
-            limits = SandboxLimits(wall_s=self.config.evaluation.timeout_s, memory_mb=self.config.evaluation.memory_mb)
-            return evaluate_in_sandbox(path, wl, self.config.density_target, limits=limits)
+            with self._lock:
+                if self._pool is None:
+                    limits = SandboxLimits(wall_s=self.config.evaluation.timeout_s, memory_mb=self.config.evaluation.memory_mb)
+                    self._pool = WorkerPool(limits, cuda=wl.records[0].queries.device.type == "cuda")
+                return evaluate_in_sandbox(path, wl, self.config.density_target, pool=self._pool)
+
+    def close(self) -> None:
+        """Stop the warm spare worker."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def heldout_workload(self) -> Workload:
         spec = self.config.heldout_spec()
