@@ -1,0 +1,105 @@
+"""Loop throughput against an LLM with a fixed reply latency, versus the bound it sets.
+
+    python benchmarks/bench_loop_latency.py [--latency 2.0] [--in-flight 1 4] [--iterations 12]
+
+A loopback OpenAI-compatible server answers every request after ``latency`` seconds with
+a full rewrite of the EVOLVE block. With N proposals in flight and one evaluation at a
+time taking t_eval seconds, a run can commit at most min(N / (latency + t_eval), 1 / t_eval)
+candidates a second (a proposal slot is held while its child is scored); the table reports
+evaluations per hour against that bound.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from loopback_openai import LoopbackOpenAI, Reply  # noqa: E402
+
+from adrs.config import parse_config  # noqa: E402
+from adrs.evaluate import make_scorer  # noqa: E402
+from adrs.loop import evolve  # noqa: E402
+
+REWRITE = '''Use 8 sink tokens.
+```python
+SINK_TOKENS = 8
+
+
+def masker(inp: MaskerInput) -> Selection:
+    keep = budget(inp)
+    sink = torch.clamp(keep, max=SINK_TOKENS)
+    window = keep - sink
+    k = torch.arange(inp.num_keys, device=inp.keys.device)[None, :]
+    pos = inp.query_positions.to(inp.keys.device)[:, None]
+    selected = ((k < sink[:, None]) | (k > pos - window[:, None])) & causal_mask(inp)
+    b, h = inp.queries.shape[:2]
+    return selected.float().expand(b, h, -1, -1)
+```
+'''
+
+
+def measure(latency: float, in_flight: int, iterations: int, workload: str, in_process: bool) -> dict:
+    with LoopbackOpenAI([], default=Reply(REWRITE, delay_s=latency)) as server, tempfile.TemporaryDirectory() as tmp:
+        cfg = parse_config({
+            "name": "bench", "workload": workload, "heldout_workload": None, "iterations": iterations,
+            "seed_candidate": str(ROOT / "seeds" / "sink_window.py"), "evaluation": {"in_process": in_process},
+            "llm": {"models": [{"name": "loopback", "base_url": server.base_url, "api_key_env": None}],
+                    "max_in_flight": in_flight},
+        })
+        scorer = make_scorer(cfg, progress=False)
+        try:
+            code = (ROOT / "seeds" / "sink_window.py").read_text()
+            scorer.score(code)  # warm-up
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                scorer.score(code)
+                times.append(time.perf_counter() - t0)
+            t_eval = sorted(times)[1]
+            run_dir = Path(tmp) / "run"
+            asyncio.run(evolve(run_dir, cfg, scorer, iterations=0))  # the seed, outside the timed part
+            t0 = time.perf_counter()
+            asyncio.run(evolve(run_dir, cfg, scorer, iterations=iterations))
+            elapsed = time.perf_counter() - t0
+        finally:
+            scorer.close()
+    rate = iterations / elapsed * 3600
+    bound = min(in_flight / (latency + t_eval), 1 / t_eval) * 3600
+    return {"latency_s": latency, "in_flight": in_flight, "iterations": iterations, "t_eval_s": t_eval,
+            "elapsed_s": elapsed, "evals_per_hour": rate, "bound_per_hour": bound, "fraction_of_bound": rate / bound}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency", type=float, default=2.0)
+    parser.add_argument("--in-flight", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--workload", default="tiny")
+    parser.add_argument("--in-process", action="store_true", help="score without the sandbox")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loop_latency.json"))
+    args = parser.parse_args()
+    rows = [measure(args.latency, n, args.iterations, args.workload, args.in_process) for n in args.in_flight]
+    table = Table(title=f"loop vs LLM latency {args.latency}s ({args.workload}, {'in process' if args.in_process else 'sandbox'})")
+    for col in ("in flight", "t_eval s", "evals/hour", "bound/hour", "of bound"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["in_flight"]), f"{r['t_eval_s']:.2f}", f"{r['evals_per_hour']:.0f}",
+                      f"{r['bound_per_hour']:.0f}", f"{r['fraction_of_bound']:.0%}")
+    Console().print(table)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"workload": args.workload, "in_process": args.in_process, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
