@@ -135,7 +135,8 @@ class Proposer:
         def insp(ids: tuple[str, ...]) -> list[dict[str, Any]]:
             return [archive.record(i) | {"id": i, "code": archive.code(i)} for i in ids]
 
-        failures = [r for r in (archive.record(c.id) for c in archive.all() if c.parent_id == choice.parent_id and c.status == "failed")][-3:]
+        failed = [c.id for c in archive.all() if c.parent_id == choice.parent_id and c.status == "failed"]
+        failures = [archive.record(cid) for cid in failed[-3:]]  # read only the records the prompt shows
         prompt = render_prompt(
             parent_code, archive.record(choice.parent_id), parent_id=choice.parent_id,
             density_target=self.cfg.density_target, failures=failures, top=insp(choice.top_ids),
