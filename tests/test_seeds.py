@@ -82,3 +82,15 @@ def test_cli_bad_input_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "adrs.cli", "score", "missing.py"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "no such candidate file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_score_goes_through_the_sandbox(tiny_workload):
+    """Without --in-process a hanging candidate is killed at its timeout and reported, not waited on."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "adrs.cli", "score", str(ROOT / "tests" / "hostile" / "infinite_loop.py"),
+         "--workload", "tiny", "--json", "--timeout", "3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["valid"] is False and data["category"] == "timeout" and data["combined_score"] is None
