@@ -20,6 +20,8 @@ class CodeScorer:
     workload: Workload
     _heldout: Workload | None = None
     _pool: Any = None
+    # Held-out reports by candidate id: the best is compared against many challengers.
+    _heldout_reports: dict[str, ScoreReport] = field(default_factory=dict)
     # One sandboxed evaluation at a time on this device; the pool's warm spare hides start-up.
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -46,6 +48,12 @@ class CodeScorer:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+
+    def heldout_score(self, candidate_id: str, code: str) -> ScoreReport:
+        """Held-out score of an archived candidate, computed once per scorer."""
+        if candidate_id not in self._heldout_reports:
+            self._heldout_reports[candidate_id] = self.score(code, heldout=True)
+        return self._heldout_reports[candidate_id]
 
     def heldout_workload(self) -> Workload:
         spec = self.config.heldout_spec()

@@ -172,9 +172,7 @@ def _cascade(archive: Archive, scorer: CodeScorer, child: Child, record: dict[st
         return None
     held = scorer.score(child.code, heldout=True)
     record["heldout"] = held.to_dict()
-    best_held = archive.record(best.id).get("heldout")
-    if best_held is None:
-        best_held = scorer.score(archive.code(best.id), heldout=True).to_dict()
+    best_held = archive.record(best.id).get("heldout") or scorer.heldout_score(best.id, archive.code(best.id)).to_dict()
     if not held.valid:
         return f"held-out evaluation failed ({held.category}: {held.reason})"
     if best_held.get("valid") and held.combined_score < best_held["combined_score"]:
