@@ -23,6 +23,16 @@ class EvaluationConfig(BaseModel):
     heldout_margin: float = Field(
         0.0, ge=0, description="cascade: a candidate beating the best by more than this is re-scored on the held-out workload",
     )
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: a sandboxed worker per visible GPU (or CPU workers); ray: actors on an existing Ray cluster",
+    )
+    workers: int | None = Field(
+        None, gt=0, description="evaluations at once; null = one per visible GPU, or 1 on CPU (ray: one actor per cluster GPU, or 1)",
+    )
+    ray_address: str | None = Field(None, description="executor ray: the cluster to join, e.g. 'ray://head:10001' or 'head:6379'")
+    max_attempts: int = Field(
+        3, ge=1, description="tries per candidate when its evaluation worker or node is lost (a failing candidate is not retried)",
+    )
 
 
 class ReviewConfig(BaseModel):

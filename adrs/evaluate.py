@@ -4,50 +4,63 @@ from __future__ import annotations
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
 
 from adrs.config import RunConfig
+from adrs.scheduler import Scheduler, Which, make_scheduler
 from evaluator.scoring import ScoreReport
 from evaluator.workload import Workload, load_workload
 
 
 @dataclass
 class CodeScorer:
-    """Scores code strings on the run's workloads; the held-out workload loads on first use."""
+    """Scores code strings on the run's workloads; the held-out workload loads on first use.
+
+    Sandboxed scoring goes through a scheduler (``evaluation.executor``), started on first use:
+    calls from several threads run at the same time, one per GPU or worker.
+    """
 
     config: RunConfig
     workload: Workload
     _heldout: Workload | None = None
-    _pool: Any = None
+    _scheduler: Scheduler | None = None
     # Held-out reports by candidate id: the best is compared against many challengers.
     _heldout_reports: dict[str, ScoreReport] = field(default_factory=dict)
-    # One sandboxed evaluation at a time on this device; the pool's warm spare hides start-up.
+    # Guards the lazy scheduler and held-out workload, which concurrent callers may both want.
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Separate from _lock: scheduler slots load the held-out workload from their own threads.
+    _heldout_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def score(self, code: str, heldout: bool = False) -> ScoreReport:
         """Fast score of ``code`` on the search (or held-out) workload."""
-        wl = self.heldout_workload() if heldout else self.workload
-        with tempfile.TemporaryDirectory(prefix="adrs-cand-") as tmp:
-            path = Path(tmp) / "candidate.py"
-            path.write_text(code)
-            if self.config.evaluation.in_process:
+        if self.config.evaluation.in_process:
+            wl = self.heldout_workload() if heldout else self.workload
+            with tempfile.TemporaryDirectory(prefix="adrs-cand-") as tmp:
+                path = Path(tmp) / "candidate.py"
+                path.write_text(code)
                 from evaluator.inprocess import score_file
 
                 return score_file(path, wl, self.config.density_target)
-            from evaluator.sandbox import SandboxLimits, WorkerPool, evaluate_in_sandbox
+        if heldout and self.config.heldout_spec() is None:
+            raise ValueError("this run has no held-out workload (heldout_workload: null)")
+        return self.scheduler().submit(code, "heldout" if heldout else "search").result()
 
-            with self._lock:
-                if self._pool is None:
-                    limits = SandboxLimits(wall_s=self.config.evaluation.timeout_s, memory_mb=self.config.evaluation.memory_mb)
-                    self._pool = WorkerPool(limits, cuda=wl.records[0].queries.device.type == "cuda")
-                return evaluate_in_sandbox(path, wl, self.config.density_target, pool=self._pool)
+    def scheduler(self) -> Scheduler:
+        """The evaluation scheduler, started on first use."""
+        with self._lock:
+            if self._scheduler is None:
+                self._scheduler = make_scheduler(self.config, self._workload_for)
+            return self._scheduler
+
+    def _workload_for(self, which: Which) -> Workload:
+        return self.heldout_workload() if which == "heldout" else self.workload
 
     def close(self) -> None:
-        """Stop the warm spare worker."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        """Stop the evaluation workers."""
+        with self._lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close()
 
     def heldout_score(self, candidate_id: str, code: str) -> ScoreReport:
         """Held-out score of an archived candidate, computed once per scorer."""
@@ -59,8 +72,9 @@ class CodeScorer:
         spec = self.config.heldout_spec()
         if spec is None:
             raise ValueError("this run has no held-out workload (heldout_workload: null)")
-        if self._heldout is None:
-            self._heldout = load_workload(spec, progress=False)
+        with self._heldout_lock:
+            if self._heldout is None:
+                self._heldout = load_workload(spec, progress=False)
         return self._heldout
 
 

@@ -21,6 +21,7 @@ WEIGHT_TOLERANCE = 1e-5
 
 FAILURE_CATEGORIES = (
     "syntax", "import", "exception", "timeout", "memory", "invalid", "crash", "output", "harness", "mutation",
+    "worker_lost",  # the evaluation worker or node died mid-evaluation, retries spent: not the candidate's fault
 )
 
 

@@ -1,0 +1,39 @@
+"""Where sandboxed evaluations run: every local GPU (or CPU workers), or a Ray cluster.
+
+The loop sees one small interface, ``Scheduler``: ``submit(code, which)`` returns a
+``concurrent.futures.Future[ScoreReport]`` and ``close()`` stops the workers. Both backends
+give the same guarantees: the sandbox's limits and failure categories, at most one
+evaluation per GPU at a time, and no candidate lost when a worker dies mid-evaluation (it is
+retried, up to ``evaluation.max_attempts``, then reported as a ``worker_lost`` failure).
+"""
+from __future__ import annotations
+
+from adrs.config import RunConfig
+from adrs.scheduler.base import Scheduler, SchedulerClosed, Which, WorkerLost
+from adrs.scheduler.local import LocalScheduler, WorkloadSource, local_devices
+from evaluator.sandbox import SandboxLimits
+
+__all__ = ["Scheduler", "SchedulerClosed", "Which", "WorkerLost", "LocalScheduler", "WorkloadSource",
+           "local_devices", "make_scheduler", "sandbox_limits"]
+
+
+def sandbox_limits(config: RunConfig) -> SandboxLimits:
+    """The sandbox limits a run's evaluation config asks for."""
+    return SandboxLimits(wall_s=config.evaluation.timeout_s, memory_mb=config.evaluation.memory_mb)
+
+
+def make_scheduler(config: RunConfig, workloads: WorkloadSource) -> Scheduler:
+    """The scheduler ``config.evaluation`` asks for.
+
+    ``workloads`` gives the local backend the search and held-out workloads (it copies them to
+    each GPU); Ray actors load the config's workload specs themselves, on their own nodes.
+    """
+    ev = config.evaluation
+    if ev.executor == "ray":
+        from adrs.scheduler.ray_backend import RayScheduler
+
+        specs = {"search": config.workload_spec(), "heldout": config.heldout_spec()}
+        return RayScheduler(specs, config.density_target, sandbox_limits(config), address=ev.ray_address,
+                            workers=ev.workers, max_attempts=ev.max_attempts)
+    return LocalScheduler(workloads, config.density_target, sandbox_limits(config),
+                          devices=local_devices(ev.workers), max_attempts=ev.max_attempts)

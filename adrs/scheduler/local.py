@@ -1,0 +1,87 @@
+"""The local backend: one sandboxed evaluation at a time per visible GPU, or CPU workers."""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from adrs.scheduler.base import Slot, SlotScheduler, Which, WorkerLost
+from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
+from evaluator.scoring import ScoreReport
+from evaluator.workload import Workload
+
+WorkloadSource = Callable[[Which], Workload]
+
+
+def local_devices(workers: int | None = None) -> list[str]:
+    """One slot per visible CUDA device (at most ``workers``), else ``workers`` (default 1) CPU slots.
+
+    More slots than GPUs would put two evaluations on one GPU, so their timings and memory
+    caps would interfere: the GPU count is a ceiling.
+    """
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpu:
+        return [f"cuda:{i}" for i in range(min(workers or n_gpu, n_gpu))]
+    return ["cpu"] * (workers or 1)
+
+
+def on_device(workload: Workload, device: str) -> Workload:
+    """``workload`` with every record on ``device`` (the workload itself when already there)."""
+    if workload.records[0].queries.device == torch.device(device):
+        return workload
+    return dataclasses.replace(workload, records=tuple(r.to(device) for r in workload.records))
+
+
+class LocalSlot(Slot):
+    """A device with its own warm sandbox pool; workloads are copied onto the device once."""
+
+    def __init__(self, index: int, device: str, workloads: WorkloadSource, density_target: float,
+                 limits: SandboxLimits) -> None:
+        self.name = f"local-{index}-{device}"
+        self.device = device
+        self._source = workloads
+        self._density_target = density_target
+        self._limits = limits
+        self._workloads: dict[Which, Workload] = {}
+        self._pool: WorkerPool | None = None
+
+    def open(self) -> None:
+        # Created in the serving thread, which also takes every worker from it.
+        self._pool = WorkerPool(self._limits, cuda=self.device.startswith("cuda"))
+
+    def workload(self, which: Which) -> Workload:
+        if which not in self._workloads:
+            self._workloads[which] = on_device(self._source(which), self.device)
+        return self._workloads[which]
+
+    def evaluate(self, code: str, which: Which) -> ScoreReport:
+        wl = self.workload(which)
+        with tempfile.TemporaryDirectory(prefix="adrs-cand-") as tmp:
+            path = Path(tmp) / "candidate.py"
+            path.write_text(code)
+            run = run_candidate(path, wl, self._density_target, pool=self._pool)
+        if run.report.category == "harness":
+            # The worker died or hung before it took the job: no candidate code ran, try again.
+            raise WorkerLost(run.report.reason or "the sandbox worker failed to start")
+        return run.report
+
+    def recover(self) -> bool:
+        return True  # every evaluation gets a fresh worker from the pool anyway
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+class LocalScheduler(SlotScheduler):
+    """Evaluations spread over local devices, one at a time on each."""
+
+    def __init__(self, workloads: WorkloadSource, density_target: float, limits: SandboxLimits,
+                 devices: Sequence[str] | None = None, max_attempts: int = 3) -> None:
+        self.devices = list(devices) if devices is not None else local_devices()
+        slots = [LocalSlot(i, d, workloads, density_target, limits) for i, d in enumerate(self.devices)]
+        super().__init__(slots, max_attempts)

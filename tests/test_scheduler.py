@@ -1,0 +1,231 @@
+"""The evaluation scheduler: parallel local slots, bounded retries, nothing dropped, same limits."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from adrs.config import parse_config
+from adrs.evaluate import CodeScorer
+from adrs.scheduler import LocalScheduler, local_devices, make_scheduler
+from adrs.scheduler.base import Slot, SlotScheduler, Which, WorkerLost
+from conftest import ROOT
+from evaluator.inprocess import score_file
+from evaluator.sandbox import SandboxLimits
+from evaluator.scoring import ScoreReport
+
+SEED = ROOT / "seeds" / "sink_window.py"
+SLEEP_S = 3.0
+
+
+def sleeping(seconds: float) -> str:
+    """The seed, made to sleep inside its evolve block before it selects anything."""
+    code = SEED.read_text()
+    return code.replace("# EVOLVE-BLOCK-START\n", f"# EVOLVE-BLOCK-START\nimport time\ntime.sleep({seconds})\n", 1)
+
+
+@pytest.fixture(scope="module")
+def two_cpu(tiny_workload):
+    with LocalScheduler(lambda which: tiny_workload, 0.1, SandboxLimits(wall_s=30), devices=["cpu", "cpu"]) as sched:
+        yield sched
+
+
+def _timed(future: "Future[ScoreReport]") -> list[float]:
+    """[end]: filled in when the future resolves (a shared 2-core box makes durations useless)."""
+    end: list[float] = []
+    future.add_done_callback(lambda f: end.append(time.perf_counter()))
+    return end
+
+
+def test_two_slots_evaluate_at_the_same_time(two_cpu, tiny_workload):
+    futures = [two_cpu.submit(sleeping(SLEEP_S)) for _ in range(2)]
+    ends = [_timed(f) for f in futures]
+    reports = [f.result(timeout=120) for f in futures]
+    expected = score_file(SEED, tiny_workload, 0.1)
+    assert all(r.valid and r.combined_score == expected.combined_score for r in reports)
+    # Each report's wall_s spans its whole evaluation: the two spans overlap only if they ran
+    # at the same time (one after the other, the second would start after the first ended).
+    (a0, a1), (b0, b1) = [(end[0] - r.wall_s, end[0]) for end, r in zip(ends, reports)]
+    overlap = min(a1, b1) - max(a0, b0)
+    assert overlap > SLEEP_S / 2, f"evaluations overlapped by {overlap:.2f} s only"
+
+
+def _running_sandbox_workers() -> list[int]:
+    """Sandbox workers of this process that have taken a job (their cwd is a scratch directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_text()
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if b"evaluator.sandbox.worker" in cmd and ppid == os.getpid() and "adrs-sandbox-" in cwd:
+            found.append(int(entry.name))
+    return found
+
+
+def test_worker_killed_mid_evaluation_is_reported_not_dropped(two_cpu, tiny_workload):
+    future = two_cpu.submit(sleeping(20))
+    deadline = time.monotonic() + 20
+    while not (pids := _running_sandbox_workers()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(pids) == 1, "the slow candidate's worker never started"
+    os.kill(pids[0], signal.SIGKILL)
+    report = future.result(timeout=30)
+    assert not report.valid and report.category == "crash" and "SIGKILL" in report.reason
+    # The slot that lost its worker keeps serving.
+    after = [two_cpu.submit(SEED.read_text()) for _ in range(2)]
+    expected = score_file(SEED, tiny_workload, 0.1).combined_score
+    assert [f.result(timeout=60).combined_score for f in after] == [expected, expected]
+
+
+def test_timeout_still_fails_as_timeout(tiny_workload):
+    code = (ROOT / "tests" / "hostile" / "sleep_past_timeout.py").read_text()
+    with LocalScheduler(lambda which: tiny_workload, 0.1, SandboxLimits(wall_s=2), devices=["cpu"]) as sched:
+        report = sched.submit(code).result(timeout=60)
+    assert report.category == "timeout", report.reason
+
+
+class BarrierSlot(Slot):
+    """Returns only once ``parties`` slots are evaluating at the same moment."""
+
+    def __init__(self, name: str, barrier: threading.Barrier) -> None:
+        self.name, self.barrier = name, barrier
+
+    def open(self) -> None:
+        pass
+
+    def evaluate(self, code: str, which: Which) -> ScoreReport:
+        self.barrier.wait(timeout=10)  # BrokenBarrierError unless the other slot is busy too
+        return ScoreReport(valid=True, combined_score=1.0, workload=which)
+
+    def close(self) -> None:
+        pass
+
+
+def test_codescorer_calls_from_two_threads_run_on_two_slots(tiny_workload):
+    cfg = parse_config({"workload": "tiny", "heldout_workload": "tiny-heldout"})
+    barrier = threading.Barrier(2)
+    sched = SlotScheduler([BarrierSlot("a", barrier), BarrierSlot("b", barrier)])
+    scorer = CodeScorer(cfg, tiny_workload, _scheduler=sched)
+    reports: list[ScoreReport] = []
+    threads = [threading.Thread(target=lambda h=h: reports.append(scorer.score("x", heldout=h))) for h in (False, True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    scorer.close()
+    assert sorted(r.workload for r in reports) == ["heldout", "search"]
+    with pytest.raises(ValueError, match="held-out"):
+        CodeScorer(cfg.model_copy(update={"heldout_workload": None}), tiny_workload).score("x", heldout=True)
+
+
+def test_make_scheduler_follows_the_config(tiny_workload):
+    cfg = parse_config({"workload": "tiny", "evaluation": {"workers": 2}})
+    with make_scheduler(cfg, lambda which: tiny_workload) as sched:
+        assert isinstance(sched, LocalScheduler) and sched.devices == local_devices(2) and sched.slots == len(sched.devices)
+    with pytest.raises(Exception, match="executor"):
+        parse_config({"evaluation": {"executor": "slurm"}})
+    with pytest.raises(Exception, match="workers"):
+        parse_config({"evaluation": {"workers": 0}})
+
+
+# ---------------------------------------------------------------- retries, with stand-in slots
+class FakeSlot(Slot):
+    """Loses its worker on the first ``losses`` evaluations; may refuse to recover."""
+
+    def __init__(self, name: str, losses: int, recovers: bool = True, delay: float = 0.0) -> None:
+        self.name, self.losses, self.recovers, self.delay = name, losses, recovers, delay
+        self.calls = 0
+        self.closed = False
+
+    def open(self) -> None:
+        pass
+
+    def evaluate(self, code: str, which: Which) -> ScoreReport:
+        self.calls += 1
+        time.sleep(self.delay)
+        if self.calls <= self.losses:
+            raise WorkerLost(f"lost #{self.calls}")
+        return ScoreReport(valid=True, combined_score=-float(len(code)), workload=f"{self.name}:{which}")
+
+    def recover(self) -> bool:
+        return self.recovers
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_lost_worker_is_retried_up_to_the_bound():
+    flaky = FakeSlot("flaky", losses=2)
+    with SlotScheduler([flaky], max_attempts=3) as sched:
+        report = sched.submit("abc").result(timeout=5)
+    assert report.valid and report.combined_score == -3 and flaky.calls == 3 and flaky.closed
+
+    hopeless = FakeSlot("hopeless", losses=10)
+    with SlotScheduler([hopeless], max_attempts=3) as sched:
+        report = sched.submit("abc").result(timeout=5)
+        assert not report.valid and report.category == "worker_lost"
+        assert report.details.count("hopeless: lost #") == 3 and hopeless.calls == 3
+
+
+def test_a_slot_that_dies_for_good_hands_its_job_to_another():
+    dead = FakeSlot("dead", losses=1, recovers=False)
+    good = FakeSlot("good", losses=0, delay=0.2)
+    with SlotScheduler([dead, good], max_attempts=3) as sched:
+        futures = [sched.submit("x" * n) for n in range(1, 5)]
+        reports = [f.result(timeout=10) for f in futures]
+    assert all(r.valid for r in reports) and dead.calls == 1
+    assert sorted(r.combined_score for r in reports) == [-4, -3, -2, -1]
+
+
+def test_when_every_slot_is_gone_queued_and_new_jobs_fail_as_worker_lost():
+    only = FakeSlot("only", losses=1, recovers=False, delay=0.2)
+    with SlotScheduler([only], max_attempts=3) as sched:
+        futures = [sched.submit("a"), sched.submit("b")]
+        reports = [f.result(timeout=10) for f in futures]
+        assert [r.category for r in reports] == ["worker_lost", "worker_lost"]
+        assert sched.submit("c").result(timeout=1).category == "worker_lost"
+
+
+def test_a_harness_error_reaches_the_caller():
+    class Broken(FakeSlot):
+        def evaluate(self, code: str, which: Which) -> ScoreReport:
+            raise RuntimeError("harness bug")
+
+    with SlotScheduler([Broken("b", 0)]) as sched:
+        future: Future = sched.submit("x")
+        with pytest.raises(RuntimeError, match="harness bug"):
+            future.result(timeout=5)
+        with pytest.raises(ValueError):
+            sched.submit("x", which="train")  # type: ignore[arg-type]
+
+
+def test_a_worker_that_fails_to_start_is_retried(tiny_workload, monkeypatch):
+    import adrs.scheduler.local as local
+
+    real = local.run_candidate
+    calls: list[int] = []
+
+    def flaky_start(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            from evaluator.sandbox import SandboxRun
+
+            return SandboxRun(ScoreReport.failure("harness", "the sandbox worker failed to start (no candidate code ran)"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local, "run_candidate", flaky_start)
+    cfg = parse_config({"workload": "tiny", "heldout_workload": None, "evaluation": {"workers": 1}})
+    with make_scheduler(cfg, lambda which: tiny_workload) as sched:
+        report = sched.submit(SEED.read_text()).result(timeout=60)
+    assert report.valid and len(calls) == 2
