@@ -105,13 +105,15 @@ def _evolve(run_dir: Path, cfg, iterations: Optional[int], base: Path) -> None:
     scorer = make_scorer(cfg)
     total = 1 + (cfg.iterations if iterations is None else iterations)
     lines: list[str] = []
+    view = {"stats": LoopStats(), "done": 0}
     with Live(render(LoopStats(), lines, total, 0), console=out, refresh_per_second=4, transient=False) as live:
         def on_event(event: dict) -> None:
             if event["kind"] == "candidate":
                 lines.append(candidate_line(event))
-                live.update(render(event["stats"], lines, total, event["ref"].iteration + 1))
+                view.update(stats=event["stats"], done=event["ref"].iteration + 1)
             else:
                 lines.append(event.get("message", ""))
+            live.update(render(view["stats"], lines, total, view["done"]))
         try:
             asyncio.run(evolve(run_dir, cfg, scorer, iterations=iterations, on_event=on_event, base=base))
         except KeyboardInterrupt:
@@ -177,32 +179,217 @@ def run(
 def resume(run_dir: Path = typer.Argument(..., help="run directory"),
            iterations: Optional[int] = typer.Option(None, help="override the total iteration count")) -> None:
     """Continue a run from what was committed."""
+    _evolve(run_dir, _run_config(run_dir), iterations, Path.cwd())
+
+
+def _run_config(run_dir: Path):
     from adrs.config import ConfigError, load_config
 
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"not a run directory (no config.yaml): {run_dir}")
     try:
-        cfg = load_config(run_dir / "config.yaml")
+        return load_config(run_dir / "config.yaml")
     except ConfigError as exc:
-        raise UserError(str(exc)) from None
-    _evolve(run_dir, cfg, iterations, Path.cwd())
+        raise UserError(f"{run_dir / 'config.yaml'}: {exc}") from None
+
+
+def _heldout_column(archive, rows: list, cfg) -> dict[str, tuple[float | None, bool | None]]:
+    """Per row: held-out score, and whether its gain over the seed replicates there (None: unknown)."""
+    from adrs.loop import heldout_of
+
+    spec = cfg.heldout_spec() if cfg is not None else None
+    if spec is None:
+        return {r.id: (None, None) for r in rows}
+    key = spec.content_hash()
+    seed = archive.get(0)
+    seed_held = heldout_of(archive, seed.id, key)
+    found = {}
+    for r in rows:
+        held = heldout_of(archive, r.id, key)
+        score = held.get("combined_score") if held and held.get("valid") else None
+        replicates = None
+        if score is not None and seed_held and seed_held.get("valid") and r.id != seed.id:
+            if r.combined_score > seed.combined_score:
+                replicates = score > seed_held["combined_score"]
+        found[r.id] = (score, replicates)
+    return found
 
 
 @app.command()
 def leaderboard(run_dir: Path = typer.Argument(...), top: int = typer.Option(10, "--top"),
                 json_out: bool = typer.Option(False, "--json")) -> None:
-    """Best candidates of a run."""
+    """Best candidates of a run, with held-out scores where known."""
+    cfg = _run_config(run_dir) if (run_dir / "config.yaml").is_file() else None
     with _open(run_dir) as archive:
         rows = archive.leaderboard(top)
+        held = _heldout_column(archive, rows, cfg)
     if json_out:
-        print(json.dumps([{k: getattr(r, k) for k in ("id", "iteration", "island", "status", "combined_score", "error",
-                                                       "density", "author", "parent_id", "commit")} for r in rows]))
+        print(json.dumps([{**{k: getattr(r, k) for k in ("id", "iteration", "island", "status", "combined_score", "error",
+                                                          "density", "author", "parent_id", "commit")},
+                           "heldout_score": held[r.id][0], "replicates": held[r.id][1]} for r in rows]))
         return
-    table = Table("id", "iter", "island", "score", "error", "density", "author", "summary", title=str(run_dir))
+    table = Table("id", "iter", "island", "score", "held-out", "error", "density", "author", "summary", title=str(run_dir),
+                  caption="held-out: '-' = not scored there (adrs rescore); NO = beats the seed on search, not on held-out")
     for r in rows:
-        table.add_row(r.id, str(r.iteration), str(r.island), f"{r.combined_score:.5f}", f"{r.error:.4f}",
+        score, replicates = held[r.id]
+        held_text = "-" if score is None else f"{score:.5f}" + {True: "", False: " NO", None: ""}[replicates]
+        table.add_row(r.id, str(r.iteration), str(r.island), f"{r.combined_score:.5f}", held_text, f"{r.error:.4f}",
                       f"{r.density:.4f}", r.author, (r.summary or "")[:50])
     out.print(table)
+
+
+def _edit_in_editor(code: str, name: str) -> str:
+    """Open ``$VISUAL``/``$EDITOR`` on a copy of ``code``; the edited text."""
+    import os
+    import shlex
+    import subprocess
+    import tempfile
+
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
+    if not editor:
+        raise UserError("set $EDITOR (or $VISUAL), or pass --file")
+    with tempfile.TemporaryDirectory(prefix="adrs-patch-") as tmp:
+        path = Path(tmp) / f"{name}.py"
+        path.write_text(code)
+        rc = subprocess.run([*shlex.split(editor), str(path)]).returncode
+        if rc != 0:
+            raise UserError(f"the editor exited with code {rc}; nothing committed")
+        return path.read_text()
+
+
+def _compare(old: dict, new: dict, old_label: str, new_label: str) -> Table:
+    table = Table("", old_label, new_label)
+    for key in ("valid", "combined_score", "error", "density", "category", "reason", "workload"):
+        if old.get(key) is None and new.get(key) is None:
+            continue
+        cells = [f"{d[key]:.6g}" if isinstance(d.get(key), float) else str(d.get(key, "-")) for d in (old, new)]
+        table.add_row(key, *cells)
+    return table
+
+
+@app.command()
+def patch(
+    run_dir: Path = typer.Argument(...),
+    cand: str = typer.Argument(..., help="the candidate to edit (id, iteration, commit prefix or 'best')"),
+    file: Optional[Path] = typer.Option(None, "--file", help="the edited candidate; default: open $EDITOR on a copy"),
+    message: str = typer.Option("hand edit", "--message", "-m", help="what the edit does (the commit summary)"),
+) -> None:
+    """Hand-patch a candidate: score the edit and commit it as a human-authored child."""
+    from adrs.evaluate import make_scorer
+    from adrs.loop import Child, commit_child
+    from adrs.mutation import MutationResult
+
+    cfg = _run_config(run_dir)
+    with _open(run_dir) as archive:
+        parent = _get(archive, cand)
+        old_code, old_record = archive.code(parent.id), archive.record(parent.id)
+    if file is not None:
+        if not file.is_file():
+            raise UserError(f"no such file: {file}")
+        code = file.read_text()
+    else:
+        code = _edit_in_editor(old_code, parent.id)
+    if code == old_code:
+        raise UserError("the code is unchanged; nothing committed")
+    scorer = make_scorer(cfg)
+    try:
+        report = scorer.score(code)
+        child = Child(parent.id, parent.island, code, report, MutationResult(code, None, "human", message))
+        with _open(run_dir) as archive:
+            ref, rejection = commit_child(archive, scorer, child, author="human", summary=f"patch: {message}")
+    finally:
+        scorer.close()
+    out.print(f"committed [bold]{ref.id}[/bold] (iteration {ref.iteration}, child of {parent.id}, author human): {ref.status}")
+    out.print(_compare(old_record, report.to_dict(), f"{parent.id} (parent)", f"{ref.id} (patched)"))
+    if rejection:
+        out.print(f"rejected by the held-out check: {rejection}")
+    raise typer.Exit(0 if report.valid else 1)
+
+
+@app.command()
+def rescore(
+    run_dir: Path = typer.Argument(...),
+    cand: str = typer.Argument(..., help="id, iteration, commit prefix or 'best'"),
+    workload: Optional[str] = typer.Option(None, help="preset; default: the run's held-out workload, else its search one"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Score an archived candidate again (sandboxed, by default on the held-out workload) and keep the result."""
+    from adrs.evaluate import CodeScorer
+    from adrs.loop import rescore_entry
+    from evaluator.workload import load_workload
+    from evaluator.workload.spec import resolve_spec
+
+    cfg = _run_config(run_dir)
+    try:
+        spec = resolve_spec(workload) if workload is not None else (cfg.heldout_spec() or cfg.workload_spec())
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    with _open(run_dir) as archive:
+        ref = _get(archive, cand)
+        code, old = archive.code(ref.id), archive.record(ref.id)
+    scorer = CodeScorer(cfg, load_workload(spec, progress=not json_out))
+    try:
+        report = scorer.score(code)
+    finally:
+        scorer.close()
+    with _open(run_dir) as archive:
+        archive.add_rescore(ref.id, rescore_entry(report.to_dict(), scorer.workload.hash, "rescore"))
+    if json_out:
+        print(json.dumps({"id": ref.id, "search": {k: old.get(k) for k in ("valid", "combined_score", "error", "density", "workload")},
+                          "rescore": report.to_dict()}))
+    else:
+        out.print(f"{ref.id} re-scored on {report.workload}; kept as a note beside the candidate")
+        out.print(_compare(old, report.to_dict(), "search (archived)", "re-score"))
+    raise typer.Exit(0 if report.valid else 1)
+
+
+@app.command()
+def review(
+    run_dir: Path = typer.Argument(...),
+    action: str = typer.Argument("list", help="list | approve | reject | note"),
+    text: Optional[str] = typer.Argument(None, help="reject: the reason; note: the note; approve: an optional note"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="name or iteration; default: the oldest pending"),
+    json_out: bool = typer.Option(False, "--json", help="list as JSON"),
+) -> None:
+    """Review checkpoints: list them, approve, reject with a reason, or leave a note for the next prompts."""
+    from adrs import review as rv
+
+    if action not in ("list", "approve", "reject", "note"):
+        raise UserError(f"unknown review action {action!r}: use list, approve, reject or note")
+    with _open(run_dir) as archive:
+        if action == "list":
+            every = rv.checkpoints(archive)
+            if json_out:
+                print(json.dumps([{"name": c.name, "iteration": c.iteration, "candidate": c.candidate_id, "reason": c.reason,
+                                   "decision": c.decision, "notes": list(c.notes)} for c in every]))
+                return
+            table = Table("checkpoint", "candidate", "why", "decision", "notes", title=f"review: {run_dir}")
+            for c in every:
+                table.add_row(c.name, c.candidate_id, c.reason, c.decision or "[bold yellow]pending[/]", "\n".join(c.notes))
+            out.print(table if every else "no checkpoints yet (config: review.every / review.on_new_best)")
+            waiting = [c for c in every if c.pending]
+            if waiting:
+                out.print(f"{len(waiting)} pending. Decide with: adrs review {run_dir} approve | reject REASON | note TEXT")
+            return
+        try:
+            target = rv.resolve(archive, checkpoint)
+            done = rv.decide(archive, target, action, text or "")
+        except (LookupError, ValueError) as exc:
+            raise UserError(str(exc)) from None
+    what = {"note": "note added to", "approve": "approved", "reject": "rejected"}[action]
+    out.print(f"{what} {done.name} ({done.candidate_id})" + (f": {text}" if text else ""))
+
+
+@app.command()
+def plot(run_dir: Path = typer.Argument(...),
+         output: Optional[Path] = typer.Option(None, "--out", help="PNG path; default: RUN_DIR/progress.png")) -> None:
+    """PNG of the run: score against iteration, error against density, lineage of the best."""
+    from adrs.plot import plot_run
+
+    cfg = _run_config(run_dir)
+    with _open(run_dir) as archive:
+        path = plot_run(archive, output or run_dir / "progress.png", cfg.density_target)
+    out.print(f"wrote {path}")
 
 
 @app.command()

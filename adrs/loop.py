@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from adrs import review
 from adrs.archive import open_run
 from adrs.archive.store import Archive
 from adrs.config import RunConfig, dump_config
@@ -172,7 +173,10 @@ def _cascade(archive: Archive, scorer: CodeScorer, child: Child, record: dict[st
         return None
     held = scorer.score(child.code, heldout=True)
     record["heldout"] = held.to_dict()
-    best_held = archive.record(best.id).get("heldout") or scorer.heldout_score(best.id, archive.code(best.id)).to_dict()
+    best_held = heldout_of(archive, best.id, scorer.heldout_workload().hash)
+    if best_held is None:
+        best_held = scorer.heldout_score(best.id, archive.code(best.id)).to_dict()
+        archive.add_rescore(best.id, rescore_entry(best_held, scorer.heldout_workload().hash, "cascade"))
     if not held.valid:
         return f"held-out evaluation failed ({held.category}: {held.reason})"
     if best_held.get("valid") and held.combined_score < best_held["combined_score"]:
@@ -180,9 +184,18 @@ def _cascade(archive: Archive, scorer: CodeScorer, child: Child, record: dict[st
     return None
 
 
-def review_notes(archive: Archive) -> list[str]:
-    """Human notes left at review, newest last, for the prompts."""
-    return [c.message for c in archive.checkpoints() if getattr(c, "message", None)][-5:]
+def rescore_entry(report: dict[str, Any], workload_hash: str, why: str) -> dict[str, Any]:
+    """What a re-score note keeps: the report, on which workload, and why it was made."""
+    return {"workload_hash": workload_hash, "why": why, "report": report}
+
+
+def heldout_of(archive: Archive, candidate_id: str, workload_hash: str) -> dict[str, Any] | None:
+    """A candidate's held-out report: from its record (cascade) or its newest re-score note."""
+    record = archive.record(candidate_id)
+    if record.get("heldout"):
+        return record["heldout"]
+    notes = [n for n in archive.rescores(candidate_id) if n.get("workload_hash") == workload_hash]
+    return notes[-1]["report"] if notes else None
 
 
 async def evolve(
@@ -199,14 +212,21 @@ async def evolve(
         ensure_seed(archive, cfg, scorer, base)
         proposer = Proposer(cfg)
         total = 1 + (cfg.iterations if iterations is None else iterations)
-        notes = review_notes(archive)
+        notes = review.prompt_notes(archive)
+        _backfill_checkpoint(archive, cfg)
+        paused = cfg.review.mode == "pause" and bool(review.pending(archive))
         pending: set[asyncio.Task] = set()
         llm_failures = 0
         try:
             while archive.next_iteration() < total or pending:
+                if paused and not pending:
+                    # In-flight work is committed first, so nothing is lost while waiting.
+                    await _wait_for_review(archive, run_dir, emit)
+                    notes = review.prompt_notes(archive)
+                    paused = False
                 # The slot keys the random streams; with one proposal in flight it equals the
                 # iteration the child will get, which makes offline runs replay exactly.
-                while len(pending) < proposer.max_in_flight and not _budget_done(proposer):
+                while not paused and len(pending) < proposer.max_in_flight and not _budget_done(proposer):
                     slot = archive.next_iteration() + len(pending)
                     if slot >= total:
                         break
@@ -231,7 +251,9 @@ async def evolve(
                         raise exc
                     else:
                         llm_failures = 0
-                        _commit(archive, scorer, task.result(), stats, emit)
+                        checkpoint = _commit(archive, scorer, task.result(), stats, emit)
+                        if checkpoint and cfg.review.mode == "pause" and archive.next_iteration() < total:
+                            paused = True
         finally:
             for task in pending:
                 task.cancel()
@@ -242,13 +264,58 @@ def _budget_done(proposer: Proposer) -> bool:
     return proposer.client is not None and proposer.client.budget.exhausted
 
 
-def _commit(archive: Archive, scorer: CodeScorer, child: Child, stats: LoopStats, emit: Callable[[Event], None]) -> None:
+REVIEW_POLL_S = 1.0
+
+
+async def _wait_for_review(archive: Archive, run_dir: Path, emit: Callable[[Event], None]) -> None:
+    """Block (without blocking the event loop) until no checkpoint is pending."""
+    waiting = review.pending(archive)
+    if waiting:
+        c = waiting[0]
+        emit({"kind": "paused", "message": (
+            f"paused at {c.name} ({c.reason}). Decide with `adrs review {run_dir} approve` "
+            f"(or `reject REASON`); the run continues then. Or Ctrl-C now and `adrs resume {run_dir}` later.")})
+    while review.pending(archive):
+        await asyncio.sleep(REVIEW_POLL_S)
+    if waiting:
+        emit({"kind": "resumed", "message": "review decided; continuing"})
+
+
+def _maybe_checkpoint(archive: Archive, cfg: RunConfig, ref: Any, became_best: bool) -> review.Checkpoint | None:
+    reason = review.checkpoint_reason(ref.iteration, became_best, cfg.review.every, cfg.review.on_new_best)
+    if reason is None:
+        return None
+    # An every-N checkpoint reviews the best so far; a new-best one reviews the newcomer.
+    subject = ref if became_best or archive.best() is None else archive.best()
+    return review.make_checkpoint(archive, ref.iteration, subject, reason)
+
+
+def _backfill_checkpoint(archive: Archive, cfg: RunConfig) -> None:
+    """Make the checkpoint a run killed between commit and tag would have made."""
+    last = archive.next_iteration() - 1
+    if last <= 0:
+        return
+    ref = archive.get(last)
+    best = archive.best()
+    _maybe_checkpoint(archive, cfg, ref, best is not None and best.id == ref.id)
+
+
+def commit_child(archive: Archive, scorer: CodeScorer, child: Child, author: str = "model",
+                 summary: str | None = None) -> tuple[Any, str | None]:
+    """Cascade, then commit ``child``; returns its row and the held-out rejection reason, if any."""
     record = _record(child, scorer)
     rejection = _cascade(archive, scorer, child, record)
-    ref = archive.add_candidate(child.code, record, parent=child.parent_id, island=child.island,
-                                author="model", summary=child.mutation.summary or child.mutation.error or "")
+    ref = archive.add_candidate(child.code, record, parent=child.parent_id, island=child.island, author=author,
+                                summary=summary or child.mutation.summary or child.mutation.error or "")
     if rejection:
-        archive.mark_rejected(ref, rejection)
+        ref = archive.mark_rejected(ref, rejection)
+    return ref, rejection
+
+
+def _commit(archive: Archive, scorer: CodeScorer, child: Child, stats: LoopStats,
+            emit: Callable[[Event], None]) -> review.Checkpoint | None:
+    before = archive.best()
+    ref, rejection = commit_child(archive, scorer, child)
     stats.committed += 1
     if not child.report.valid:
         stats.failures[child.report.category] = stats.failures.get(child.report.category, 0) + 1
@@ -259,3 +326,8 @@ def _commit(archive: Archive, scorer: CodeScorer, child: Child, stats: LoopStats
     if best is not None:
         stats.best_history.append(best.combined_score)
     emit({"kind": "candidate", "ref": ref, "report": child.report, "best": best, "rejection": rejection, "stats": stats})
+    became_best = best is not None and best.id == ref.id and (before is None or before.id != ref.id)
+    checkpoint = _maybe_checkpoint(archive, scorer.config, ref, became_best)
+    if checkpoint is not None:
+        emit({"kind": "checkpoint", "message": f"checkpoint {checkpoint.name}: {checkpoint.reason}"})
+    return checkpoint

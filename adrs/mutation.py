@@ -15,7 +15,7 @@ from typing import Literal
 from evaluator.candidate import CandidateFormatError, CandidateParts, split_candidate
 from evaluator.contract import ENTRY_POINT, EVOLVE_END, EVOLVE_START
 
-MutationKind = Literal["diff", "rewrite", "perturb", "crossover", "none"]
+MutationKind = Literal["diff", "rewrite", "perturb", "crossover", "human", "none"]
 
 # Marker lines are matched loosely (models vary the number of <, = and >).
 _SEARCH_RE = re.compile(r"^\s*<{5,}\s*SEARCH\s*$")

@@ -25,6 +25,7 @@ from adrs.archive.model import ARCHIVE_IDENTITY, Identity, Meta
 CANDIDATE_REFS = "refs/candidates"
 BEST_REF = "refs/heads/best"
 REJECT_NOTES = "refs/notes/rejected"  # a note here means "rejected"; its text holds the reason
+RESCORE_NOTES = "refs/notes/rescores"  # one JSON line per re-score (adrs rescore, cascade)
 CODE_FILE = "candidate.py"
 RECORD_FILE = "score.json"
 
@@ -154,9 +155,24 @@ def add_rejection(repo: git.Repo, commit: str, reason: str, reviewer: Identity, 
     repo.git.notes("--ref", REJECT_NOTES, "add", "-f", "-m", text, commit, env=env)
 
 
+def append_note(repo: git.Repo, notes_ref: str, commit: str, line: str, who: Identity) -> None:
+    """Append one line to ``commit``'s note in ``notes_ref`` (created if absent; git puts a blank line between)."""
+    env = {**who.env("AUTHOR"), **who.env("COMMITTER")}
+    repo.git.notes("--ref", notes_ref, "append", "-m", line, commit, env=env)
+
+
+def read_note(repo: git.Repo, notes_ref: str, commit: str) -> str:
+    """The note text on ``commit`` in ``notes_ref``; '' when there is none."""
+    try:
+        return repo.git.notes("--ref", notes_ref, "show", commit)
+    except git.GitCommandError:
+        return ""
+
+
 def add_tag(repo: git.Repo, name: str, commit: str, message: str, tagger: Identity) -> None:
     """An annotated tag (so it carries who, when and why); fails if the tag exists."""
-    repo.git.tag("-a", name, "-m", message, commit, env=tagger.env("COMMITTER"))
+    # whitespace cleanup keeps lines starting with "#" (a note may quote code)
+    repo.git.tag("-a", "--cleanup=whitespace", name, "-m", message, commit, env=tagger.env("COMMITTER"))
 
 
 def _iso(when: float) -> str:

@@ -15,6 +15,7 @@ SIGKILL at any point a candidate is either fully recorded or absent.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import sqlite3
@@ -28,7 +29,7 @@ import git
 
 from adrs.archive import gitstore, index
 from adrs.archive.model import (
-    AUTHOR_KINDS, MODEL_IDENTITY, SEED_IDENTITY, AuthorKind, CandidateRef, Identity, Meta,
+    ARCHIVE_IDENTITY, AUTHOR_KINDS, MODEL_IDENTITY, SEED_IDENTITY, AuthorKind, CandidateRef, Identity, Meta,
     candidate_id, commit_message, human_identity, iteration_of, one_line, row_from,
 )
 
@@ -176,6 +177,19 @@ class Archive:
             index.set_rejected(self.conn, ref.id, reason_stored, "rejected")
             self._update_best_locked(current_best)
             return self.get(ref.id)
+
+    def add_rescore(self, candidate: str | int | CandidateRef, data: Mapping[str, Any],
+                    who: Identity | None = None) -> None:
+        """Keep a re-score (held-out, another workload) beside the candidate, as a git note line."""
+        with run_lock(self.run_dir):
+            ref = self.get(candidate)
+            gitstore.append_note(self.repo, gitstore.RESCORE_NOTES, ref.commit,
+                                 json.dumps(dict(data), sort_keys=True), who or ARCHIVE_IDENTITY)
+
+    def rescores(self, candidate: str | int | CandidateRef) -> list[dict[str, Any]]:
+        """Every re-score kept for a candidate, oldest first."""
+        text = gitstore.read_note(self.repo, gitstore.RESCORE_NOTES, self.get(candidate).commit)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def tag_checkpoint(self, name: str, candidate: str | int | CandidateRef, message: str,
                        tagger: Identity | None = None) -> Checkpoint:
