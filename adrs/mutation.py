@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from evaluator.candidate import CandidateFormatError, CandidateParts, split_candidate
+from evaluator.candidate import CandidateFormatError, CandidateParts, compile_tree, parse_source, split_candidate
 from evaluator.contract import ENTRY_POINT, EVOLVE_END, EVOLVE_START
 
 MutationKind = Literal["diff", "rewrite", "perturb", "crossover", "human", "none"]
@@ -267,8 +267,8 @@ def apply_edit(block: str, edit: EditBlock, scaffolding: str = "") -> tuple[str 
 def check_candidate(code: str) -> str | None:
     """Syntax and shape check before evaluation: None if fine, else a message for the model."""
     try:
-        tree = ast.parse(code)
-        compile(tree, "<candidate>", "exec")
+        tree = parse_source(code)
+        compile_tree(tree, "<candidate>")
     except SyntaxError as exc:
         line = (exc.text or "").rstrip()
         return f"syntax error at line {exc.lineno}: {exc.msg}" + (f"\n    {line}" if line else "")

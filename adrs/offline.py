@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from adrs.llm.budget import Usage
 from adrs.llm.proposal import Proposal
 from adrs.mutation import MutationResult, apply_rewrite
-from evaluator.candidate import split_candidate
+from evaluator.candidate import parse_source, split_candidate
 
 # Keyword arguments whose numbers are structural (tensor axes), not tunable constants.
 STRUCTURAL_KEYWORDS = frozenset({"dim", "axis", "dims", "ndim", "k", "diagonal"})
@@ -61,7 +61,7 @@ def find_constants(block: str) -> list[NumericConstant]:
     perturbing them yields crashes rather than information. Bools, zeros, subscripts and
     axis arguments are never touched.
     """
-    tree = ast.parse(block)
+    tree = parse_source(block)
     top, structural = _top_level_constant_ids(tree), _structural_ids(tree)
     found = []
     for node in ast.walk(tree):
@@ -132,7 +132,7 @@ def perturb_block(block: str, rng: random.Random, max_changes: int = 2, sigma: f
 def _top_level_literals(block: str) -> dict[str, tuple[int, int, int, str]]:
     """``NAME = <literal>`` settings of a block: name -> (lineno, col, end_col, source)."""
     out = {}
-    tree = ast.parse(block)
+    tree = parse_source(block)
     for stmt in tree.body:
         if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
             value = stmt.value

@@ -1,8 +1,11 @@
 """Candidate files: load by path, split the EVOLVE block, build the masker's inputs."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 import sys
+import threading
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,32 @@ from evaluator.contract import ENTRY_POINT, EVOLVE_END, EVOLVE_START, MaskerInpu
 from evaluator.records import AttentionRecord, record_seed
 
 Masker = Callable[[MaskerInput], Any]
+
+
+# CPython 3.11 keeps the ast module's recursion depth in shared state (python/cpython#106905):
+# two threads converting ASTs at once fail with "AST constructor recursion depth mismatch".
+# The loop parses replies on its event-loop thread while scoring threads format candidates'
+# tracebacks, which in 3.11 parses source lines to place the carets. Every such call in the
+# harness goes through this one lock.
+AST_LOCK = threading.Lock()
+
+
+def parse_source(source: str) -> ast.Module:
+    """``ast.parse`` under the AST lock."""
+    with AST_LOCK:
+        return ast.parse(source)
+
+
+def compile_tree(tree: ast.Module, filename: str) -> None:
+    """Compile a parsed tree (a syntax check that runs nothing) under the AST lock."""
+    with AST_LOCK:
+        compile(tree, filename, "exec")
+
+
+def format_traceback(limit: int = 8) -> str:
+    """``traceback.format_exc`` under the AST lock (it may parse source lines)."""
+    with AST_LOCK:
+        return traceback.format_exc(limit=limit)
 
 
 class CandidateFormatError(ValueError):

@@ -6,39 +6,53 @@ privileges. Untrusted candidates go through ``evaluator.sandbox``.
 from __future__ import annotations
 
 import time
-import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from evaluator.candidate import load_masker, masker_input
-from evaluator.scoring import InvalidSelection, ScoreReport, aggregate, score_record
+import torch
+
+from evaluator.candidate import format_traceback, load_masker, masker_input
+from evaluator.records import AttentionRecord
+from evaluator.scoring import InvalidSelection, ScoreReport, aggregate, dense_weights, score_weights
 from evaluator.workload import Workload
 
 
-def score_masker(masker: Any, workload: Workload, density_target: float) -> ScoreReport:
-    """Run ``masker`` on every record of ``workload`` and score it (exceptions become failures)."""
+def score_masker(
+    masker: Any, workload: Workload, density_target: float,
+    *, on_selection: Callable[[int, AttentionRecord, torch.Tensor], None] | None = None,
+) -> ScoreReport:
+    """Run ``masker`` on every record of ``workload`` and score it (exceptions become failures).
+
+    ``on_selection`` receives ``(record index, record, validated float32 weights)``, as in the sandbox.
+    """
     t0 = time.perf_counter()
     rows = []
-    for rec in workload.records:
+    for i, rec in enumerate(workload.records):
         try:
             selection = masker(masker_input(rec, density_target, workload.spec.seed))
         except Exception as exc:  # noqa: BLE001 - a candidate's bug becomes a structured failure
             return ScoreReport.failure(
                 "exception", f"{type(exc).__name__}: {exc} (sample {rec.sample}, layer {rec.layer})",
-                details=traceback.format_exc(limit=8), workload=workload.label,
+                details=format_traceback(), workload=workload.label,
             )
         try:
-            rows.append((rec.sample, rec.layer, *score_record(rec, selection)))
+            weights = dense_weights(selection, rec)
         except InvalidSelection as exc:
             return ScoreReport.failure("invalid", f"sample {rec.sample}, layer {rec.layer}: {exc}", workload=workload.label)
+        rows.append((rec.sample, rec.layer, *score_weights(rec, weights)))
+        if on_selection is not None:
+            on_selection(i, rec, weights)
     report = aggregate(rows, density_target)
     report.workload = workload.label
     report.wall_s = time.perf_counter() - t0
     return report
 
 
-def score_file(path: str | Path, workload: Workload, density_target: float) -> ScoreReport:
-    """Load a candidate file and score it in process."""
+def score_file(
+    path: str | Path, workload: Workload, density_target: float,
+    *, on_selection: Callable[[int, AttentionRecord, torch.Tensor], None] | None = None,
+) -> ScoreReport:
+    """Load a candidate file and score it in process (``on_selection`` as in ``score_masker``)."""
     t0 = time.perf_counter()
     try:
         source = Path(path).read_text()
@@ -48,7 +62,7 @@ def score_file(path: str | Path, workload: Workload, density_target: float) -> S
     try:
         masker = load_masker(path)
     except Exception as exc:  # noqa: BLE001
-        return ScoreReport.failure("import", f"{type(exc).__name__}: {exc}", details=traceback.format_exc(limit=8), workload=workload.label)
-    report = score_masker(masker, workload, density_target)
+        return ScoreReport.failure("import", f"{type(exc).__name__}: {exc}", details=format_traceback(), workload=workload.label)
+    report = score_masker(masker, workload, density_target, on_selection=on_selection)
     report.wall_s = time.perf_counter() - t0
     return report
