@@ -187,7 +187,11 @@ def relative_error(dense_out: torch.Tensor, sparse_out: torch.Tensor) -> float:
 
 def score_record(record: AttentionRecord, selection: Any) -> tuple[float, float]:
     """(relative error, density) of one validated selection on one record."""
-    w = dense_weights(selection, record)
+    return score_weights(record, dense_weights(selection, record))
+
+
+def score_weights(record: AttentionRecord, w: torch.Tensor) -> tuple[float, float]:
+    """(relative error, density) of weights already validated by ``dense_weights``."""
     out = sparse_attention(record.queries, record.keys, record.values, w, record.scaling)
     selected = float(w.ne(0).sum())
     causal = float((record.positions.to(torch.float64) + 1).clamp(max=record.keys.shape[2]).sum()) * w.shape[0] * w.shape[1]

@@ -14,18 +14,22 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from evaluator.sandbox.isolation import NOBODY, is_root, kill_tree, scrubbed_env
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.transport import ProtocolError, decode_selection, workload_inputs
-from evaluator.scoring import InvalidSelection, ScoreReport, aggregate, score_record
+from evaluator.records import AttentionRecord
+from evaluator.scoring import InvalidSelection, ScoreReport, aggregate, dense_weights, score_weights
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 _READ_CHUNK = 64 * 1024
 _MAX_STATUS = 4 * 1024 * 1024
+
+# Called by the trusted scorer with (record index, record, validated float32 weights [b, h, q, k]).
+SelectionHook = Callable[[int, AttentionRecord, torch.Tensor], None]
 
 
 class _CappedReader(threading.Thread):
@@ -207,20 +211,22 @@ class SandboxRun:
 
 def evaluate_in_sandbox(
     candidate_path: str | Path, workload: Any, density_target: float = 0.10, base_seed: int | None = None,
-    limits: SandboxLimits | None = None, pool: WorkerPool | None = None,
+    limits: SandboxLimits | None = None, pool: WorkerPool | None = None, *, on_selection: SelectionHook | None = None,
 ) -> ScoreReport:
     """Score an untrusted candidate file on ``workload`` in a fresh, isolated worker.
 
     Every way the candidate can fail comes back as a ScoreReport with a failure category;
     the numbers of a valid result are computed here, by the trusted scorer, and equal
-    ``evaluator.inprocess.score_file`` exactly.
+    ``evaluator.inprocess.score_file`` exactly. ``on_selection`` (trusted code) receives each
+    record's weights once they have been validated, in record order.
     """
-    return run_candidate(candidate_path, workload, density_target, base_seed, limits, pool).report
+    return run_candidate(candidate_path, workload, density_target, base_seed, limits, pool,
+                         on_selection=on_selection).report
 
 
 def run_candidate(
     candidate_path: str | Path, workload: Any, density_target: float = 0.10, base_seed: int | None = None,
-    limits: SandboxLimits | None = None, pool: WorkerPool | None = None,
+    limits: SandboxLimits | None = None, pool: WorkerPool | None = None, *, on_selection: SelectionHook | None = None,
 ) -> SandboxRun:
     """``evaluate_in_sandbox`` that also returns the worker's outcome, process group and marker."""
     t_start = time.perf_counter()
@@ -253,7 +259,7 @@ def run_candidate(
                "density_target": density_target, "base_seed": base_seed, "num_threads": torch.get_num_threads()}
         worker = pool.take() if pool is not None else Worker(limits, cuda=device.type == "cuda")
         outcome = worker.run(job, scratch)
-        report = _interpret(outcome, limits, workload, density_target, scratch)
+        report = _interpret(outcome, limits, workload, density_target, scratch, on_selection=on_selection)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return SandboxRun(_done(report, label, t_start), outcome, worker.pgid, worker.marker)
@@ -279,7 +285,8 @@ def _log_tail(log: str, limit: int = 4000) -> str | None:
     return log if len(log) <= limit else "...[trimmed]...\n" + log[-limit:]
 
 
-def _interpret(outcome: WorkerOutcome, limits: SandboxLimits, workload: Any, density_target: float, scratch: Path) -> ScoreReport:
+def _interpret(outcome: WorkerOutcome, limits: SandboxLimits, workload: Any, density_target: float, scratch: Path,
+               *, on_selection: SelectionHook | None = None) -> ScoreReport:
     """Turn how the worker ended into a report; only trusted code computes scores."""
     log = _log_tail(outcome.log)
     if not outcome.job_sent:
@@ -310,10 +317,11 @@ def _interpret(outcome: WorkerOutcome, limits: SandboxLimits, workload: Any, den
         details = status.get("details")
         details = str(details)[:8000] if details else log
         return ScoreReport.failure(category, reason, details=details)
-    return _score(status, workload, density_target, scratch, limits)
+    return _score(status, workload, density_target, scratch, limits, on_selection=on_selection)
 
 
-def _score(status: dict[str, Any], workload: Any, density_target: float, scratch: Path, limits: SandboxLimits) -> ScoreReport:
+def _score(status: dict[str, Any], workload: Any, density_target: float, scratch: Path, limits: SandboxLimits,
+           *, on_selection: SelectionHook | None = None) -> ScoreReport:
     entries = status.get("records")
     if not isinstance(entries, list) or len(entries) != len(workload.records):
         return ScoreReport.failure("crash", "the candidate process reported the wrong number of selections")
@@ -333,7 +341,8 @@ def _score(status: dict[str, Any], workload: Any, density_target: float, scratch
             if not isinstance(meta, dict):
                 raise ProtocolError(f"no metadata for {where}")
             selection = decode_selection(path, meta, rec)
-            rows.append((rec.sample, rec.layer, *score_record(rec, selection)))
+            weights = dense_weights(selection, rec)
+            rows.append((rec.sample, rec.layer, *score_weights(rec, weights)))
         except InvalidSelection as exc:
             return ScoreReport.failure("invalid", f"{where}: {exc}")
         except ProtocolError as exc:
@@ -341,4 +350,7 @@ def _score(status: dict[str, Any], workload: Any, density_target: float, scratch
         except Exception as exc:  # noqa: BLE001 - a corrupt file must not crash the evaluator
             return ScoreReport.failure("crash", f"the candidate process wrote an unreadable result for {where}: "
                                        f"{type(exc).__name__}: {exc}"[:1000])
+        if on_selection is not None:
+            # Outside the try: the hook is trusted code, so its failure is ours, not the candidate's.
+            on_selection(i, rec, weights)
     return aggregate(rows, density_target)
