@@ -171,8 +171,11 @@ def _reject_meta(m: dict[str, Any], what: str, record: AttentionRecord) -> None:
         raise InvalidSelection(f"{what} must be a plain torch.Tensor, got {m.get('type')}")
 
 
-def decode_selection(path: Path, meta: dict[str, Any], record: AttentionRecord) -> Any:
+def decode_selection(path: Path | None, meta: dict[str, Any], record: AttentionRecord,
+                     tensors: dict[str, torch.Tensor] | None = None) -> Any:
     """Rebuild the selection of ``record`` from the worker's file; InvalidSelection if it broke the contract.
+
+    ``tensors``: the file's content, already read (sandbox sessions receive it over a pipe).
 
     Raises ProtocolError if the file does not match its own metadata (a tampered worker).
     """
@@ -193,7 +196,7 @@ def decode_selection(path: Path, meta: dict[str, Any], record: AttentionRecord) 
             raise InvalidSelection(f"SparseSelection is on {mi.get('device')}/{mw.get('device')}, inputs are on {device}")
         if mi.get("dtype") not in ("torch.int32", "torch.int64") or not _is_float(mw.get("dtype")):
             raise InvalidSelection(f"SparseSelection needs integer indices and float weights, got {mi.get('dtype')}/{mw.get('dtype')}")
-        t = load_file(str(path))
+        t = load_file(str(path)) if tensors is None else tensors
         idx, w = t.get("indices"), t.get("weights")
         if idx is None or w is None or tuple(idx.shape) != ishape or tuple(w.shape) != ishape \
                 or str(idx.dtype) != mi["dtype"] or w.dtype != torch.float32:
@@ -210,7 +213,7 @@ def decode_selection(path: Path, meta: dict[str, Any], record: AttentionRecord) 
     dtype = meta.get("dtype")
     if not (_is_float(dtype) or dtype == "torch.bool"):
         raise InvalidSelection(f"selection dtype {dtype} is not floating point or bool")
-    t = load_file(str(path))
+    t = load_file(str(path)) if tensors is None else tensors
     n = int(np.prod(shape))
     try:
         nz = torch.from_numpy(np.unpackbits(t["nz"].numpy(), count=n).astype(bool))

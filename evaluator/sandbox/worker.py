@@ -70,6 +70,7 @@ def main() -> None:
     from evaluator import contract  # noqa: F401
     from evaluator.candidate import load_masker, masker_input
     from evaluator.sandbox.transport import InputReader, encode_selection
+    from evaluator.sandbox.session_worker import serve_session  # before the drop: imports may fail after
     from safetensors.torch import save, save_file
 
     # Warm up the write path once, so nothing it lazily imports is needed after the drop.
@@ -89,7 +90,7 @@ def main() -> None:
 
     scratch, out = job["scratch"], os.path.join(job["scratch"], "out")
     status_path = os.path.join(scratch, "status.json")
-    reader = InputReader(job["inputs"], job["device"])
+    reader = None if "session" in job else InputReader(job["inputs"], job["device"])
     torch.set_num_threads(int(job["num_threads"]))  # same threads as in process: same float results
     if job["device"].startswith("cuda"):
         if limits.gpu_memory_fraction:
@@ -120,6 +121,8 @@ def main() -> None:
         category = "memory" if _is_memory_error(exc) else "import"
         finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc}"[:1000],
                 "details": _candidate_traceback(exc, candidate)})
+    if reader is None:
+        serve_session(job, masker, finish)  # many calls over FIFOs (evaluator.sandbox.session); exits
 
     records, written = [], 0
     for i in range(len(reader)):

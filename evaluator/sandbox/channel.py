@@ -1,0 +1,118 @@
+"""Message framing of a sandbox session, over a pair of FIFOs in the worker's scratch folder.
+
+A message is ``<u64 header length><u64 payload length>``, a JSON header, and a safetensors
+payload (``safetensors.torch.save``: a data-only format, so nothing the worker sends can run
+code in the parent). The parent side reads and writes non-blocking with a deadline and caps
+every length: the worker may be hostile and write anything, or nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import struct
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load, save
+
+_LENGTHS = struct.Struct("<QQ")
+MAX_HEADER = 1 << 20
+_CHUNK = 1 << 20
+
+
+class ChannelError(RuntimeError):
+    """The peer sent something that is not a well-formed message."""
+
+
+def pack(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
+    """One framed message; tensors must be on the CPU."""
+    head = json.dumps(header).encode()
+    body = save(tensors) if tensors else b""
+    return _LENGTHS.pack(len(head), len(body)) + head + body
+
+
+def unpack(head: bytes, body: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Parse a message's header and payload; ChannelError if either is malformed."""
+    try:
+        header = json.loads(head)
+        tensors = load(body) if body else {}
+    except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted bytes is a protocol error
+        raise ChannelError(f"malformed message: {type(exc).__name__}: {exc}"[:300]) from exc
+    if not isinstance(header, dict):
+        raise ChannelError("message header is not a JSON object")
+    return header, tensors
+
+
+# ---------------------------------------------------------------- blocking side (worker)
+def read_blocking(fd: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read one message from a blocking fd (the worker trusts its parent)."""
+    head_len, body_len = _LENGTHS.unpack(_read_exact(fd, _LENGTHS.size))
+    return unpack(_read_exact(fd, head_len), _read_exact(fd, body_len))
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = os.read(fd, min(_CHUNK, n - len(buf)))
+        if not chunk:
+            raise EOFError("session channel closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def write_blocking(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# ---------------------------------------------------------------- deadline side (parent)
+class DeadlineIO:
+    """Non-blocking reads and writes on the parent's FIFO ends, polling ``check`` meanwhile.
+
+    ``check()`` is called whenever the peer is not ready; it raises to abort (timeout, the
+    worker died, it printed too much). Every length the worker declares is capped.
+    """
+
+    def __init__(self, read_fd: int, write_fd: int, check: Callable[[], None], max_payload: int) -> None:
+        self.read_fd, self.write_fd, self.check, self.max_payload = read_fd, write_fd, check, max_payload
+        for fd in (read_fd, write_fd):
+            os.set_blocking(fd, False)
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            _, ready, _ = select.select([], [self.write_fd], [], 0.05)
+            if ready:
+                try:
+                    view = view[os.write(self.write_fd, view[:_CHUNK]):]
+                    continue
+                except BlockingIOError:
+                    pass
+            self.check()
+
+    def receive(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        head_len, body_len = _LENGTHS.unpack(self._read_exact(_LENGTHS.size))
+        if head_len > MAX_HEADER:
+            raise ChannelError(f"the worker announced a {head_len}-byte message header")
+        if body_len > self.max_payload:
+            raise ChannelOverflow(f"the worker announced a {body_len}-byte selection, over the {self.max_payload}-byte limit")
+        return unpack(self._read_exact(head_len), self._read_exact(body_len))
+
+    def _read_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            ready, _, _ = select.select([self.read_fd], [], [], 0.05)
+            if ready:
+                try:
+                    buf += os.read(self.read_fd, min(_CHUNK, n - len(buf)))
+                    continue
+                except BlockingIOError:
+                    pass
+            self.check()
+        return bytes(buf)
+
+
+class ChannelOverflow(ChannelError):
+    """The worker tried to send more than the output limit allows."""

@@ -1,0 +1,202 @@
+"""An interactive sandbox session: one untrusted candidate answering many masker calls.
+
+The fast score hands a worker every record at once; faithful scoring cannot, because each
+call's queries and keys depend on the previous calls' selections. A session keeps one worker
+(the same isolation as ``evaluate_in_sandbox``: own process group, rlimits, scrubbed
+environment, ``nobody`` as root, audit hook) and talks to it through two FIFOs in its
+scratch folder (``evaluator.sandbox.channel``):
+
+* parent -> worker, per call: the call's queries, the keys it appended, the query positions
+  (never values or dense outputs); keys of a long shared prefix can be sent once, as a
+  read-only file the worker copies into its own key cache (``setup["prefix"]``);
+* worker -> parent, per call: the selection in the exact compact form of
+  ``evaluator.sandbox.transport.encode_selection``, rebuilt here by ``decode_selection``.
+
+Every failure raises ``SessionFailure`` with a categorised ``ScoreReport`` (the categories of
+the fast score): the worker died (``crash``, or its own ``import``/``exception``/``memory``
+status), the candidate's time ran out (``timeout``: ``limits.wall_s`` bounds the candidate's
+share, i.e. the time the parent spends waiting on it), it printed too much or answered too
+much (``output``), it answered garbage (``crash``) or broke the contract (``invalid``). The
+worker's whole process tree is killed on close, whatever happened.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evaluator.records import AttentionRecord
+from evaluator.sandbox.channel import ChannelError, ChannelOverflow, DeadlineIO, pack
+from evaluator.sandbox.isolation import NOBODY, is_root
+from evaluator.sandbox.limits import SandboxLimits
+from evaluator.sandbox.runner import Worker, WorkerOutcome, WorkerPool, _interpret, _read_status, _syntax_context
+from evaluator.sandbox.transport import ProtocolError, decode_selection
+from evaluator.scoring import InvalidSelection, ScoreReport
+
+
+class SessionFailure(Exception):
+    """The session ended because of the candidate (or the harness); ``report`` says how."""
+
+    def __init__(self, report: ScoreReport) -> None:
+        super().__init__(f"{report.category}: {report.reason}")
+        self.report = report
+
+
+class _Abort(Exception):
+    """Raised inside the channel's wait loop; carries the failure to report."""
+
+    def __init__(self, report: ScoreReport) -> None:
+        super().__init__(report.reason)
+        self.report = report
+
+
+class SandboxSession:
+    """Parent side of one session. Use as a context manager; ``call`` once per masker call."""
+
+    def __init__(self, candidate_path: str | Path, device: str | torch.device, density_target: float, base_seed: int,
+                 setup: dict[str, Any], limits: SandboxLimits | None = None, pool: WorkerPool | None = None) -> None:
+        self.candidate_path = Path(candidate_path)
+        self.device = torch.device(device)
+        self.density_target = density_target
+        self.base_seed = base_seed
+        self.setup = dict(setup)
+        self.limits = pool.limits if pool is not None else (limits or SandboxLimits())
+        self.pool = pool
+        self.scratch: Path | None = None
+        self.worker: Worker | None = None
+        self.io: DeadlineIO | None = None
+        self._fds: list[int] = []
+        self.candidate_s = 0.0  # time spent waiting on the candidate, against limits.wall_s
+        self._wait_started = 0.0
+        self.calls = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Check syntax, start (or take) a worker and hand it the session job."""
+        try:
+            source = self.candidate_path.read_text()
+            compile(source, str(self.candidate_path), "exec")  # compiling runs nothing: safe here
+        except SyntaxError as exc:
+            raise SessionFailure(ScoreReport.failure("syntax", f"line {exc.lineno}: {exc.msg}", details=_syntax_context(exc)))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise SessionFailure(ScoreReport.failure("import", f"cannot read candidate: {exc}"))
+        if self.pool is not None and self.pool.cuda != (self.device.type == "cuda"):
+            raise ValueError(f"WorkerPool(cuda={self.pool.cuda}) cannot serve a session on {self.device}")
+        self.scratch = Path(tempfile.mkdtemp(prefix="adrs-session-"))
+        candidate = self.scratch / self.candidate_path.name
+        candidate.write_text(source)
+        req, resp = self.scratch / "req", self.scratch / "resp"
+        os.mkfifo(req, 0o600)
+        os.mkfifo(resp, 0o600)
+        if is_root():
+            for path in (self.scratch, candidate, req, resp):
+                os.chown(path, NOBODY, NOBODY)
+        # O_RDWR: never blocks on open, and the worker's own opens then never block either.
+        self._fds = [os.open(resp, os.O_RDWR), os.open(req, os.O_RDWR)]
+        self.io = DeadlineIO(self._fds[0], self._fds[1], self._check, self.limits.output_bytes)
+        job = {"scratch": str(self.scratch), "candidate": str(candidate), "device": str(self.device),
+               "density_target": self.density_target, "base_seed": self.base_seed,
+               "num_threads": torch.get_num_threads(),
+               "session": {**self.setup, "req": str(req), "resp": str(resp)}}
+        self.worker = self.pool.take() if self.pool is not None else Worker(self.limits, cuda=self.device.type == "cuda")
+        try:
+            if not self.worker.wait_ready(self.limits.startup_s):
+                raise OSError("worker not ready")
+            self.worker.proc.stdin.write((json.dumps(job) + "\n").encode())
+            self.worker.proc.stdin.close()
+        except OSError:
+            raise SessionFailure(self._report(job_sent=False)) from None
+
+    def close(self) -> None:
+        """Kill the worker's tree, close our FIFO ends, remove scratch. Safe to call twice."""
+        if self.worker is not None:
+            if self.worker.alive() and self.io is not None:
+                try:  # a polite goodbye; the kill below does not depend on it
+                    os.write(self._fds[1], pack({"op": "close"}, {}))
+                except OSError:
+                    pass
+            self.worker.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+
+    def __enter__(self) -> "SandboxSession":
+        try:
+            self.start()
+        except BaseException:
+            self.close()  # __exit__ does not run when __enter__ raises
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ calls
+    def call(self, header: dict[str, Any], tensors: dict[str, torch.Tensor], record: AttentionRecord) -> Any:
+        """Send one call's inputs, wait for the selection, rebuild it for ``record``.
+
+        Returns the selection as the candidate returned it (dense tensor or SparseSelection,
+        on ``record``'s device); the caller validates it with ``evaluator.scoring.dense_weights``.
+        """
+        assert self.io is not None, "call() before start()"
+        self._wait_started = time.monotonic()
+        try:
+            self.io.send(pack({"op": "call", **header}, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+            reply, data = self.io.receive()
+        except _Abort as exc:
+            raise SessionFailure(exc.report) from None
+        except ChannelOverflow as exc:
+            raise SessionFailure(ScoreReport.failure("output", f"the candidate answered too much: {exc}")) from None
+        except ChannelError as exc:
+            raise SessionFailure(ScoreReport.failure("crash", f"the candidate process wrote a malformed reply: {exc}")) from None
+        finally:
+            self.candidate_s += time.monotonic() - self._wait_started
+        self.calls += 1
+        where = f"call {header.get('call')}, layer {header.get('layer')}"
+        meta = reply.get("meta")
+        try:
+            if not isinstance(meta, dict):
+                raise ProtocolError("no selection metadata")
+            return decode_selection(None, meta, record, tensors=data)
+        except InvalidSelection as exc:
+            raise SessionFailure(ScoreReport.failure("invalid", f"{where}: {exc}")) from None
+        except ProtocolError as exc:
+            raise SessionFailure(ScoreReport.failure("crash", f"the candidate process wrote a malformed result: {exc}")) from None
+        except Exception as exc:  # noqa: BLE001 - corrupt data must not crash the evaluator
+            raise SessionFailure(ScoreReport.failure(
+                "crash", f"the candidate process wrote an unreadable result for {where}: {type(exc).__name__}: {exc}"[:1000])) from None
+
+    def _check(self) -> None:
+        """Called while the worker is not ready: raise _Abort on timeout, death or too much output."""
+        worker = self.worker
+        assert worker is not None
+        if worker._reader.exceeded.is_set():
+            raise _Abort(self._report(log_exceeded=True))
+        if self.candidate_s + time.monotonic() - self._wait_started > self.limits.wall_s:
+            raise _Abort(self._report(timed_out=True))
+        if not worker.alive():
+            raise _Abort(self._report())
+
+    def _report(self, job_sent: bool = True, timed_out: bool = False, log_exceeded: bool = False) -> ScoreReport:
+        """The fast score's interpretation of how the worker ended (after killing it)."""
+        worker = self.worker
+        assert worker is not None and self.scratch is not None
+        worker.close()
+        status = _read_status(self.scratch / "status.json")
+        if status is not None and status.get("ok"):
+            status = None  # a session only ends "ok" when we close it: this is a mid-session exit
+        outcome = WorkerOutcome(worker.proc.returncode, timed_out, log_exceeded or worker._reader.exceeded.is_set(),
+                                worker._reader.text(), status, self.candidate_s, job_sent)
+        report = _interpret(outcome, self.limits, None, self.density_target, self.scratch)
+        if report.category == "timeout":
+            report.reason = f"the candidate used more than {self.limits.wall_s:g} s over its masker calls and was killed"
+        return report

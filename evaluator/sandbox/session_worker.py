@@ -1,0 +1,81 @@
+"""Worker side of a sandbox session (see ``evaluator.sandbox.session``).
+
+Called by ``evaluator.sandbox.worker`` after the trusted prologue and the candidate's import,
+so the candidate is already loaded and every limit is in place. Keeps one key cache per layer
+(``[rows, h_kv, max_len, d]``): the shared prefix comes from the read-only file named in the
+setup, every call appends its new keys; the masker gets a fresh copy of ``[:end]``, so what it
+scribbles on is its own. Failures end the process through ``finish`` (status.json), which the
+parent reads once it sees the process gone.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+
+from evaluator.contract import MaskerInput
+from evaluator.records import record_seed
+from evaluator.sandbox.channel import pack, read_blocking, write_blocking
+from evaluator.sandbox.transport import encode_selection
+from evaluator.sandbox.worker import _candidate_traceback, _is_memory_error
+
+
+def serve_session(job: dict[str, Any], masker: Callable[[MaskerInput], Any], finish: Callable[[dict], None]) -> None:
+    """Answer masker calls until the parent says close; never returns (``finish`` exits)."""
+    setup, device = job["session"], job["device"]
+    req = os.open(setup["req"], os.O_RDONLY)
+    resp = os.open(setup["resp"], os.O_WRONLY)
+    prefix = safe_open(setup["prefix"], framework="pt", device="cpu") if setup.get("prefix") else None
+    groups, max_len = int(setup["row_groups"]), int(setup["max_len"])
+    caches: dict[int, torch.Tensor] = {}
+    states: dict[int, dict[str, Any]] = {}
+    served = 0
+    while True:
+        try:
+            header, data = read_blocking(req)
+        except EOFError:
+            finish({"ok": False, "category": "harness", "reason": "the parent closed the session"})
+        if header.get("op") == "close":
+            finish({"ok": True, "calls": served})
+        layer, call, start = int(header["layer"]), int(header["call"]), int(header["start"])
+        queries = data["q"].to(device)
+        new_keys = data["k"].to(device)
+        end = start + new_keys.shape[2]
+        cache = caches.get(layer)
+        if cache is None:
+            cache = caches[layer] = _new_cache(prefix, layer, queries.shape[0], groups, max_len, new_keys, device)
+        cache[:, :, start:end] = new_keys
+        gen = torch.Generator(device=device)
+        gen.manual_seed(record_seed(job["base_seed"], call, layer))
+        inp = MaskerInput(
+            queries=queries, keys=cache[:, :, :end].clone(memory_format=torch.contiguous_format),
+            scaling=float(header["scaling"]), query_positions=data["pos"].to(device), layer_idx=layer,
+            num_layers=int(header["num_layers"]), density_target=job["density_target"], generator=gen,
+            state=states.setdefault(layer, {}),
+        )
+        shape = (queries.shape[0], queries.shape[1], queries.shape[2], end)
+        try:
+            selection = masker(inp)
+            tensors, meta = encode_selection(selection, shape, device)
+        except BaseException as exc:  # noqa: BLE001 - anything raised here is the candidate's
+            category = "memory" if _is_memory_error(exc) else "exception"
+            finish({"ok": False, "category": category,
+                    "reason": f"{type(exc).__name__}: {exc} (call {call}, layer {layer})"[:1000],
+                    "details": _candidate_traceback(exc, job["candidate"])})
+        write_blocking(resp, pack({"meta": meta}, tensors))
+        served += 1
+        del selection, tensors, inp
+
+
+def _new_cache(prefix: Any, layer: int, rows: int, groups: int, max_len: int, like: torch.Tensor, device: str) -> torch.Tensor:
+    """A layer's key cache: the shared prefix (``[rows / groups, h_kv, P, d]``) in every row group."""
+    _, h_kv, _, d = like.shape
+    cache = torch.zeros(rows, h_kv, max_len, d, dtype=like.dtype, device=device)
+    if prefix is not None:
+        keys = prefix.get_tensor(f"k{layer}").to(device)
+        n, length = keys.shape[0], keys.shape[2]
+        for g in range(groups):
+            cache[g * n:(g + 1) * n, :, :length] = keys
+    return cache

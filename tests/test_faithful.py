@@ -1,0 +1,127 @@
+"""Faithful scoring on the real embedded model (the 'faithful-tiny' spec), in process and sandboxed."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from evaluator.faithful import FaithfulContext, FaithfulReport, faithful_score
+from evaluator.faithful.prompts import first_number
+from evaluator.sandbox import SandboxLimits
+from evaluator.sandbox.isolation import live_descendants
+
+ROOT = Path(__file__).resolve().parents[1]
+SELECT_ALL = ROOT / "tests" / "candidates" / "select_all.py"
+SINK_WINDOW = ROOT / "seeds" / "sink_window.py"
+
+# A valid sink + window masker that misbehaves on its second call of layer 4 (the first decode step).
+HOSTILE = '''
+import os, sys, time
+import torch
+from evaluator.contract import MaskerInput, budget, causal_mask
+
+# EVOLVE-BLOCK-START
+def masker(inp: MaskerInput):
+    inp.state["n"] = inp.state.get("n", 0) + 1
+    if inp.layer_idx == 4 and inp.state["n"] == 2:
+{attack}
+    keep = budget(inp)
+    k = torch.arange(inp.num_keys)[None, :]
+    pos = inp.query_positions[:, None]
+    sel = ((k < 4) | (k > pos - keep[:, None])) & causal_mask(inp)
+    b, h = inp.queries.shape[:2]
+    return sel.float().expand(b, h, -1, -1).contiguous()
+# EVOLVE-BLOCK-END
+'''
+
+ATTACKS = {
+    "hang": ("while True:\n    pass", "timeout"),
+    "nan": ("b, h = inp.queries.shape[:2]\nreturn torch.full((b, h, inp.queries.shape[2], inp.num_keys), float('nan'))", "invalid"),
+    "not_a_tensor": ("return 'all of them'", "invalid"),
+    "exit": ("os._exit(0)", "crash"),
+    "raises": ("raise RuntimeError('boom')", "exception"),
+    "prints": ("sys.stdout.write('x' * (4 << 20)); sys.stdout.flush()", "output"),
+    # Raw bytes on the reply channel, then a normal return: the parent must reject the frame.
+    "channel_garbage": (
+        "for fd in os.listdir('/proc/self/fd'):\n"
+        "    if os.readlink(f'/proc/self/fd/{fd}').endswith('resp'):\n"
+        "        os.write(int(fd), b'\\xff' * 64)", "crash"),
+}
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    """Model, prompts, dense prefill and dense reference of 'faithful-tiny', shared by the tests."""
+    context = FaithfulContext("faithful-tiny", "cpu")
+    yield context
+    context.close()
+
+
+def _numbers(r: FaithfulReport) -> dict:
+    d = r.to_dict()
+    d.pop("wall_s")
+    return d
+
+
+def _assert_no_worker_left(ctx: FaithfulContext) -> None:
+    assert ctx.last_worker is not None
+    pgid, marker = ctx.last_worker
+    assert live_descendants(pgid, marker) == []
+
+
+def test_prompts_have_exact_length_and_answers(ctx):
+    prompts = ctx.prompts
+    assert tuple(prompts.ids.shape) == (2, 256)
+    for row, answer in zip(prompts.ids, prompts.answers):
+        assert f"pass key for" in ctx.tokenizer.decode(row[:-prompts.sparse_tokens].tolist())
+        assert answer in ctx.tokenizer.decode(row.tolist())
+    assert first_number(" the key is 12345.") == "12345" and first_number("none") is None
+
+
+def test_select_all_reproduces_dense_decoding(ctx):
+    r = ctx.score(SELECT_ALL, 0.10)
+    assert r.valid, r.reason
+    assert r.error == 0.0 and r.density == pytest.approx(1.0)
+    assert r.agreement == 1.0 and r.kl == pytest.approx(0.0, abs=1e-12)
+    assert r.needle_accuracy == r.dense_needle_accuracy
+    assert r.n_calls == 30 * (1 + 6)
+    _assert_no_worker_left(ctx)
+
+
+def test_sink_window_sandboxed_equals_in_process(ctx):
+    sandboxed = ctx.score(SINK_WINDOW, 0.10)
+    in_process = ctx.score(SINK_WINDOW, 0.10, in_process=True)
+    assert sandboxed.valid and in_process.valid, (sandboxed.reason, in_process.reason)
+    assert sandboxed.density <= 0.10 and sandboxed.error > 0.0 and sandboxed.kl > 0.0
+    assert sandboxed.density_penalty == 0.0
+    assert _numbers(sandboxed) == _numbers(in_process)
+    assert len(sandboxed.per_layer) == 30
+
+
+def test_faithful_score_function_with_context(ctx):
+    r = faithful_score(SINK_WINDOW, "faithful-tiny", 0.10, in_process=True, context=ctx)
+    assert r.valid and r.spec == ctx.spec.label
+    again = FaithfulReport.from_dict(r.to_dict())
+    assert again.per_layer == r.per_layer
+    with pytest.raises(ValueError):
+        faithful_score(SINK_WINDOW, "faithful-small", 0.10, context=ctx)
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_hostile_mid_session_is_contained(ctx, tmp_path, attack):
+    code, category = ATTACKS[attack]
+    path = tmp_path / f"{attack}.py"
+    path.write_text(HOSTILE.replace("{attack}", textwrap.indent(code, " " * 8)))
+    r = ctx.score(path, 0.10, limits=SandboxLimits(wall_s=8.0))
+    assert not r.valid and r.category == category, (r.category, r.reason)
+    # Generous: the bound is the candidate's 8 s plus the trusted decode on a shared 2-core box.
+    assert r.wall_s < 120
+    _assert_no_worker_left(ctx)
+
+
+def test_syntax_error_fails_before_any_worker(ctx, tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("def masker(inp:\n")
+    r = ctx.score(path, 0.10)
+    assert not r.valid and r.category == "syntax"
