@@ -93,6 +93,9 @@ def main() -> None:
     reader = None if "session" in job else InputReader(job["inputs"], job["device"])
     torch.set_num_threads(int(job["num_threads"]))  # same threads as in process: same float results
     if job["device"].startswith("cuda"):
+        if ":" in job["device"]:
+            # A scheduler slot owns one GPU: the memory cap and bare "cuda" tensors go there, not to GPU 0.
+            torch.cuda.set_device(job["device"])
         if limits.gpu_memory_fraction:
             torch.cuda.set_per_process_memory_fraction(limits.gpu_memory_fraction)
         # Initialise CUDA and load cuBLAS now: their libraries may be unreadable as nobody.

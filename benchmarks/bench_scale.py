@@ -1,0 +1,103 @@
+"""Evaluations per minute with 1..N evaluation slots (GPUs, CPU workers or Ray actors).
+
+    python benchmarks/bench_scale.py [--workload default] [--slots 1 2] [--per-slot 6]
+    python benchmarks/bench_scale.py --executor ray --ray-address HEAD:6379 --slots 1 2 4
+
+Local: one slot per GPU (``cuda:0`` .. ``cuda:N-1``), or N CPU workers where there is no GPU.
+Every slot first scores one candidate (worker start-up, workload copied to its device), then
+``per-slot * N`` copies of the seed are submitted at once and timed to the last result: the
+throughput a run sees when its LLM keeps enough proposals in flight. Prints a table and
+writes ``benchmarks/results/scale_<device>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from adrs.scheduler import LocalScheduler, Scheduler, local_devices  # noqa: E402
+from evaluator.sandbox import SandboxLimits  # noqa: E402
+from evaluator.workload import load_workload, resolve_spec  # noqa: E402
+
+SEED = ROOT / "seeds" / "sink_window.py"
+
+
+def _scheduler(args: argparse.Namespace, slots: int) -> tuple[Scheduler, str]:
+    limits = SandboxLimits(wall_s=600)
+    if args.executor == "ray":
+        from adrs.scheduler.ray_backend import RayScheduler
+
+        sched = RayScheduler({"search": resolve_spec(args.workload)}, 0.10, limits, address=args.ray_address, workers=slots)
+        return sched, "ray-gpu" if sched.use_gpu else "ray-cpu"
+    devices = local_devices(slots)
+    if devices[0] == "cpu" and args.split_threads:
+        # CPU workers share the cores: without this, N workers each run all-core torch ops.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // slots))
+    if len(devices) < slots:
+        raise SystemExit(f"asked for {slots} slots, this machine has {len(devices)} GPU(s)")
+    workload = load_workload(args.workload, progress=False)
+    return LocalScheduler(lambda which: workload, 0.10, limits, devices=devices), devices[0].split(":")[0]
+
+
+def measure(args: argparse.Namespace, slots: int) -> dict:
+    code = SEED.read_text()
+    sched, kind = _scheduler(args, slots)
+    try:
+        for f in [sched.submit(code) for _ in range(slots)]:
+            assert f.result().valid, "the seed must score"
+        n = args.per_slot * slots
+        t0 = time.perf_counter()
+        reports = [f.result() for f in [sched.submit(code) for _ in range(n)]]
+        elapsed = time.perf_counter() - t0
+    finally:
+        sched.close()
+    assert all(r.valid for r in reports)
+    return {"slots": slots, "kind": kind, "torch_threads": torch.get_num_threads(), "evaluations": n, "elapsed_s": elapsed, "per_minute": 60 * n / elapsed,
+            "mean_eval_s": sum(r.wall_s for r in reports) / n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workload", default="default")
+    ap.add_argument("--slots", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--per-slot", type=int, default=6, help="timed evaluations per slot")
+    ap.add_argument("--executor", choices=["local", "ray"], default="local")
+    ap.add_argument("--ray-address", default=None)
+    ap.add_argument("--split-threads", action="store_true",
+                    help="CPU workers: give each cores/N torch threads (changes float results slightly)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    rows = [measure(args, s) for s in args.slots]
+    base = rows[0]["per_minute"] / rows[0]["slots"]
+    table = Table("slots", "kind", "evaluations", "elapsed s", "evals/min", "speed-up", "mean eval s",
+                  title=f"bench_scale: {args.workload}, {args.executor}")
+    for r in rows:
+        r["speedup_vs_first"] = r["per_minute"] / rows[0]["per_minute"]
+        r["efficiency"] = r["per_minute"] / (base * r["slots"])
+        table.add_row(str(r["slots"]), r["kind"], str(r["evaluations"]), f"{r['elapsed_s']:.1f}",
+                      f"{r['per_minute']:.1f}", f"{r['speedup_vs_first']:.2f}x", f"{r['mean_eval_s']:.2f}")
+    Console().print(table)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    result = {"workload": args.workload, "executor": args.executor, "device": device,
+              "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+              "cpu_cores": os.cpu_count(), "rows": rows,
+              "command": " ".join(["python", "benchmarks/bench_scale.py", *sys.argv[1:]])}
+    out = args.out or ROOT / "benchmarks" / "results" / f"scale_{rows[0]['kind']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
