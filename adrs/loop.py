@@ -9,6 +9,7 @@ seed and config, so a replay produces the same archive.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from evaluator.scoring import ScoreReport
 
 Event = dict[str, Any]
 MAX_CONSECUTIVE_LLM_FAILURES = 5
+OFFLINE_DRAWS = 8  # tries for an offline child whose code is not archived yet
 
 
 @dataclass(frozen=True)
@@ -125,11 +127,18 @@ class Proposer:
     def max_in_flight(self) -> int:
         return 1 if self.client is None else self.cfg.llm.max_in_flight
 
-    async def propose(self, archive: Archive, choice: Any, key: int, notes: list[str]) -> tuple[MutationResult, dict | None, str | None, str | None]:
+    async def propose(self, archive: Archive, choice: Any, key: int, notes: list[str],
+                      seen: set[str]) -> tuple[MutationResult, dict | None, str | None, str | None]:
         parent_code = archive.code(choice.parent_id)
         if self.client is None:
             partner = archive.code(choice.top_ids[0]) if choice.top_ids else None
-            return self.offline.propose(parent_code, partner, key=key), None, None, None
+            # Random perturbations often land on code already archived; other draws (still a
+            # function of seed and key, so replays match) are cheaper than a re-evaluation.
+            for attempt in range(OFFLINE_DRAWS):
+                result = self.offline.propose(parent_code, partner, key=f"{key}/{attempt}" if attempt else key)
+                if result.code is None or code_hash(result.code) not in seen:
+                    break
+            return result, None, None, None
         from adrs.llm.proposal import propose
         from adrs.prompts import render_prompt
 
@@ -150,13 +159,27 @@ class Proposer:
         return proposal.result, llm, prompt.system + "\n\n" + prompt.user, "\n\n---\n\n".join(proposal.replies)
 
 
-async def _make_child(archive: Archive, cfg: RunConfig, scorer: CodeScorer, proposer: Proposer, slot: int, notes: list[str]) -> Child:
+def code_hash(code: str) -> str:
+    """Identity of a candidate's code, to skip re-evaluating what the archive already holds."""
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def archived_hashes(archive: Archive) -> set[str]:
+    return {code_hash(archive.code(r.id)) for r in archive.all()}
+
+
+async def _make_child(archive: Archive, cfg: RunConfig, scorer: CodeScorer, proposer: Proposer, slot: int,
+                      notes: list[str], seen: set[str]) -> Child:
     rows = archive.all()
     choice = select_parent(island_view(rows, slot, cfg), slot, cfg.selection, cfg.seed)
-    mutation, llm, prompt, response = await proposer.propose(archive, choice, slot, notes)
+    mutation, llm, prompt, response = await proposer.propose(archive, choice, slot, notes, seen)
     if mutation.code is None:
         report = ScoreReport.failure("mutation", mutation.error or "the reply could not be applied")
         code = archive.code(choice.parent_id)
+    elif code_hash(mutation.code) in seen:
+        # Recorded (so the model's history shows it) but not evaluated: its score is known.
+        report = ScoreReport.failure("mutation", "duplicate: this exact code is already in the archive; not evaluated")
+        code = mutation.code
     else:
         code = mutation.code
         report = await asyncio.to_thread(scorer.score, code)
@@ -216,6 +239,7 @@ async def evolve(
         _backfill_checkpoint(archive, cfg)
         paused = cfg.review.mode == "pause" and bool(review.pending(archive))
         pending: set[asyncio.Task] = set()
+        seen = archived_hashes(archive)
         llm_failures = 0
         try:
             while archive.next_iteration() < total or pending:
@@ -230,13 +254,16 @@ async def evolve(
                     slot = archive.next_iteration() + len(pending)
                     if slot >= total:
                         break
-                    pending.add(asyncio.create_task(_make_child(archive, cfg, scorer, proposer, slot, notes)))
+                    pending.add(asyncio.create_task(_make_child(archive, cfg, scorer, proposer, slot, notes, seen)))
                 if not pending:
                     break
                 stats.in_flight = len(pending)
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    exc = task.exception()
+                # Every finished task's outcome is read before acting on any: an exception left
+                # unread is logged when the task is garbage-collected, and on CPython 3.11 that
+                # traceback formatting inside the collector can break a concurrent ast.parse.
+                outcomes = [(task, task.exception()) for task in done]
+                for task, exc in outcomes:
                     if isinstance(exc, BudgetExceeded):
                         emit({"kind": "budget", "message": f"budget reached: {exc}; finishing in-flight work"})
                     elif isinstance(exc, LLMError):
@@ -251,12 +278,16 @@ async def evolve(
                         raise exc
                     else:
                         llm_failures = 0
-                        checkpoint = _commit(archive, scorer, task.result(), stats, emit)
+                        child = task.result()
+                        seen.add(code_hash(child.code))
+                        checkpoint = _commit(archive, scorer, child, stats, emit)
                         if checkpoint and cfg.review.mode == "pause" and archive.next_iteration() < total:
                             paused = True
         finally:
             for task in pending:
                 task.cancel()
+            if pending:  # abandoned proposals: collect their outcomes so none is left unread
+                await asyncio.gather(*pending, return_exceptions=True)
     return stats
 
 

@@ -7,6 +7,7 @@ requests received are kept for assertions.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ class Reply:
 
 
 class LoopbackOpenAI:
-    """Context manager running the server in a daemon thread on 127.0.0.1, port 0."""
+    """Context manager running the server in a thread on 127.0.0.1, port 0; handler threads are joined on exit."""
 
     def __init__(self, replies: list[Reply] | None = None, default: Reply | None = None) -> None:
         self._replies = list(replies or [])
@@ -52,8 +53,8 @@ class LoopbackOpenAI:
                     server.active += 1
                     server.peak_concurrency = max(server.peak_concurrency, server.active)
                 try:
-                    if reply.delay_s:
-                        time.sleep(reply.delay_s)
+                    if reply.delay_s and server._closing.wait(reply.delay_s):
+                        return  # the test is over: do not write to a client that is gone
                 finally:
                     with server._lock:
                         server.active -= 1
@@ -82,8 +83,20 @@ class LoopbackOpenAI:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and went away: expected in hang tests
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
+        self._closing = threading.Event()
+        self.handler_errors: list[BaseException] = []  # e.g. a client that hung up mid-reply
+
+        class Server(ThreadingHTTPServer):
+            # Handler threads are joined on close, and errors are recorded, not printed: a
+            # traceback printed from a stray thread (which parses source lines on 3.11) while
+            # the main thread parses is CPython's AST race (python/cpython#106905).
+            daemon_threads = False
+            block_on_close = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                server.handler_errors.append(sys.exc_info()[1])
+
+        self._httpd = Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     def _next(self, body: dict[str, Any]) -> Reply:
@@ -105,5 +118,6 @@ class LoopbackOpenAI:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._closing.set()
         self._httpd.shutdown()
-        self._httpd.server_close()
+        self._httpd.server_close()  # joins the handler threads

@@ -39,6 +39,16 @@ def test_offline_run_replays_exactly(tmp_path, tiny_workload):
     assert other != first
 
 
+def test_offline_never_evaluates_archived_code_twice(tmp_path, tiny_workload):
+    rows = run(tmp_path, tiny_config(iterations=20), tiny_workload)
+    evaluated = [r[5] for r in rows if r[3] != "failed"]
+    assert len(evaluated) == len(set(evaluated)) >= 10  # every scored candidate is new code
+    duplicates = [r for r in rows if r[3] == "failed"]
+    with open_run(tmp_path) as archive:
+        for r in duplicates:
+            assert "duplicate" in (archive.get(r[0]).category or "") or archive.record(archive.get(r[0]).id)["category"] == "mutation"
+
+
 def test_resume_continues_without_gaps(tmp_path, tiny_workload):
     cfg = tiny_config(iterations=3)
     run(tmp_path, cfg, tiny_workload)
