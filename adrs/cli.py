@@ -42,8 +42,11 @@ def score(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     in_process: bool = typer.Option(False, "--in-process", help="run the candidate in this process (trusted code only)"),
     timeout: float = typer.Option(300.0, help="wall-time limit for the candidate, seconds"),
+    speedup: bool = typer.Option(False, "--speedup", help="also time its selections with the sparse-decode kernel vs dense SDPA (CUDA)"),
 ) -> None:
     """Score one candidate file on a workload (fast score: per-layer error on cached activations)."""
+    from evaluator.sandbox import SandboxLimits
+    from evaluator.speedup import score_with_speedup
     from evaluator.workload import load_workload
 
     if not file.is_file():
@@ -52,10 +55,14 @@ def score(
         wl = load_workload(workload, progress=not json_out)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    report = _evaluate(file, wl, target, in_process, timeout)
+    limits = SandboxLimits(wall_s=timeout)
+    if speedup:
+        report, speed = score_with_speedup(file, wl, target, sandbox=not in_process, limits=limits)
+    else:
+        report, speed = _evaluate(file, wl, target, in_process, limits), None
     data = report.to_dict()
     if json_out:
-        print(json.dumps(data))
+        print(json.dumps(data | ({"speedup": speed.to_dict()} if speed is not None else {})))
     else:
         out.print(_report_table(data))
         if data.get("per_layer"):
@@ -63,17 +70,29 @@ def score(
             for row in data["per_layer"]:
                 layers.add_row(str(row["layer"]), f"{row['error']:.4f}", f"{row['density']:.4f}")
             out.print(layers)
+        if speed is not None:
+            out.print(_speedup_line(speed))
     raise typer.Exit(0 if report.valid else 1)
 
 
-def _evaluate(file: Path, wl, target: float, in_process: bool, timeout: float):
+def _speedup_line(speed) -> str:
+    if not speed.measured:
+        return f"decode speedup: not measured ({speed.error or speed.reason})"
+    text = (f"decode speedup vs dense SDPA ({speed.device}, {speed.dtype}): {speed.overall_speedup:.2f}x overall, "
+            f"{speed.mean_speedup:.2f}x mean over {speed.n_records} records ({speed.dense_us:.1f} us -> {speed.sparse_us:.1f} us)")
+    if speed.overall_kv_speedup is not None:
+        text += f"; {speed.overall_kv_speedup:.2f}x with one index list per KV head"
+    return text
+
+
+def _evaluate(file: Path, wl, target: float, in_process: bool, limits):
     if in_process:
         from evaluator.inprocess import score_file
 
         return score_file(file, wl, target)
-    from evaluator.sandbox import SandboxLimits, evaluate_in_sandbox
+    from evaluator.sandbox import evaluate_in_sandbox
 
-    return evaluate_in_sandbox(file, wl, target, limits=SandboxLimits(wall_s=timeout))
+    return evaluate_in_sandbox(file, wl, target, limits=limits)
 
 
 def _open(run_dir: Path):

@@ -122,3 +122,16 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, tiny_workload):
     adrs("reindex", str(run_dir))
     with open_run(run_dir) as archive:
         assert [(r.id, r.combined_score) for r in archive.leaderboard(100)] == board
+
+
+def test_score_speedup_flag_reports_why_nothing_was_timed_on_cpu(tiny_workload):
+    import torch
+
+    proc = adrs("score", str(ROOT / "seeds" / "sink_window.py"), "--workload", "tiny", "--speedup", "--json")
+    data = json.loads(proc.stdout)
+    assert data["valid"] and "speedup" in data
+    if not torch.cuda.is_available():
+        assert data["speedup"]["measured"] is False and "no CUDA" in data["speedup"]["reason"]
+        assert data["speedup"]["mean_speedup"] is None
+    else:
+        assert data["speedup"]["measured"] and data["speedup"]["overall_speedup"] > 0
