@@ -170,6 +170,7 @@ def run(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: runs/<name>-<timestamp>"),
     iterations: Optional[int] = typer.Option(None, help="override the config's iteration count"),
     llm: Optional[str] = typer.Option(None, help="'offline' to use the LLM-free mutator"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="evaluate on this Ray cluster (sets executor: ray)"),
 ) -> None:
     """Start an evolution run."""
     import time as _time
@@ -184,6 +185,7 @@ def run(
             cfg = cfg.model_copy(update={"llm": "offline"})
     except ConfigError as exc:
         raise UserError(f"{config}: {exc}") from None
+    cfg = _with_ray_address(cfg, ray_address)
     cfg = cfg.model_copy(update={"seed_candidate": str(_find_seed(Path(cfg.seed_candidate), config))})
     if run_dir is None:
         run_dir = Path("runs") / f"{cfg.name}-{_time.strftime('%Y%m%d-%H%M%S')}"
@@ -196,9 +198,18 @@ def run(
 
 @app.command()
 def resume(run_dir: Path = typer.Argument(..., help="run directory"),
-           iterations: Optional[int] = typer.Option(None, help="override the total iteration count")) -> None:
+           iterations: Optional[int] = typer.Option(None, help="override the total iteration count"),
+           ray_address: Optional[str] = typer.Option(None, "--ray-address", help="evaluate on this Ray cluster")) -> None:
     """Continue a run from what was committed."""
-    _evolve(run_dir, _run_config(run_dir), iterations, Path.cwd())
+    _evolve(run_dir, _with_ray_address(_run_config(run_dir), ray_address), iterations, Path.cwd())
+
+
+def _with_ray_address(cfg, address: Optional[str]):
+    """The config with evaluation on the Ray cluster at ``address`` (unchanged when None)."""
+    if address is None:
+        return cfg
+    evaluation = cfg.evaluation.model_copy(update={"executor": "ray", "ray_address": address})
+    return cfg.model_copy(update={"evaluation": evaluation})
 
 
 def _run_config(run_dir: Path):
