@@ -9,6 +9,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
+import torch
 
 from adrs.config import parse_config
 from adrs.evaluate import CodeScorer
@@ -229,3 +230,30 @@ def test_a_worker_that_fails_to_start_is_retried(tiny_workload, monkeypatch):
     with make_scheduler(cfg, lambda which: tiny_workload) as sched:
         report = sched.submit(SEED.read_text()).result(timeout=60)
     assert report.valid and len(calls) == 2
+
+
+def test_wait_started_tells_a_scheduler_whose_slots_cannot_start():
+    class NoStart(FakeSlot):
+        def open(self) -> None:
+            raise OSError("no such device")
+
+    with SlotScheduler([NoStart("n", 0)]) as sched:
+        assert sched.wait_started(5) is False
+        assert sched.submit("x").result(timeout=1).category == "worker_lost"
+    with SlotScheduler([NoStart("n", 0), FakeSlot("ok", 0)]) as sched:
+        assert sched.wait_started(5) is True
+        assert sched.submit("x").result(timeout=5).valid
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_slot_per_gpu_each_scoring_on_its_own_gpu(tiny_workload):
+    from evaluator.workload import load_workload
+
+    devices = local_devices()
+    assert devices == [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    with LocalScheduler(lambda which: tiny_workload, 0.1, SandboxLimits(), devices=devices) as sched:
+        futures = [sched.submit(SEED.read_text()) for _ in range(2 * len(devices))]
+        reports = [f.result(timeout=300) for f in futures]
+    expected = score_file(SEED, load_workload("tiny", device="cuda:0", progress=False), 0.1).combined_score
+    assert all(r.valid and r.combined_score == pytest.approx(expected, abs=1e-6) for r in reports)

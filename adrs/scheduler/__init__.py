@@ -30,6 +30,11 @@ def make_scheduler(config: RunConfig, workloads: WorkloadSource) -> Scheduler:
     """
     ev = config.evaluation
     if ev.executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise RuntimeError("evaluation.executor 'ray' needs the ray package: pip install 'adrs[ray]' "
+                               "(the same Ray version as the cluster)") from None
         from adrs.scheduler.ray_backend import RayScheduler
 
         specs = {"search": config.workload_spec(), "heldout": config.heldout_spec()}

@@ -105,6 +105,8 @@ class SlotScheduler(Scheduler):
         self._max_attempts = max_attempts
         # Re-entrant: resolving a future runs its callbacks here, and one may submit again.
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._opened = 0
         self._closed = False
         self._alive = len(slots)
         self._slots = list(slots)
@@ -116,6 +118,12 @@ class SlotScheduler(Scheduler):
     @property
     def slots(self) -> int:
         return len(self._slots)
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Block until one slot has started (True) or every slot failed to (False)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._opened > 0 or self._alive == 0, timeout)
+            return self._opened > 0
 
     def submit(self, code: str, which: Which = "search") -> "Future[ScoreReport]":
         if which not in WHICH:
@@ -149,6 +157,9 @@ class SlotScheduler(Scheduler):
             log.exception("evaluation slot %s failed to start; retiring it", slot.name)
             self._retire(slot)
             return
+        with self._changed:
+            self._opened += 1
+            self._changed.notify_all()
         try:
             while (job := self._queue.get()) is not None:
                 if not self._run(slot, job):
@@ -194,9 +205,10 @@ class SlotScheduler(Scheduler):
                 _resolve(job.future, _lost(job, "no evaluation worker is left"))
 
     def _retire(self, slot: Slot) -> None:
-        with self._lock:
+        with self._changed:
             self._alive -= 1
             last = self._alive == 0
+            self._changed.notify_all()
         if last:
             # Nobody will take what is queued: resolve it rather than leave callers waiting.
             self._drain(lambda job: _resolve(job.future, _lost(job, "no evaluation worker is left")))

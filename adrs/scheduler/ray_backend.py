@@ -236,6 +236,11 @@ class RayScheduler(SlotScheduler):
         self.use_gpu = use_gpu
         self._ray_slots = [RaySlot(i, actor_cls, args, guard, start_timeout_s, load_timeout_s) for i in range(count)]
         super().__init__(self._ray_slots, max_attempts)
+        # Fail at start, not by recording every candidate of the run as worker_lost.
+        if not self.wait_started(start_timeout_s + 5):
+            self.close()
+            raise RuntimeError(f"no evaluation actor could start on the Ray cluster at {address or 'auto'} "
+                               f"(is adrs installed on its nodes, and are {count} {'GPU' if use_gpu else 'CPU'}s free?)")
 
     def worker_info(self) -> list[dict[str, Any]]:
         """pid, node and device of each slot's current actor (empty for one not started yet)."""
