@@ -61,6 +61,7 @@ def ctx():
 def _numbers(r: FaithfulReport) -> dict:
     d = r.to_dict()
     d.pop("wall_s")
+    d.pop("candidate_s")
     return d
 
 

@@ -56,6 +56,7 @@ class FaithfulReport:
     prompt_tokens: int = 0
     sparse_tokens: int = 0
     wall_s: float = 0.0
+    candidate_s: float | None = None  # sandboxed: time spent waiting on the worker (its masker calls + transport)
     category: str | None = None
     reason: str | None = None
     details: str | None = None

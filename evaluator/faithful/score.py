@@ -117,6 +117,8 @@ class FaithfulContext:
         t0 = time.perf_counter()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.tokenizer = load_model(self.spec.model, device=self.device)
+        # "cuda" -> "cuda:0": workers compare device strings of what the masker returns.
+        self.device = next(self.model.parameters()).device
         self.prompts: NeedlePrompts = build_prompts(self.spec, self.tokenizer)
         n, total = self.spec.n_samples, self.spec.prompt_tokens
         self.context_len = total - self.prompts.sparse_tokens
@@ -159,6 +161,7 @@ class FaithfulContext:
               in_process: bool = False, pool: WorkerPool | None = None) -> FaithfulReport:
         """Faithful score of one candidate file (sandboxed unless ``in_process``)."""
         t0 = time.perf_counter()
+        candidate_s = None
         try:
             if in_process:
                 trace = self._decode(in_process_selector(_load_trusted(candidate_path), density_target, self.spec.seed),
@@ -170,12 +173,14 @@ class FaithfulContext:
                     if session.worker is not None:
                         self.last_worker = (session.worker.pgid, session.worker.marker)
                     trace = self._decode(session_selector(session), self.reference.teacher_tokens)
+                candidate_s = session.candidate_s
         except SessionFailure as exc:
             return self._failed(exc.report.category or "crash", exc.report.reason or "", exc.report.details, t0)
         except CandidateFailure as exc:
             return self._failed(exc.category, exc.reason, exc.details, t0)
         report = self._report(trace, density_target)
         report.wall_s = time.perf_counter() - t0
+        report.candidate_s = candidate_s
         return report
 
     def _failed(self, category: str, reason: str, details: str | None, t0: float) -> FaithfulReport:
