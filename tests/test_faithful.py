@@ -4,11 +4,15 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from evaluator.faithful import FaithfulContext, FaithfulReport, faithful_score
 from evaluator.faithful.prompts import first_number
 from evaluator.sandbox import SandboxLimits
+from evaluator.sandbox.devicepack import decode_dense_on_device, encode_selection_on_device, packbits, unpackbits
+from evaluator.sandbox.transport import encode_selection
 from evaluator.sandbox.isolation import live_descendants
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +73,25 @@ def _assert_no_worker_left(ctx: FaithfulContext) -> None:
     assert ctx.last_worker is not None
     pgid, marker = ctx.last_worker
     assert live_descendants(pgid, marker) == []
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1001])
+def test_device_packbits_match_numpy(n):
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3
+    assert torch.equal(packbits(mask), torch.from_numpy(np.packbits(mask.numpy())))
+    assert torch.equal(unpackbits(packbits(mask), n), mask)
+
+
+def test_device_encoding_equals_transport_encoding():
+    shape = (2, 3, 4, 16)
+    w = (torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.4).float()
+    w[0, 0, 0, :3] = torch.tensor([2.5, float("nan"), 7.0])
+    ours, meta = encode_selection_on_device(w, shape, "cpu")
+    theirs, meta2 = encode_selection(w, shape, "cpu")
+    assert meta == meta2 and ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ("nz", "ne1")) and torch.allclose(ours["vals"], theirs["vals"], equal_nan=True)
+    back = decode_dense_on_device(ours, shape, torch.device("cpu"))
+    assert torch.equal(back.isnan(), w.isnan()) and torch.equal(back.nan_to_num(), w.nan_to_num())
 
 
 def test_prompts_have_exact_length_and_answers(ctx):

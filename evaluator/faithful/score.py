@@ -173,6 +173,7 @@ class FaithfulContext:
                     if session.worker is not None:
                         self.last_worker = (session.worker.pgid, session.worker.marker)
                     trace = self._decode(session_selector(session), self.reference.teacher_tokens)
+                    session.check_output()
                 candidate_s = session.candidate_s
         except SessionFailure as exc:
             return self._failed(exc.report.category or "crash", exc.report.reason or "", exc.report.details, t0)

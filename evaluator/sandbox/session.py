@@ -10,7 +10,9 @@ scratch folder (``evaluator.sandbox.channel``):
   (never values or dense outputs); keys of a long shared prefix can be sent once, as a
   read-only file the worker copies into its own key cache (``setup["prefix"]``);
 * worker -> parent, per call: the selection in the exact compact form of
-  ``evaluator.sandbox.transport.encode_selection``, rebuilt here by ``decode_selection``.
+  ``evaluator.sandbox.transport.encode_selection``, bit-packed on the worker's device and
+  unpacked on ours (``evaluator.sandbox.devicepack``); sparse and malformed selections go
+  through ``transport.decode_selection``, which words the validator's reasons.
 
 Every failure raises ``SessionFailure`` with a categorised ``ScoreReport`` (the categories of
 the fast score): the worker died (``crash``, or its own ``import``/``exception``/``memory``
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 
 from evaluator.records import AttentionRecord
+from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok
 from evaluator.sandbox.channel import ChannelError, ChannelOverflow, DeadlineIO, pack
 from evaluator.sandbox.isolation import NOBODY, is_root
 from evaluator.sandbox.limits import SandboxLimits
@@ -161,12 +164,15 @@ class SandboxSession:
         finally:
             self.candidate_s += time.monotonic() - self._wait_started
         self.calls += 1
+        self.check_output()
         where = f"call {header.get('call')}, layer {header.get('layer')}"
         meta = reply.get("meta")
         try:
             if not isinstance(meta, dict):
                 raise ProtocolError("no selection metadata")
-            return decode_selection(None, meta, record, tensors=data)
+            if dense_meta_ok(meta, record.weights_shape, record.queries.device):
+                return decode_dense_on_device(data, record.weights_shape, record.queries.device)
+            return decode_selection(None, meta, record, tensors=data)  # sparse, or the validator's reason
         except InvalidSelection as exc:
             raise SessionFailure(ScoreReport.failure("invalid", f"{where}: {exc}")) from None
         except ProtocolError as exc:
@@ -174,6 +180,11 @@ class SandboxSession:
         except Exception as exc:  # noqa: BLE001 - corrupt data must not crash the evaluator
             raise SessionFailure(ScoreReport.failure(
                 "crash", f"the candidate process wrote an unreadable result for {where}: {type(exc).__name__}: {exc}"[:1000])) from None
+
+    def check_output(self) -> None:
+        """Raise SessionFailure if the worker printed past the log cap (a quick reply would hide it)."""
+        if self.worker is not None and self.worker._reader.exceeded.is_set():
+            raise SessionFailure(self._report(log_exceeded=True))
 
     def _check(self) -> None:
         """Called while the worker is not ready: raise _Abort on timeout, death or too much output."""

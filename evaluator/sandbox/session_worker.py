@@ -18,7 +18,7 @@ from safetensors import safe_open
 from evaluator.contract import MaskerInput
 from evaluator.records import record_seed
 from evaluator.sandbox.channel import pack, read_blocking, write_blocking
-from evaluator.sandbox.transport import encode_selection
+from evaluator.sandbox.devicepack import encode_selection_on_device
 from evaluator.sandbox.worker import _candidate_traceback, _is_memory_error
 
 
@@ -58,7 +58,7 @@ def serve_session(job: dict[str, Any], masker: Callable[[MaskerInput], Any], fin
         shape = (queries.shape[0], queries.shape[1], queries.shape[2], end)
         try:
             selection = masker(inp)
-            tensors, meta = encode_selection(selection, shape, device)
+            tensors, meta = encode_selection_on_device(selection, shape, device)
         except BaseException as exc:  # noqa: BLE001 - anything raised here is the candidate's
             category = "memory" if _is_memory_error(exc) else "exception"
             finish({"ok": False, "category": category,
