@@ -84,12 +84,10 @@ class DeadlineIO:
         view = memoryview(data)
         while view:
             _, ready, _ = select.select([], [self.write_fd], [], 0.05)
-            if ready:
-                try:
-                    view = view[os.write(self.write_fd, view[:_CHUNK]):]
-                    continue
-                except BlockingIOError:
-                    pass
+            written = _nonblocking(os.write, self.write_fd, view[:_CHUNK]) if ready else None
+            if written:
+                view = view[written:]
+                continue
             self.check()
 
     def receive(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -104,14 +102,20 @@ class DeadlineIO:
         buf = bytearray()
         while len(buf) < n:
             ready, _, _ = select.select([self.read_fd], [], [], 0.05)
-            if ready:
-                try:
-                    buf += os.read(self.read_fd, min(_CHUNK, n - len(buf)))
-                    continue
-                except BlockingIOError:
-                    pass
+            chunk = _nonblocking(os.read, self.read_fd, min(_CHUNK, n - len(buf))) if ready else None
+            if chunk:
+                buf += chunk
+                continue
             self.check()
         return bytes(buf)
+
+
+def _nonblocking(op: Callable[..., Any], fd: int, arg: Any) -> Any:
+    """``op(fd, arg)``, or None when the fd is not ready after all (select can wake spuriously)."""
+    try:
+        return op(fd, arg)
+    except BlockingIOError:
+        return None
 
 
 class ChannelOverflow(ChannelError):

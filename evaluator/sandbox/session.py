@@ -23,6 +23,7 @@ worker's whole process tree is killed on close, whatever happened.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -120,10 +121,9 @@ class SandboxSession:
         """Kill the worker's tree, close our FIFO ends, remove scratch. Safe to call twice."""
         if self.worker is not None:
             if self.worker.alive() and self.io is not None:
-                try:  # a polite goodbye; the kill below does not depend on it
+                # A polite goodbye; the kill below does not depend on it, so a full pipe is fine.
+                with contextlib.suppress(OSError):
                     os.write(self._fds[1], pack({"op": "close"}, {}))
-                except OSError:
-                    pass
             self.worker.close()
         for fd in self._fds:
             os.close(fd)
