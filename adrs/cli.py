@@ -43,14 +43,19 @@ def score(
     in_process: bool = typer.Option(False, "--in-process", help="run the candidate in this process (trusted code only)"),
     timeout: float = typer.Option(300.0, help="wall-time limit for the candidate, seconds"),
     speedup: bool = typer.Option(False, "--speedup", help="also time its selections with the sparse-decode kernel vs dense SDPA (CUDA)"),
+    faithful: bool = typer.Option(False, "--faithful", help="faithful score: the model decodes with the selections in every layer"),
 ) -> None:
-    """Score one candidate file on a workload (fast score: per-layer error on cached activations)."""
+    """Score one candidate file: fast (per-layer error on cached activations) or --faithful (a real sparse decode)."""
     from evaluator.sandbox import SandboxLimits
     from evaluator.speedup import score_with_speedup
     from evaluator.workload import load_workload
 
     if not file.is_file():
         raise UserError(f"no such candidate file: {file}")
+    if faithful:
+        report = _faithful(file, workload, target, in_process, SandboxLimits(wall_s=timeout))
+        _print_faithful(report, json_out)
+        raise typer.Exit(0 if report.valid else 1)
     try:
         wl = load_workload(workload, progress=not json_out)
     except ValueError as exc:
@@ -73,6 +78,31 @@ def score(
         if speed is not None:
             out.print(_speedup_line(speed))
     raise typer.Exit(0 if report.valid else 1)
+
+
+def _faithful(file: Path, workload: str, target: float, in_process: bool, limits):
+    from evaluator.faithful import faithful_score
+    from evaluator.faithful.spec import faithful_preset_for
+
+    try:
+        preset = faithful_preset_for(workload)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return faithful_score(file, preset, target, limits=limits, in_process=in_process)
+
+
+def _print_faithful(report, json_out: bool) -> None:
+    data = report.to_dict()
+    if json_out:
+        print(json.dumps(data))
+        return
+    table = Table(show_header=False, box=None, title="faithful score (sparse decode in every layer)")
+    for key in ("valid", "combined_score", "error", "density", "agreement", "kl", "kl_max", "needle_accuracy",
+                "dense_needle_accuracy", "n_calls", "wall_s", "candidate_s", "category", "reason", "spec"):
+        if data.get(key) is not None:
+            value = data[key]
+            table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+    out.print(table)
 
 
 def _speedup_line(speed) -> str:
@@ -342,6 +372,7 @@ def rescore(
     cand: str = typer.Argument(..., help="id, iteration, commit prefix or 'best'"),
     workload: Optional[str] = typer.Option(None, help="preset; default: the run's held-out workload, else its search one"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    faithful: bool = typer.Option(False, "--faithful", help="faithful score (a real sparse decode) instead of the fast one"),
 ) -> None:
     """Score an archived candidate again (sandboxed, by default on the held-out workload) and keep the result."""
     from adrs.evaluate import CodeScorer
@@ -350,6 +381,9 @@ def rescore(
     from evaluator.workload.spec import resolve_spec
 
     cfg = _run_config(run_dir)
+    if faithful:
+        _rescore_faithful(run_dir, cand, cfg, workload, json_out)
+        return
     try:
         spec = resolve_spec(workload) if workload is not None else (cfg.heldout_spec() or cfg.workload_spec())
     except ValueError as exc:
@@ -370,6 +404,34 @@ def rescore(
     else:
         out.print(f"{ref.id} re-scored on {report.workload}; kept as a note beside the candidate")
         out.print(_compare(old, report.to_dict(), "search (archived)", "re-score"))
+    raise typer.Exit(0 if report.valid else 1)
+
+
+def _rescore_faithful(run_dir: Path, cand: str, cfg, workload: Optional[str], json_out: bool) -> None:
+    import tempfile
+
+    from adrs.loop import rescore_entry
+    from evaluator.faithful.spec import resolve_faithful_spec
+    from evaluator.sandbox import SandboxLimits
+
+    if workload is None:
+        held = cfg.heldout_workload
+        workload = held if isinstance(held, str) else "faithful-heldout"
+    with _open(run_dir) as archive:
+        ref = _get(archive, cand)
+        code = archive.code(ref.id)
+    limits = SandboxLimits(wall_s=cfg.evaluation.timeout_s, memory_mb=cfg.evaluation.memory_mb)
+    with tempfile.TemporaryDirectory(prefix="adrs-rescore-") as tmp:
+        path = Path(tmp) / "candidate.py"
+        path.write_text(code)
+        report = _faithful(path, workload, cfg.density_target, cfg.evaluation.in_process, limits)
+    spec = resolve_faithful_spec(report.spec.split("@")[0]) if report.spec else None
+    with _open(run_dir) as archive:
+        entry = rescore_entry(report.to_dict(), spec.content_hash() if spec else "", "faithful")
+        archive.add_rescore(ref.id, entry)
+    if not json_out:
+        out.print(f"{ref.id} faithfully re-scored on {report.spec}; kept as a note beside the candidate")
+    _print_faithful(report, json_out)
     raise typer.Exit(0 if report.valid else 1)
 
 

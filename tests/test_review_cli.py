@@ -162,3 +162,19 @@ def test_resume_waits_while_a_checkpoint_is_pending(tmp_path, tiny_workload):
         if proc.poll() is None:
             proc.kill()
     assert len(_rows(run)[0]) == 3
+
+
+def test_faithful_score_and_rescore_through_the_cli(small_run):
+    seed = str(ROOT / "seeds" / "sink_window.py")
+    data = json.loads(adrs("score", seed, "--workload", "tiny", "--faithful", "--json").stdout)
+    assert data["valid"] and data["spec"].startswith("faithful-tiny@") and data["density"] <= 0.10
+    assert 0.0 <= data["agreement"] <= 1.0 and data["kl"] >= 0.0 and data["n_calls"] > 0
+    again = json.loads(adrs("rescore", str(small_run), "0", "--faithful", "--workload", "faithful-tiny", "--json").stdout)
+    assert again["combined_score"] == pytest.approx(data["combined_score"], abs=1e-12)  # same code, same numbers
+    from adrs.archive import open_run
+
+    with open_run(small_run) as archive:
+        kept = [n for n in archive.rescores("c000000") if n["why"] == "faithful"]
+    assert kept and kept[-1]["report"]["agreement"] == again["agreement"]
+    bad = adrs("score", seed, "--workload", "nope", "--faithful", check=False)
+    assert bad.returncode == 2 and "no faithful preset" in bad.stderr

@@ -20,7 +20,6 @@ import os
 import shutil
 import tempfile
 import time
-import traceback
 import uuid
 import weakref
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from evaluator.candidate import load_masker
+from evaluator.candidate import format_traceback, load_masker
 from evaluator.contract import MaskerInput
 from evaluator.faithful.decode import CallInputs, DecodeTrace, SparseDecoder, causal_selector
 from evaluator.faithful.metrics import FaithfulReport, call_scores, distribution_scores, needle_answers
@@ -85,7 +84,7 @@ def in_process_selector(masker: Callable[[MaskerInput], Any], density_target: fl
         except Exception as exc:  # noqa: BLE001 - a candidate's bug becomes a structured failure
             category = "memory" if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) else "exception"
             raise CandidateFailure(category, f"{type(exc).__name__}: {exc} (call {inputs.call}, layer {inputs.layer})",
-                                   traceback.format_exc(limit=8)) from None
+                                   format_traceback()) from None
         return _validated(selection, inputs)
 
     return select
@@ -214,7 +213,7 @@ def _load_trusted(path: str | Path) -> Callable[[MaskerInput], Any]:
     try:
         return load_masker(path)
     except Exception as exc:  # noqa: BLE001
-        raise CandidateFailure("import", f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=8)) from None
+        raise CandidateFailure("import", f"{type(exc).__name__}: {exc}", format_traceback()) from None
 
 
 def _shared_dir(need: int) -> Path:

@@ -67,3 +67,17 @@ def resolve_faithful_spec(name_or_spec: str | FaithfulSpec) -> FaithfulSpec:
         return FAITHFUL_PRESETS[name_or_spec]
     except KeyError:
         raise ValueError(f"unknown faithful spec {name_or_spec!r}; presets: {', '.join(FAITHFUL_PRESETS)}") from None
+
+
+# The fast-score preset each faithful preset pairs with (same texts and seed split).
+FAST_TO_FAITHFUL = {"default": "faithful", "heldout": "faithful-heldout", "small": "faithful-small",
+                    "small-heldout": "faithful-heldout", "tiny": "faithful-tiny", "tiny-heldout": "faithful-tiny"}
+
+
+def faithful_preset_for(name: str) -> str:
+    """A faithful preset name given either a faithful preset or the fast-score preset it pairs with."""
+    if name in FAITHFUL_PRESETS:
+        return name
+    if name in FAST_TO_FAITHFUL:
+        return FAST_TO_FAITHFUL[name]
+    raise ValueError(f"no faithful preset for {name!r}; presets: {', '.join(FAITHFUL_PRESETS)}")

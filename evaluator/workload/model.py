@@ -69,11 +69,18 @@ def resolve_model_path(ref: str) -> str:
 def load_model(ref: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(ref)
+    # A weight-loading bar for a sub-second local load is noise in every CLI table.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as exc:
         raise OSError(f"cannot load model {ref!r}: {exc}. Use 'embedded' or a local path when offline.") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval(), tokenizer
