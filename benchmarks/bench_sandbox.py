@@ -5,11 +5,15 @@ For each workload (tiny, small) and device (cpu; cuda when available) and seed m
 * in_process_s: load + run the masker on every record + trusted scoring, in this process;
 * sandbox_cold_s: the same through ``evaluate_in_sandbox`` with a freshly started worker;
 * sandbox_warm_s: the same with a warm spare worker from a ``WorkerPool`` (torch imported);
+* warm_worker_s / warm_parent_s: of sandbox_warm_s, the part from handing the job to the
+  worker until it exited (masker, encoding, writing selections) and the rest (job set-up,
+  reading, unpacking, validating and scoring the selections in the trusted parent);
 * startup_s: start a worker until it is ready (interpreter + torch + isolation);
 * inputs_write_s: writing the workload's shared inputs file (once per workload, not per call).
 
 Overhead ratio = (sandbox - in_process) / in_process. Prints a table and writes
-benchmarks/results/sandbox.json. Usage: ``python benchmarks/bench_sandbox.py [--repeat 3]``.
+benchmarks/results/sandbox.json. Usage: ``python benchmarks/bench_sandbox.py [--repeat 3]
+[--workloads tiny,small] [--devices cpu,cuda] [--seeds sink_window,oracle_topk]``.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from evaluator.inprocess import score_file  # noqa: E402
-from evaluator.sandbox import SandboxLimits, Worker, WorkerPool, evaluate_in_sandbox  # noqa: E402
+from evaluator.sandbox import SandboxLimits, Worker, WorkerPool, evaluate_in_sandbox, run_candidate  # noqa: E402
 from evaluator.sandbox.transport import workload_inputs  # noqa: E402
 from evaluator.workload import load_workload  # noqa: E402
 
@@ -43,7 +47,7 @@ def _median(fn, repeat: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def bench(workload_name: str, device: str, repeat: int, limits: SandboxLimits) -> list[dict]:
+def bench(workload_name: str, device: str, repeat: int, limits: SandboxLimits, seeds: list[Path]) -> list[dict]:
     workload = load_workload(workload_name, device=device, progress=False)
     t0 = time.perf_counter()
     workload_inputs(workload)
@@ -56,21 +60,24 @@ def bench(workload_name: str, device: str, repeat: int, limits: SandboxLimits) -
         startup.append(time.perf_counter() - t0)
         w.close()
     rows = []
-    for seed in [s for s in SEEDS if s.exists()]:
+    for seed in [s for s in seeds if s.exists()]:
         inproc_s, ref = _median(lambda: score_file(seed, workload, 0.1), repeat)
         cold_s, cold = _median(lambda: evaluate_in_sandbox(seed, workload, 0.1, limits=limits), repeat)
         with WorkerPool(limits, cuda=device == "cuda") as pool:
-            warm = []
+            warm, worker = [], []
             for _ in range(repeat):
                 pool.wait_ready(limits.startup_s)  # measure the warm path: spare already up
                 t0 = time.perf_counter()
-                rep = evaluate_in_sandbox(seed, workload, 0.1, pool=pool)
+                run = run_candidate(seed, workload, 0.1, pool=pool)
                 warm.append(time.perf_counter() - t0)
-            warm_s = statistics.median(warm)
+                worker.append(run.outcome.elapsed_s if run.outcome else float("nan"))
+            rep = run.report
+            warm_s, worker_s = statistics.median(warm), statistics.median(worker)
         assert cold.combined_score == ref.combined_score == rep.combined_score, (seed.name, cold.reason)
         rows.append({
             "workload": workload_name, "device": device, "candidate": seed.stem, "records": len(workload.records),
             "in_process_s": inproc_s, "sandbox_cold_s": cold_s, "sandbox_warm_s": warm_s,
+            "warm_worker_s": worker_s, "warm_parent_s": warm_s - worker_s,
             "startup_s": statistics.median(startup), "inputs_write_s": inputs_write_s,
             "overhead_cold_ratio": (cold_s - inproc_s) / inproc_s, "overhead_warm_ratio": (warm_s - inproc_s) / inproc_s,
         })
@@ -79,12 +86,13 @@ def bench(workload_name: str, device: str, repeat: int, limits: SandboxLimits) -
 
 
 HEAD = f"{'workload':<8} {'dev':<5} {'candidate':<12} {'rec':>4} {'inproc s':>9} {'cold s':>8} {'warm s':>8} " \
-       f"{'start s':>8} {'inputs s':>9} {'cold x':>7} {'warm x':>7}"
+       f"{'worker s':>8} {'parent s':>8} {'start s':>8} {'inputs s':>9} {'cold x':>7} {'warm x':>7}"
 
 
 def _fmt(r: dict) -> str:
     return (f"{r['workload']:<8} {r['device']:<5} {r['candidate']:<12} {r['records']:>4} {r['in_process_s']:>9.3f} "
-            f"{r['sandbox_cold_s']:>8.3f} {r['sandbox_warm_s']:>8.3f} {r['startup_s']:>8.3f} {r['inputs_write_s']:>9.3f} "
+            f"{r['sandbox_cold_s']:>8.3f} {r['sandbox_warm_s']:>8.3f} {r['warm_worker_s']:>8.3f} {r['warm_parent_s']:>8.3f} "
+            f"{r['startup_s']:>8.3f} {r['inputs_write_s']:>9.3f} "
             f"{r['overhead_cold_ratio']:>7.2f} {r['overhead_warm_ratio']:>7.2f}")
 
 
@@ -93,6 +101,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workloads", default="tiny,small")
     ap.add_argument("--devices", default="cpu,cuda")
+    ap.add_argument("--seeds", default=",".join(s.stem for s in SEEDS), help="seed maskers (names in seeds/)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sandbox.json"))
     args = ap.parse_args()
     limits = SandboxLimits(wall_s=600)
@@ -101,7 +110,7 @@ def main() -> None:
     rows = []
     for name in args.workloads.split(","):
         for device in devices:
-            rows += bench(name, device, args.repeat, limits)
+            rows += bench(name, device, args.repeat, limits, [REPO / "seeds" / f"{n}.py" for n in args.seeds.split(",")])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -266,3 +266,100 @@ def test_worker_start_failure_is_harness_not_candidate(tiny):
     run = run_candidate(HOSTILE / "empty_selection.py", tiny, 0.1, limits=replace(LIMITS, startup_s=0.01))
     assert run.report.category == "harness", run.report.reason
     assert live_descendants(run.pgid, run.marker) == []
+
+
+# ---------------------------------------------------------------- fast-path selection encoding
+from evaluator.sandbox import devicepack  # noqa: E402
+from evaluator.sandbox.transport import ProtocolError, decode_selection, encode_selection  # noqa: E402
+
+ENC_SHAPE = (1, 3, 5, 13)  # 195 weights: not a multiple of 8, so the padding bits are exercised
+
+
+def _selections(device: str) -> dict[str, torch.Tensor]:
+    """Dense selections of every kind a masker returns: bool, float of ones, 1/p weights, NaN, half."""
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(ENC_SHAPE, generator=gen) < 0.35
+    weighted = mask.float() * torch.where(torch.rand(ENC_SHAPE, generator=gen) < 0.5, 1.0, 1 / 0.3)
+    nan = weighted.clone()
+    nan[0, 1, 2, :2] = torch.tensor([float("nan"), float("inf")])
+    sels = {"bool": mask, "ones": mask.float(), "weighted": weighted, "nan": nan, "half": weighted.half(),
+            "none": torch.zeros(ENC_SHAPE, dtype=torch.bool), "all": torch.ones(ENC_SHAPE),
+            "expanded_bool": mask[:, :1].expand(ENC_SHAPE)}
+    return {k: v.to(device) for k, v in sels.items()}
+
+
+def _same_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Equal keys, dtypes, shapes and bytes (NaN payloads compared as bits, not as values)."""
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        and torch.equal(a[k].cpu().contiguous().view(torch.uint8), b[k].cpu().contiguous().view(torch.uint8)) for k in a)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1001])
+def test_torch_packbits_match_numpy_on_host(n):
+    """The torch formulation (what runs on a GPU) agrees with numpy, which the host path uses."""
+    import numpy as np
+
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3
+    packed = devicepack._packbits_torch(mask)
+    assert torch.equal(packed, torch.from_numpy(np.packbits(mask.numpy())))
+    assert torch.equal(devicepack.packbits(mask), packed)
+    assert torch.equal(devicepack._unpackbits_torch(packed, n), mask)
+    assert devicepack.unpackbits(packed, n).dtype == torch.bool and torch.equal(devicepack.unpackbits(packed, n), mask)
+
+
+@pytest.mark.parametrize("kind", list(_selections("cpu")))
+def test_worker_encoding_is_the_transport_encoding(kind, tmp_path):
+    """The worker's fast path writes byte-identical files and the parent's unpacking gives the
+    same float32 weights as the numpy decoder, for every kind of dense selection."""
+    from safetensors.torch import load_file, save_file
+
+    sel = _selections("cpu")[kind]
+    ours, meta = devicepack.encode_selection_on_device(sel, ENC_SHAPE, "cpu")
+    ref, ref_meta = encode_selection(sel, ENC_SHAPE, "cpu")
+    assert meta == ref_meta and _same_bytes(ours, ref), kind
+    path = tmp_path / "rec0.safetensors"
+    save_file(ours, str(path))
+    rec = load_workload("tiny", progress=False).records[0]
+    rec = replace(rec, queries=rec.queries[:, :3, :5], positions=rec.positions[:5], keys=rec.keys[:, :, :13])
+    assert rec.weights_shape == ENC_SHAPE and devicepack.dense_meta_ok(meta, ENC_SHAPE, rec.queries.device)
+    fast = devicepack.decode_dense_on_device(load_file(str(path)), ENC_SHAPE, torch.device("cpu"))
+    slow = decode_selection(path, meta, rec)
+    expected = sel.to(torch.float32)
+    for got in (fast, slow):
+        assert got.dtype == torch.float32 and got.shape == ENC_SHAPE
+        assert torch.equal(got.view(torch.int32), expected.contiguous().view(torch.int32)), kind  # bit for bit
+
+
+def test_device_decoder_rejects_tampered_data():
+    """A worker that lies about its data gets ProtocolError (a crash report), never wrong weights."""
+    sel = _selections("cpu")["weighted"]
+    good, _ = devicepack.encode_selection_on_device(sel, ENC_SHAPE, "cpu")
+    cpu = torch.device("cpu")
+    tampered = {
+        "missing vals": {k: v for k, v in good.items() if k != "vals"},
+        "short nz": {**good, "nz": good["nz"][:-1]},
+        "nz as int32": {**good, "nz": good["nz"].to(torch.int32)},
+        "extra value": {**good, "vals": torch.cat([good["vals"], torch.ones(1)])},
+        "vals as float64": {**good, "vals": good["vals"].double()},
+        "vals 2-d": {**good, "vals": good["vals"][None]},
+        "short ne1": {**good, "ne1": good["ne1"][:-1]},
+    }
+    for what, tensors in tampered.items():
+        with pytest.raises(ProtocolError):
+            devicepack.decode_dense_on_device(tensors, ENC_SHAPE, cpu)
+            pytest.fail(f"accepted {what}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", list(_selections("cpu")))
+def test_gpu_encoding_is_the_transport_encoding(kind):
+    """On a GPU the worker packs on the device and the parent unpacks there: same bytes, same weights."""
+    sel = _selections("cuda")[kind]
+    ours, meta = devicepack.encode_selection_on_device(sel, ENC_SHAPE, str(sel.device))
+    ref, _ = encode_selection(sel.cpu(), ENC_SHAPE, "cpu")
+    assert _same_bytes(ours, ref), kind
+    back = devicepack.decode_dense_on_device(ours, ENC_SHAPE, sel.device)
+    assert back.device == sel.device
+    assert torch.equal(back.cpu().view(torch.int32), sel.cpu().to(torch.float32).contiguous().view(torch.int32)), kind

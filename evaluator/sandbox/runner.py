@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import load_file
 
 from evaluator.sandbox.isolation import NOBODY, is_root, kill_tree, scrubbed_env
 from evaluator.sandbox.limits import SandboxLimits
+from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok
 from evaluator.sandbox.transport import ProtocolError, decode_selection, workload_inputs
 from evaluator.records import AttentionRecord
 from evaluator.scoring import InvalidSelection, ScoreReport, aggregate, dense_weights, score_weights
@@ -340,7 +342,13 @@ def _score(status: dict[str, Any], workload: Any, density_target: float, scratch
             meta = entry.get("meta") if isinstance(entry, dict) else None
             if not isinstance(meta, dict):
                 raise ProtocolError(f"no metadata for {where}")
-            selection = decode_selection(path, meta, rec)
+            if dense_meta_ok(meta, rec.weights_shape, rec.queries.device):
+                # The common case: unpack on the workload's device (1/32 of the float32 bytes
+                # cross to it). Anything else goes through decode_selection, which words the
+                # validator's reason for a wrong type, shape, device or dtype.
+                selection = decode_dense_on_device(load_file(str(path)), rec.weights_shape, rec.queries.device)
+            else:
+                selection = decode_selection(path, meta, rec)
             weights = dense_weights(selection, rec)
             rows.append((rec.sample, rec.layer, *score_weights(rec, weights)))
         except InvalidSelection as exc:

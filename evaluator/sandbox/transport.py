@@ -109,6 +109,11 @@ class InputReader:
     def __len__(self) -> int:
         return len(self.meta)
 
+    def _load(self, name: str) -> torch.Tensor:
+        """A stored tensor as float32 on the device, converted there: ``.to(cuda, float32)`` on a
+        host tensor converts on the host first and ships twice the bytes. Exact either way."""
+        return self._file.get_tensor(name).to(self.device).to(torch.float32)
+
     def record(self, i: int) -> AttentionRecord:
         """An AttentionRecord without values or dense output (empty tensors stand in)."""
         sample, layer, num_layers, scaling = self.meta[i]
@@ -116,7 +121,7 @@ class InputReader:
         empty = torch.empty(0, device=self.device)
         return AttentionRecord(
             sample=sample, layer=layer, num_layers=num_layers,
-            queries=get(f"q{i}").to(self.device, torch.float32), keys=get(f"k{i}").to(self.device, torch.float32),
+            queries=self._load(f"q{i}"), keys=self._load(f"k{i}"),
             values=empty, positions=get(f"p{i}").to(self.device), scaling=float(scaling), dense_out=empty,
         )
 

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import traceback
+from typing import Any, Callable
 
 from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, isolate_network
 from evaluator.sandbox.limits import SandboxLimits
@@ -50,6 +51,17 @@ def _candidate_traceback(exc: BaseException, candidate: str) -> str:
     return _trim("".join(tb.format()))
 
 
+def _warm_encoder(encode: Callable[..., Any], save: Callable[..., bytes], device: str) -> None:
+    """Run every branch of the selection encoder once (float and bool selections) on ``device``."""
+    import torch
+
+    shape = (1, 1, 2, 4)
+    sel = torch.tensor([[[[1.0, 0.0, 2.0, 0.0], [1.0, 1.0, 0.0, 0.0]]]], device=device)
+    for s in (sel, sel != 0):
+        encoded, _ = encode(s, shape, device)
+        save(encoded)
+
+
 def main() -> None:
     ready_fd, limits = int(sys.argv[1]), SandboxLimits.from_json(sys.argv[2])
     network = isolate_network()
@@ -69,17 +81,20 @@ def main() -> None:
 
     from evaluator import contract  # noqa: F401
     from evaluator.candidate import load_masker, masker_input
-    from evaluator.sandbox.transport import InputReader, encode_selection
+    from evaluator.sandbox.devicepack import encode_selection_on_device
+    from evaluator.sandbox.transport import InputReader
     from evaluator.sandbox.session_worker import serve_session  # before the drop: imports may fail after
     from safetensors.torch import save, save_file
 
     # Warm up the write path once, so nothing it lazily imports is needed after the drop.
-    encoded, _ = encode_selection(torch.ones(1, 1, 1, 2), (1, 1, 1, 2), "cpu")
-    save(encoded)
+    _warm_encoder(encode_selection_on_device, save, "cpu")
     if cuda_job:
         # CUDA context + cuBLAS before "ready": a warm spare then hands the candidate a live GPU.
         x = torch.ones(8, 8, device="cuda")
         (x @ x).sum().item()
+        # The device encoder's kernels too: CUDA loads each kernel lazily on first use, which
+        # would otherwise land on the first record, inside the candidate's clock.
+        _warm_encoder(encode_selection_on_device, save, "cuda")
 
     os.write(ready_fd, b"R")
     os.close(ready_fd)
@@ -133,7 +148,8 @@ def main() -> None:
         where = f"sample {rec.sample}, layer {rec.layer}"
         try:
             selection = masker(masker_input(rec, job["density_target"], job["base_seed"], state={}))
-            tensors, meta = encode_selection(selection, rec.weights_shape, str(rec.queries.device))
+            # Packed where the selection lives: only bits and non-unit values cross to the host.
+            tensors, meta = encode_selection_on_device(selection, rec.weights_shape, str(rec.queries.device))
         except BaseException as exc:  # noqa: BLE001
             category = "memory" if _is_memory_error(exc) else "exception"
             finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc} ({where})"[:1000],
