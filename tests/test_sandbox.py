@@ -363,3 +363,21 @@ def test_gpu_encoding_is_the_transport_encoding(kind):
     back = devicepack.decode_dense_on_device(ours, ENC_SHAPE, sel.device)
     assert back.device == sel.device
     assert torch.equal(back.cpu().view(torch.int32), sel.cpu().to(torch.float32).contiguous().view(torch.int32)), kind
+
+
+def test_pool_starts_the_replacement_after_the_job(tiny):
+    """run_candidate leaves the spare's start-up until its worker has exited (so it does not steal
+    the candidate's cores), and the pool is warm again afterwards; plain take() still starts it at once."""
+    with WorkerPool(LIMITS) as pool:
+        first = pool._spare
+        with pool.deferred_spare():
+            taken = pool.take()
+        assert taken is first and pool._spare is None
+        taken.close()
+        run = run_candidate(HOSTILE / "empty_selection.py", tiny, 0.1, pool=pool)
+        assert run.report.category == "invalid", run.report.reason
+        spare = pool._spare
+        assert spare is not None and spare.pgid != run.pgid and spare.alive()
+        plain = pool.take()
+        assert plain is spare and pool._spare is not None and pool._spare is not spare
+        plain.close()
