@@ -369,6 +369,7 @@ def test_pool_starts_the_replacement_after_the_job(tiny):
     """run_candidate leaves the spare's start-up until its worker has exited (so it does not steal
     the candidate's cores), and the pool is warm again afterwards; plain take() still starts it at once."""
     with WorkerPool(LIMITS) as pool:
+        pool.defer_spares = True  # as on a machine of few cores (the default there)
         first = pool._spare
         with pool.deferred_spare():
             taken = pool.take()
@@ -381,3 +382,8 @@ def test_pool_starts_the_replacement_after_the_job(tiny):
         plain = pool.take()
         assert plain is spare and pool._spare is not None and pool._spare is not spare
         plain.close()
+        pool.defer_spares = False  # many cores: the replacement starts at once, even inside the block
+        with pool.deferred_spare():
+            again = pool.take()
+        assert pool._spare is not None and pool._spare is not again
+        again.close()

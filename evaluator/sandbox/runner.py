@@ -166,11 +166,14 @@ def _read_status(path: Path) -> dict[str, Any] | None:
         return None
 
 
+SMALL_MACHINE_CORES = 4  # at most this many cores: start spare workers only between candidates
+
 class WorkerPool:
     """Keeps one warm spare worker (torch imported, no candidate run) to hide start-up time.
 
     Every worker still serves exactly one candidate; the pool only starts the next one early.
-    ``take`` starts the replacement at once, unless inside ``deferred_spare()``: then it starts
+    ``take`` starts the replacement at once, unless inside ``deferred_spare()`` on a machine of
+    at most ``SMALL_MACHINE_CORES`` cores: then it starts
     at ``replenish()`` (``run_candidate`` calls it once the candidate is scored), so the
     replacement's start-up (interpreter, torch, CUDA context: seconds of CPU) does not compete
     with the candidate's run or the scoring for cores; on 2 cores it made the worker's job 6x
@@ -181,6 +184,9 @@ class WorkerPool:
         self.limits = limits or SandboxLimits()
         self.cuda = cuda
         self._defer = False
+        # Deferring costs back-to-back evaluations the spare's start-up; only worth it where
+        # that start-up would steal the candidate's cores.
+        self.defer_spares = (os.cpu_count() or 1) <= SMALL_MACHINE_CORES
         self._spare: Worker | None = Worker(self.limits, cuda)
 
     def wait_ready(self, timeout: float) -> bool:
@@ -195,8 +201,9 @@ class WorkerPool:
 
     @contextlib.contextmanager
     def deferred_spare(self) -> Iterator[None]:
-        """``take`` calls inside this block leave starting the replacement to ``replenish``."""
-        self._defer = True
+        """``take`` calls inside this block leave starting the replacement to ``replenish``
+        (on small machines only: see ``defer_spares``)."""
+        self._defer = self.defer_spares
         try:
             yield
         finally:
