@@ -133,9 +133,11 @@ class Proposer:
         if self.client is None:
             partner = archive.code(choice.top_ids[0]) if choice.top_ids else None
             # Random perturbations often land on code already archived; other draws (still a
-            # function of seed and key, so replays match) are cheaper than a re-evaluation.
+            # function of seed and key, so replays match), with ever wider steps once the
+            # neighbourhood is used up, are cheaper than a re-evaluation.
             for attempt in range(OFFLINE_DRAWS):
-                result = self.offline.propose(parent_code, partner, key=f"{key}/{attempt}" if attempt else key)
+                result = self.offline.propose(parent_code, partner, key=f"{key}/{attempt}" if attempt else key,
+                                              step_scale=1.0 + attempt)
                 if result.code is None or code_hash(result.code) not in seen:
                     break
             return result, None, None, None

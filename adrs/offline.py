@@ -172,10 +172,13 @@ class OfflineMutator:
     max_changes: int = 2
     sigma: float = 0.35
 
-    def propose(self, parent_code: str, partner_code: str | None = None, key: int | str = 0) -> MutationResult:
+    def propose(self, parent_code: str, partner_code: str | None = None, key: int | str = 0,
+                step_scale: float = 1.0) -> MutationResult:
         """Mutate ``parent_code``; with ``partner_code``, sometimes recombine with it.
 
         ``key`` (e.g. the iteration) selects the random stream: same seed + key, same child.
+        ``step_scale`` widens the perturbation (the loop does when small steps only find code
+        the archive already holds).
         """
         # String seeds hash with SHA-512, so this does not depend on PYTHONHASHSEED.
         rng = random.Random(f"offline/{self.seed}/{key}")
@@ -185,7 +188,7 @@ class OfflineMutator:
                 new_block, changes = crossover_block(block, split_candidate(partner_code).block, rng)
                 if changes:
                     return self._result(parent_code, new_block, "crossover", "crossover: " + "; ".join(changes))
-            new_block, changes = perturb_block(block, rng, self.max_changes, self.sigma)
+            new_block, changes = perturb_block(block, rng, self.max_changes, self.sigma * step_scale)
         except SyntaxError as exc:
             return MutationResult(code=None, error=f"cannot parse the EVOLVE block: {exc}", kind="perturb", summary="")
         if not changes:
