@@ -92,3 +92,18 @@ def test_needle_tasks_hide_the_answer():
     for t in tasks:
         assert t.answer in t.prompt and t.prompt.rstrip().endswith(f"pass key for {t.key} is")
         assert 0.0 <= t.depth <= 1.0
+
+
+def test_workload_identity_covers_the_texts_not_just_their_name(tmp_path):
+    """pydoc's topics differ between Python versions: the hash must change with the text itself."""
+    from evaluator.faithful.spec import FaithfulSpec
+    from evaluator.workload.spec import WorkloadSpec
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("first paragraph\n\nsecond paragraph")
+    spec, faithful = WorkloadSpec(texts=str(corpus)), FaithfulSpec(texts=str(corpus))
+    before = (spec.content_hash(), faithful.content_hash())
+    corpus.write_text("first paragraph\n\nsecond paragraph, edited")
+    after = (spec.content_hash(), faithful.content_hash())
+    assert before[0] != after[0] and before[1] != after[1]
+    assert WorkloadSpec().content_hash() == WorkloadSpec(name="renamed").content_hash()  # the name is not content

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from evaluator.workload.texts import texts_digest
+
 # Bump when prompt construction or decoding changes what a spec means.
 FAITHFUL_VERSION = 1
 # The embedded model's context window; prompt plus generated tokens must fit under it.
@@ -35,6 +37,7 @@ class FaithfulSpec(BaseModel):
         """Short hash of everything that determines prompts and decoding."""
         payload = self.model_dump(exclude={"name"})
         payload["faithful_version"] = FAITHFUL_VERSION
+        payload["texts_digest"] = texts_digest(self.texts)  # the texts, not just their name
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     @property

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from evaluator.workload.texts import texts_digest
+
 # Bump when capture changes what is stored, so old caches are not reused.
 CAPTURE_VERSION = 1
 
@@ -32,6 +34,7 @@ class WorkloadSpec(BaseModel):
         """Short hash of everything that determines the captured tensors."""
         payload = self.model_dump(exclude={"name"})
         payload["capture_version"] = CAPTURE_VERSION
+        payload["texts_digest"] = texts_digest(self.texts)  # the texts, not just their name
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         return digest[:16]
 

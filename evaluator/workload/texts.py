@@ -1,6 +1,7 @@
 """Texts for workloads: Python's own pydoc topics (no network) or local files; needle prompts."""
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,24 @@ def text_units(source: str) -> list[str]:
     if path.is_file():
         return [p for p in path.read_text(encoding="utf-8", errors="replace").split("\n\n") if p.strip()]
     raise FileNotFoundError(f"text source {source!r} is neither 'pydoc' nor an existing file or folder")
+
+
+def texts_digest(source: str) -> str:
+    """Hash of a source's text units, for workload identities.
+
+    'pydoc' is the running Python's own documentation, which changes between Python versions
+    (3.11 and 3.12 give different windows and numbers for the same spec), so the name alone
+    does not identify the texts. A source that does not exist hashes as such; capturing it
+    then fails with the real error.
+    """
+    try:
+        units = text_units(source)
+    except FileNotFoundError:
+        return f"missing:{source}"
+    digest = hashlib.sha256()
+    for unit in units:
+        digest.update(unit.encode("utf-8", errors="replace") + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def load_text(source: str, split: str = "all") -> str:
