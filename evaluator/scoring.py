@@ -36,8 +36,28 @@ class LayerScore:
     density: float
 
 
+class ReportCodec:
+    """``to_dict``/``from_dict``/``failure`` shared by the fast and the faithful report dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        data = dict(data)
+        data["per_layer"] = [LayerScore(**x) for x in data.get("per_layer", [])]
+        return cls(**data)
+
+    @classmethod
+    def failure(cls, category: str, reason: str, details: str | None = None, **extra: Any) -> Any:
+        """An invalid report: no numbers, a category from FAILURE_CATEGORIES and a reason."""
+        if category not in FAILURE_CATEGORIES:
+            raise ValueError(f"unknown failure category {category!r}")
+        return cls(valid=False, category=category, reason=reason, details=details, **extra)
+
+
 @dataclass
-class ScoreReport:
+class ScoreReport(ReportCodec):
     """Result of scoring one candidate on one workload. Invalid results carry no score."""
 
     valid: bool
@@ -54,21 +74,6 @@ class ScoreReport:
     reason: str | None = None
     details: str | None = None
     workload: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ScoreReport":
-        data = dict(data)
-        data["per_layer"] = [LayerScore(**x) for x in data.get("per_layer", [])]
-        return cls(**data)
-
-    @classmethod
-    def failure(cls, category: str, reason: str, details: str | None = None, **extra: Any) -> "ScoreReport":
-        if category not in FAILURE_CATEGORIES:
-            raise ValueError(f"unknown failure category {category!r}")
-        return cls(valid=False, category=category, reason=reason, details=details, **extra)
 
 
 def _check_plain_tensor(x: Any, what: str) -> torch.Tensor:

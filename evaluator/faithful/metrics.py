@@ -21,18 +21,18 @@ Definitions (``n`` samples, ``S`` decode steps, so ``S + 1`` next-token predicti
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from evaluator.faithful.decode import CallStats
 from evaluator.faithful.prompts import first_number
-from evaluator.scoring import FAILURE_CATEGORIES, LayerScore
+from evaluator.scoring import LayerScore, ReportCodec
 
 
 @dataclass
-class FaithfulReport:
+class FaithfulReport(ReportCodec):
     """Result of faithful scoring of one candidate; invalid results carry no numbers."""
 
     valid: bool
@@ -60,21 +60,6 @@ class FaithfulReport:
     category: str | None = None
     reason: str | None = None
     details: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FaithfulReport":
-        data = dict(data)
-        data["per_layer"] = [LayerScore(**x) for x in data.get("per_layer", [])]
-        return cls(**data)
-
-    @classmethod
-    def failure(cls, category: str, reason: str, details: str | None = None, **extra: Any) -> "FaithfulReport":
-        if category not in FAILURE_CATEGORIES:
-            raise ValueError(f"unknown failure category {category!r}")
-        return cls(valid=False, category=category, reason=reason, details=details, **extra)
 
 
 def call_scores(stats: CallStats, density_target: float) -> dict[str, Any]:
