@@ -22,13 +22,21 @@ class UserError(Exception):
     """A problem with the user's input: shown as one line, exit code 2."""
 
 
-def _report_table(report: dict) -> Table:
-    table = Table(show_header=False, box=None)
-    for key in ("valid", "combined_score", "error", "density", "density_penalty", "wall_s", "category", "reason", "workload"):
+FAST_KEYS = ("valid", "combined_score", "error", "density", "density_penalty", "wall_s", "category", "reason", "workload")
+FAITHFUL_KEYS = ("valid", "combined_score", "error", "density", "agreement", "kl", "kl_max", "needle_accuracy",
+                 "dense_needle_accuracy", "n_calls", "wall_s", "candidate_s", "category", "reason", "spec")
+
+
+def _cell(value: object) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _report_table(report: dict, keys: tuple[str, ...] = FAST_KEYS, title: str | None = None) -> Table:
+    table = Table(show_header=False, box=None, title=title)
+    for key in keys:
         if report.get(key) is not None:
-            value = report[key]
-            table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
-    if report.get("worst"):
+            table.add_row(key, _cell(report[key]))
+    if report.get("worst") and "sample" in report["worst"]:
         w = report["worst"]
         table.add_row("worst record", f"sample {w['sample']} layer {w['layer']}: error {w['error']:.4g}")
     return table
@@ -53,7 +61,7 @@ def score(
     if not file.is_file():
         raise UserError(f"no such candidate file: {file}")
     if faithful:
-        report = _faithful(file, workload, target, in_process, SandboxLimits(wall_s=timeout))
+        report = _faithful(file, _faithful_preset(workload), target, in_process, SandboxLimits(wall_s=timeout))
         _print_faithful(report, json_out)
         raise typer.Exit(0 if report.valid else 1)
     try:
@@ -80,14 +88,19 @@ def score(
     raise typer.Exit(0 if report.valid else 1)
 
 
-def _faithful(file: Path, workload: str, target: float, in_process: bool, limits):
-    from evaluator.faithful import faithful_score
+def _faithful_preset(workload: str) -> str:
+    """The faithful preset for a faithful or fast-score preset name."""
     from evaluator.faithful.spec import faithful_preset_for
 
     try:
-        preset = faithful_preset_for(workload)
+        return faithful_preset_for(workload)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def _faithful(file: Path, preset: str, target: float, in_process: bool, limits):
+    from evaluator.faithful import faithful_score
+
     return faithful_score(file, preset, target, limits=limits, in_process=in_process)
 
 
@@ -96,13 +109,7 @@ def _print_faithful(report, json_out: bool) -> None:
     if json_out:
         print(json.dumps(data))
         return
-    table = Table(show_header=False, box=None, title="faithful score (sparse decode in every layer)")
-    for key in ("valid", "combined_score", "error", "density", "agreement", "kl", "kl_max", "needle_accuracy",
-                "dense_needle_accuracy", "n_calls", "wall_s", "candidate_s", "category", "reason", "spec"):
-        if data.get(key) is not None:
-            value = data[key]
-            table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
-    out.print(table)
+    out.print(_report_table(data, FAITHFUL_KEYS, title="faithful score (sparse decode in every layer)"))
 
 
 def _speedup_line(speed) -> str:
@@ -258,7 +265,7 @@ def _heldout_column(archive, rows: list, cfg) -> dict[str, tuple[float | None, b
     from adrs.loop import heldout_of
 
     spec = cfg.heldout_spec() if cfg is not None else None
-    if spec is None:
+    if spec is None or not rows:
         return {r.id: (None, None) for r in rows}
     key = spec.content_hash()
     seed = archive.get(0)
@@ -322,8 +329,7 @@ def _compare(old: dict, new: dict, old_label: str, new_label: str) -> Table:
     for key in ("valid", "combined_score", "error", "density", "category", "reason", "workload"):
         if old.get(key) is None and new.get(key) is None:
             continue
-        cells = [f"{d[key]:.6g}" if isinstance(d.get(key), float) else str(d.get(key, "-")) for d in (old, new)]
-        table.add_row(key, *cells)
+        table.add_row(key, *(_cell(d.get(key, "-")) for d in (old, new)))
     return table
 
 
@@ -408,26 +414,23 @@ def rescore(
 
 
 def _rescore_faithful(run_dir: Path, cand: str, cfg, workload: Optional[str], json_out: bool) -> None:
-    import tempfile
-
     from adrs.loop import rescore_entry
+    from evaluator.candidate import candidate_file
     from evaluator.faithful.spec import resolve_faithful_spec
     from evaluator.sandbox import SandboxLimits
 
     if workload is None:
         held = cfg.heldout_workload
         workload = held if isinstance(held, str) else "faithful-heldout"
+    preset = _faithful_preset(workload)
     with _open(run_dir) as archive:
         ref = _get(archive, cand)
         code = archive.code(ref.id)
     limits = SandboxLimits(wall_s=cfg.evaluation.timeout_s, memory_mb=cfg.evaluation.memory_mb)
-    with tempfile.TemporaryDirectory(prefix="adrs-rescore-") as tmp:
-        path = Path(tmp) / "candidate.py"
-        path.write_text(code)
-        report = _faithful(path, workload, cfg.density_target, cfg.evaluation.in_process, limits)
-    spec = resolve_faithful_spec(report.spec.split("@")[0]) if report.spec else None
+    with candidate_file(code) as path:
+        report = _faithful(path, preset, cfg.density_target, cfg.evaluation.in_process, limits)
     with _open(run_dir) as archive:
-        entry = rescore_entry(report.to_dict(), spec.content_hash() if spec else "", "faithful")
+        entry = rescore_entry(report.to_dict(), resolve_faithful_spec(preset).content_hash(), "faithful")
         archive.add_rescore(ref.id, entry)
     if not json_out:
         out.print(f"{ref.id} faithfully re-scored on {report.spec}; kept as a note beside the candidate")

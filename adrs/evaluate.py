@@ -1,13 +1,12 @@
 """Scoring candidate code for the loop: sandboxed by default, with the held-out cascade."""
 from __future__ import annotations
 
-import tempfile
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from adrs.config import RunConfig
 from adrs.scheduler import Scheduler, Which, make_scheduler
+from evaluator.candidate import candidate_file
 from evaluator.scoring import ScoreReport
 from evaluator.workload import Workload, load_workload
 
@@ -34,12 +33,10 @@ class CodeScorer:
     def score(self, code: str, heldout: bool = False) -> ScoreReport:
         """Fast score of ``code`` on the search (or held-out) workload."""
         if self.config.evaluation.in_process:
-            wl = self.heldout_workload() if heldout else self.workload
-            with tempfile.TemporaryDirectory(prefix="adrs-cand-") as tmp:
-                path = Path(tmp) / "candidate.py"
-                path.write_text(code)
-                from evaluator.inprocess import score_file
+            from evaluator.inprocess import score_file
 
+            wl = self.heldout_workload() if heldout else self.workload
+            with candidate_file(code) as path:
                 return score_file(path, wl, self.config.density_target)
         if heldout and self.config.heldout_spec() is None:
             raise ValueError("this run has no held-out workload (heldout_workload: null)")

@@ -41,16 +41,7 @@ class Checkpoint:
 
 def _tags(archive: Archive) -> list[tuple[str, str, str]]:
     """(tag name, tagged commit, full message) for checkpoint and review tags, oldest first."""
-    out = archive.repo.git.for_each_ref(
-        "--sort=creatordate", "--format=%(refname:lstrip=2)%00%(*objectname)%00%(contents)%01",
-        "refs/tags/checkpoint", "refs/tags/review")
-    rows = []
-    for chunk in out.split("\x01"):
-        chunk = chunk.strip("\n")
-        if chunk:
-            name, commit, message = chunk.split("\0", 2)
-            rows.append((name, commit, message.strip()))
-    return rows
+    return [(t.name, t.commit, t.message) for t in archive.checkpoints("checkpoint", "review")]
 
 
 def _key(iteration: int) -> str:
@@ -117,8 +108,9 @@ def make_checkpoint(archive: Archive, iteration: int, candidate: CandidateRef, r
         if c.name == name:
             return c
     score = f"{candidate.combined_score:.5f}" if candidate.combined_score is not None else candidate.status
-    archive.tag_checkpoint(name, candidate, f"{reason}: {candidate.id} score {score}", tagger=ARCHIVE_IDENTITY)
-    return Checkpoint(name, iteration, candidate.id, f"{reason}: {candidate.id} score {score}", None, ())
+    message = f"{reason}: {candidate.id} score {score}"
+    archive.tag_checkpoint(name, candidate, message, tagger=ARCHIVE_IDENTITY)
+    return Checkpoint(name, iteration, candidate.id, message, None, ())
 
 
 def resolve(archive: Archive, name: str | None) -> Checkpoint:

@@ -4,12 +4,14 @@ from __future__ import annotations
 import ast
 import importlib.util
 import sys
+import tempfile
 import threading
 import traceback
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -43,6 +45,19 @@ def format_traceback(limit: int = 8) -> str:
     """``traceback.format_exc`` under the AST lock (it may parse source lines)."""
     with AST_LOCK:
         return traceback.format_exc(limit=limit)
+
+
+@contextmanager
+def candidate_file(code: str) -> Iterator[Path]:
+    """``code`` written as ``candidate.py`` in a fresh temporary directory, removed afterwards.
+
+    Scorers take files (the sandbox copies them into its scratch directory); the loop,
+    schedulers and CLI hold code as strings.
+    """
+    with tempfile.TemporaryDirectory(prefix="adrs-cand-") as tmp:
+        path = Path(tmp) / "candidate.py"
+        path.write_text(code)
+        yield path
 
 
 class CandidateFormatError(ValueError):

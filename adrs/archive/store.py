@@ -199,11 +199,18 @@ class Archive:
             gitstore.add_tag(self.repo, name, ref.commit, message, tagger or self._human())
         return Checkpoint(name, ref.commit, message)
 
-    def checkpoints(self) -> list[Checkpoint]:
-        """All annotated tags, oldest first."""
+    def checkpoints(self, *prefixes: str) -> list[Checkpoint]:
+        """Annotated tags, all or those under ``refs/tags/<prefix>``, oldest first, with full messages."""
+        patterns = [f"refs/tags/{p}" for p in prefixes] or ["refs/tags"]
         out = self.repo.git.for_each_ref(
-            "--sort=creatordate", "--format=%(refname:lstrip=2)%00%(*objectname)%00%(contents:subject)", "refs/tags")
-        return [Checkpoint(*line.split("\0")) for line in out.splitlines() if line]
+            "--sort=creatordate", "--format=%(refname:lstrip=2)%00%(*objectname)%00%(contents)%01", *patterns)
+        found = []
+        for chunk in out.split("\x01"):  # messages may span lines: \x01 ends each record
+            chunk = chunk.strip("\n")
+            if chunk:
+                name, commit, message = chunk.split("\0", 2)
+                found.append(Checkpoint(name, commit, message.strip()))
+        return found
 
     # -- recovery ----------------------------------------------------------------------------
     def recover(self) -> RecoverReport:

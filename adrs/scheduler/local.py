@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import tempfile
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from adrs.scheduler.base import Slot, SlotScheduler, Which, WorkerLost
+from evaluator.candidate import candidate_file
 from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
 from evaluator.scoring import ScoreReport
 from evaluator.workload import Workload
@@ -59,9 +58,7 @@ class LocalSlot(Slot):
 
     def evaluate(self, code: str, which: Which) -> ScoreReport:
         wl = self.workload(which)
-        with tempfile.TemporaryDirectory(prefix="adrs-cand-") as tmp:
-            path = Path(tmp) / "candidate.py"
-            path.write_text(code)
+        with candidate_file(code) as path:
             run = run_candidate(path, wl, self._density_target, pool=self._pool)
         if run.report.category == "harness":
             # The worker died or hung before it took the job: no candidate code ran, try again.

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from adrs.scheduler.base import WHICH, Slot, SlotScheduler, Which, WorkerLost
+from evaluator.candidate import candidate_file
 from evaluator.sandbox import SandboxLimits, Worker, WorkerPool, run_candidate
 from evaluator.sandbox.isolation import kill_tree
 from evaluator.scoring import ScoreReport
@@ -112,9 +113,7 @@ class EvalActor:
 
     def evaluate(self, code: str, which: str) -> ScoreReport:
         self.load(which)
-        with tempfile.TemporaryDirectory(prefix="adrs-cand-") as tmp:
-            path = Path(tmp) / "candidate.py"
-            path.write_text(code)
+        with candidate_file(code) as path:
             try:
                 return run_candidate(path, self._workloads[which], self._density_target, pool=self._pool).report
             finally:

@@ -17,8 +17,6 @@ generator of call ``c`` in layer ``l`` is seeded with ``record_seed(spec.seed, c
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 import uuid
 import weakref
@@ -38,6 +36,7 @@ from evaluator.records import AttentionRecord, record_seed
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.runner import WorkerPool
 from evaluator.sandbox.session import SandboxSession, SessionFailure
+from evaluator.sandbox.transport import remove_file, shared_dir
 from evaluator.scoring import InvalidSelection, ScoreReport, dense_weights
 from evaluator.workload.model import load_model
 
@@ -140,14 +139,14 @@ class FaithfulContext:
             n = self.spec.n_samples
             tensors = {f"k{i}": k[:n, :, :self.context_len].contiguous().cpu() for i, k in enumerate(self.decoder.store.keys)}
             need = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)
-            folder = _shared_dir(need)
+            folder = shared_dir(need)
             path = folder / f"adrs-faithful-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
             tmp = path.with_suffix(".tmp")
             save_file(tensors, str(tmp))
             os.chmod(tmp, 0o644)  # readable by the unprivileged worker, writable by nobody else
             os.replace(tmp, path)
             self._prefix = path
-            self._finalizer = weakref.finalize(self, _unlink, path)
+            self._finalizer = weakref.finalize(self, remove_file, path)
         return self._prefix
 
     def close(self) -> None:
@@ -214,19 +213,6 @@ def _load_trusted(path: str | Path) -> Callable[[MaskerInput], Any]:
         return load_masker(path)
     except Exception as exc:  # noqa: BLE001
         raise CandidateFailure("import", f"{type(exc).__name__}: {exc}", format_traceback()) from None
-
-
-def _shared_dir(need: int) -> Path:
-    """/dev/shm when it has room for ``need`` bytes (containers often give it 64 MB), else the temp dir."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * need:
-        return shm
-    return Path(tempfile.gettempdir())
-
-
-def _unlink(path: Path) -> None:
-    """Remove a file that may already be gone."""
-    path.unlink(missing_ok=True)
 
 
 def faithful_score(candidate_path: str | Path, spec: str | FaithfulSpec = "faithful", density_target: float = 0.10,

@@ -21,6 +21,7 @@ import atexit
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -48,9 +49,13 @@ _inputs_cache: dict[str, Path] = {}
 _inputs_lock = threading.Lock()
 
 
-def _shared_dir() -> Path:
+def shared_dir(need: int = 0) -> Path:
+    """/dev/shm when writable with room for twice ``need`` bytes (containers often give it 64 MB),
+    else the temp dir: where files shared with sandbox workers go."""
     shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * need:
+        return shm
+    return Path(tempfile.gettempdir())
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -80,21 +85,19 @@ def workload_inputs(workload: Any) -> Path:
             tensors[f"p{i}"] = rec.positions.detach().cpu().clone()
             meta.append([rec.sample, rec.layer, rec.num_layers, repr(float(rec.scaling))])
         safe_label = "".join(c if c.isalnum() else "_" for c in key)
-        path = _shared_dir() / f"adrs-sandbox-{os.getpid()}-{safe_label}.safetensors"
+        path = shared_dir() / f"adrs-sandbox-{os.getpid()}-{safe_label}.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"records": json.dumps(meta)})
         os.chmod(tmp, 0o644)  # readable by the unprivileged worker, writable by nobody else
         os.replace(tmp, path)
         _inputs_cache[key] = path
-        atexit.register(_unlink, path)
+        atexit.register(remove_file, path)
         return path
 
 
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
+def remove_file(path: Path) -> None:
+    """Remove a file that may already be gone (exit hooks and finalizers)."""
+    path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- workload inputs (worker)
