@@ -1,6 +1,7 @@
 """Shared fixtures: the real embedded model on the short 'tiny' workload."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,3 +16,20 @@ def tiny_workload():
     from evaluator.workload import load_workload
 
     return load_workload("tiny", progress=False)
+
+
+def sandbox_workers_of(parent: int) -> list[int]:
+    """Pids of ``parent``'s sandbox workers that have taken a job (their cwd is a scratch directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cwd = os.readlink(entry / "cwd")
+        except (OSError, IndexError, ValueError):  # the process ended while we looked
+            continue
+        if ppid == parent and b"evaluator.sandbox.worker" in cmd and "adrs-sandbox-" in cwd:
+            found.append(int(entry.name))
+    return found

@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 
 from adrs.config import parse_config  # noqa: E402
 from adrs.scheduler import LocalScheduler, make_scheduler  # noqa: E402
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, sandbox_workers_of  # noqa: E402
 from evaluator.sandbox import SandboxLimits  # noqa: E402
 
 SEED = ROOT / "seeds" / "sink_window.py"
@@ -107,23 +107,6 @@ def _sleeping(seconds: float) -> str:
     return code.replace("# EVOLVE-BLOCK-START\n", f"# EVOLVE-BLOCK-START\nimport time\ntime.sleep({seconds})\n", 1)
 
 
-def _children_running_a_candidate(parent: int) -> list[int]:
-    """Sandbox workers of ``parent`` that have taken a job (cwd = a scratch directory)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cwd = os.readlink(entry / "cwd")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and b"evaluator.sandbox.worker" in cmd and "adrs-sandbox-" in cwd:
-            found.append(int(entry.name))
-    return found
-
-
 def _alive(pid: int) -> bool:
     """Running (a zombie nobody reaps counts as gone)."""
     try:
@@ -174,7 +157,7 @@ def test_actor_killed_mid_evaluation_is_retried(two_actors):
     pids = _wait(lambda: [i["pid"] for i in sched.worker_info()] if all(sched.worker_info()) else None, 60, "actors")
     futures = [sched.submit(_sleeping(3)) for _ in range(2)]
     victim = pids[0]
-    _wait(lambda: _children_running_a_candidate(victim), 60, "an evaluation on the first actor")
+    _wait(lambda: sandbox_workers_of(victim), 60, "an evaluation on the first actor")
     os.kill(victim, signal.SIGKILL)
     reports = [f.result(timeout=180) for f in futures]
     assert all(r.valid for r in reports), [r.reason for r in reports]
@@ -188,7 +171,7 @@ def test_lost_actor_without_retries_left_is_a_worker_lost_failure(ray_address):
     with make_scheduler(_config(ray_address, workers=1, max_attempts=1), workloads=lambda which: None) as sched:
         pid = _wait(lambda: sched.worker_info()[0].get("pid"), 60, "the actor")
         future = sched.submit(_sleeping(60))
-        orphan = _wait(lambda: _children_running_a_candidate(pid), 60, "the evaluation")[0]
+        orphan = _wait(lambda: sandbox_workers_of(pid), 60, "the evaluation")[0]
         t0 = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         report = future.result(timeout=60)

@@ -6,7 +6,6 @@ import signal
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from adrs.config import parse_config
 from adrs.evaluate import CodeScorer
 from adrs.scheduler import LocalScheduler, local_devices, make_scheduler
 from adrs.scheduler.base import Slot, SlotScheduler, Which, WorkerLost
-from conftest import ROOT
+from conftest import ROOT, sandbox_workers_of
 from evaluator.inprocess import score_file
 from evaluator.sandbox import SandboxLimits
 from evaluator.scoring import ScoreReport
@@ -56,28 +55,10 @@ def test_two_slots_evaluate_at_the_same_time(two_cpu, tiny_workload):
     assert overlap > SLEEP_S / 2, f"evaluations overlapped by {overlap:.2f} s only"
 
 
-def _running_sandbox_workers() -> list[int]:
-    """Sandbox workers of this process that have taken a job (their cwd is a scratch directory)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-            stat = (entry / "stat").read_text()
-            cwd = os.readlink(entry / "cwd")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if b"evaluator.sandbox.worker" in cmd and ppid == os.getpid() and "adrs-sandbox-" in cwd:
-            found.append(int(entry.name))
-    return found
-
-
 def test_worker_killed_mid_evaluation_is_reported_not_dropped(two_cpu, tiny_workload):
     future = two_cpu.submit(sleeping(20))
     deadline = time.monotonic() + 20
-    while not (pids := _running_sandbox_workers()) and time.monotonic() < deadline:
+    while not (pids := sandbox_workers_of(os.getpid())) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(pids) == 1, "the slow candidate's worker never started"
     os.kill(pids[0], signal.SIGKILL)
