@@ -74,6 +74,7 @@ class ScoreReport(ReportCodec):
     reason: str | None = None
     details: str | None = None
     workload: str | None = None
+    isolation: str | None = None  # how the candidate was contained (sandbox level), or None in-process
 
 
 def _check_plain_tensor(x: Any, what: str) -> torch.Tensor:

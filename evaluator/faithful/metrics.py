@@ -60,6 +60,7 @@ class FaithfulReport(ReportCodec):
     category: str | None = None
     reason: str | None = None
     details: str | None = None
+    isolation: str | None = None  # how the candidate was contained (sandbox level), or None in-process
 
 
 def call_scores(stats: CallStats, density_target: float) -> dict[str, Any]:

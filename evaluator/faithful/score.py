@@ -143,7 +143,7 @@ class FaithfulContext:
             path = folder / f"adrs-faithful-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
             tmp = path.with_suffix(".tmp")
             save_file(tensors, str(tmp))
-            os.chmod(tmp, 0o644)  # readable by the unprivileged worker, writable by nobody else
+            os.chmod(tmp, 0o600)  # workers get it as an open fd: nobody else needs to read it
             os.replace(tmp, path)
             self._prefix = path
             self._finalizer = weakref.finalize(self, remove_file, path)
@@ -160,6 +160,7 @@ class FaithfulContext:
         """Faithful score of one candidate file (sandboxed unless ``in_process``)."""
         t0 = time.perf_counter()
         candidate_s = None
+        isolation = None
         try:
             if in_process:
                 trace = self._decode(in_process_selector(_load_trusted(candidate_path), density_target, self.spec.seed),
@@ -173,6 +174,7 @@ class FaithfulContext:
                     trace = self._decode(session_selector(session), self.reference.teacher_tokens)
                     session.check_output()
                 candidate_s = session.candidate_s
+                isolation = session.isolation
         except SessionFailure as exc:
             return self._failed(exc.report.category or "crash", exc.report.reason or "", exc.report.details, t0)
         except CandidateFailure as exc:
@@ -180,6 +182,7 @@ class FaithfulContext:
         report = self._report(trace, density_target)
         report.wall_s = time.perf_counter() - t0
         report.candidate_s = candidate_s
+        report.isolation = isolation
         return report
 
     def _failed(self, category: str, reason: str, details: str | None, t0: float) -> FaithfulReport:

@@ -18,6 +18,12 @@ class SandboxLimits:
     output_bytes: cap on the encoded selections written back (all records together).
     log_bytes: cap on what the worker prints (stdout + stderr); more is an ``output`` failure.
     nproc: RLIMIT_NPROC (tasks, threads included) once the worker runs as ``nobody``.
+    scratch_bytes: what the candidate may write (cwd, /tmp, /dev/shm: one private tmpfs).
+    isolate: set up the namespaces (``evaluator.sandbox.launcher``). False only to exercise the
+        refusal and opt-out paths.
+    unsafe_allow_unisolated: where the kernel allows no namespaces, run the candidate anyway
+        with the weaker layers only (also: environment ``ADRS_UNSAFE_ALLOW_UNISOLATED=1``).
+        Every report then says ``NOT ISOLATED``. Without it, nothing runs there.
     audit_hook: also install a ``sys.addaudithook`` guard (no subprocess, fork, socket, or
         writes outside scratch). Defence in depth only: the OS-level limits hold without it.
     """
@@ -30,6 +36,9 @@ class SandboxLimits:
     nproc: int = 256
     gpu_memory_fraction: float | None = 0.5
     audit_hook: bool = True
+    scratch_bytes: int = 64 * 1024 * 1024
+    isolate: bool = True
+    unsafe_allow_unisolated: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -5,11 +5,10 @@ import contextlib
 import json
 import os
 import select
-import shutil
 import signal
+import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -18,16 +17,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from evaluator.sandbox.isolation import NOBODY, is_root, kill_tree, scrubbed_env
 from evaluator.sandbox.limits import SandboxLimits
+from evaluator.sandbox.scratch import OverCap, ScratchView
 from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok
 from evaluator.sandbox.transport import ProtocolError, decode_selection, workload_inputs
 from evaluator.records import AttentionRecord
 from evaluator.scoring import InvalidSelection, ScoreReport, aggregate, dense_weights, score_weights
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
+_LAUNCHER = str(Path(__file__).resolve().with_name("launcher.py"))
 _READ_CHUNK = 64 * 1024
 _MAX_STATUS = 4 * 1024 * 1024
 
@@ -72,43 +73,134 @@ class WorkerOutcome:
     job_sent: bool = True  # False: the worker died or hung before taking the job (our fault)
 
 
+class IsolationUnavailable(RuntimeError):
+    """The kernel allows no isolation here and the caller did not opt out: nothing ran."""
+
+
+UNSAFE_ENV = "ADRS_UNSAFE_ALLOW_UNISOLATED"  # "1": run candidates without namespaces (loudly reported)
+
+
+def _python_paths() -> list[str]:
+    """The Python installation and its package directories, as the worker must see them.
+
+    Paths that would expose far more than Python (``/``, or an ancestor of this repository,
+    whose ``runs/`` holds run directories) are left out.
+    """
+    import site
+
+    found = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *site.getsitepackages()}
+    found |= {p for p in sys.path if p and ("site-packages" in p or "dist-packages" in p)}
+    repo = _REPO_ROOT.rstrip("/") + "/"
+    return sorted(p for p in found if os.path.isdir(p) and p != "/" and not repo.startswith(p.rstrip("/") + "/")
+                  and p.rstrip("/") != _REPO_ROOT)
+
+
+def launch_spec(limits: SandboxLimits, cuda: bool, control_fd: int, lifeline_fd: int, marker: str) -> dict[str, Any]:
+    """What the launcher (``evaluator.sandbox.launcher``) sets up for one worker."""
+    plain_env = scrubbed_env(os.environ, marker, _REPO_ROOT)
+    return {
+        "python": sys.executable,
+        "argv": [sys.executable, "-s", "-m", "evaluator.sandbox.worker", str(control_fd), limits.to_json()],
+        "control_fd": control_fd, "lifeline_fd": lifeline_fd, "cuda": cuda,
+        "python_paths": _python_paths(),
+        "lib_binds": [[os.path.join(_REPO_ROOT, "evaluator"), "/sandbox/lib/evaluator"]],
+        "plain_pythonpath": plain_env["PYTHONPATH"],
+        # One tmpfs holds the candidate's scratch and the selections the worker writes back.
+        "scratch_bytes": limits.scratch_bytes + limits.output_bytes + (4 << 20),
+        "owner": [NOBODY, NOBODY] if is_root() else None,
+        "isolate": limits.isolate,
+        "allow_unisolated": limits.unsafe_allow_unisolated or os.environ.get(UNSAFE_ENV) == "1",
+    }
+
+
 class Worker:
-    """One sandbox process: started (imports torch), then used for exactly one candidate."""
+    """One sandbox process: started (imports torch), then used for exactly one candidate.
+
+    Started through the launcher, which isolates it (``evaluator.sandbox.launcher``) and
+    sends a hello (what isolation is in force, and an fd of the private scratch) over the
+    control socket; the worker then says "R" on the same socket once torch is imported.
+    """
 
     def __init__(self, limits: SandboxLimits, cuda: bool = False) -> None:
         self.limits = limits
         self.marker = uuid.uuid4().hex
-        env = scrubbed_env(os.environ, self.marker, _REPO_ROOT)
+        self.cuda = cuda
+        env = scrubbed_env(os.environ, self.marker, "/sandbox/lib")
         if cuda:
             env["ADRS_SANDBOX_CUDA"] = "1"
-        ready_r, ready_w = os.pipe()
-        # -s: no user site-packages; the scrubbed env and cwd "/" keep the caller's setup out.
+        self.control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The lifeline's write end stays here only: if this process dies, the launcher kills the worker.
+        lifeline_r, self._lifeline = os.pipe()
+        spec = launch_spec(limits, cuda, child_control.fileno(), lifeline_r, self.marker)
         self.proc = subprocess.Popen(
-            [sys.executable, "-s", "-m", "evaluator.sandbox.worker", str(ready_w), limits.to_json()],
+            [sys.executable, "-I", "-S", _LAUNCHER, json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=env, cwd="/", start_new_session=True, pass_fds=(ready_w,), close_fds=True,
+            env=env, cwd="/", start_new_session=True, pass_fds=(child_control.fileno(), lifeline_r), close_fds=True,
         )
-        os.close(ready_w)
-        self.pgid = self.proc.pid  # start_new_session: the worker leads its own group
-        self._ready_fd = ready_r
+        child_control.close()
+        os.close(lifeline_r)
+        self.pgid = self.proc.pid  # start_new_session: the launcher leads its own group
         self._reader = _CappedReader(self.proc.stdout, limits.log_bytes)
         self._reader.start()
-        self.cuda = cuda
+        self.scratch: ScratchView | None = None
+        self.isolation: str | None = None  # what the launcher set up, in words
+        self.refused: str | None = None  # why no isolation was possible (nothing ran)
+        self._ready: bool | None = None
+
+    def _receive(self, deadline: float) -> tuple[bytes, list[int]] | None:
+        """One message from the control socket before ``deadline``, or None."""
+        ready, _, _ = select.select([self.control], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return None
+        try:
+            data, fds, _, _ = socket.recv_fds(self.control, 64 * 1024, 4)
+        except OSError:
+            return None
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return None
+        return data, fds
 
     def wait_ready(self, timeout: float) -> bool:
-        """True once the worker has imported everything and waits for its job."""
-        if self._ready_fd < 0:
-            return True
-        ready, _, _ = select.select([self._ready_fd], [], [], max(0.0, timeout))
-        ok = bool(ready) and os.read(self._ready_fd, 1) == b"R"
-        os.close(self._ready_fd)
-        self._ready_fd = -1
-        return ok
+        """True once the worker is isolated, has imported everything and waits for its job."""
+        if self._ready is not None:
+            return self._ready
+        deadline = time.monotonic() + timeout
+        self._ready = False
+        hello = self._receive(deadline)
+        if hello is None:
+            return False
+        data, fds = hello
+        try:
+            info = json.loads(data)
+            level, detail = info["level"], str(info["detail"])
+        except (ValueError, KeyError, TypeError):
+            level, detail = "refused", "malformed hello from the launcher"
+        if level == "refused" or not fds:
+            for fd in fds:
+                os.close(fd)
+            self.refused = detail
+            return False
+        self.scratch = ScratchView(fds[0], info.get("scratch") if level == "none" else None)
+        for fd in fds[1:]:
+            os.close(fd)
+        self.isolation = detail
+        ready = self._receive(deadline)
+        self._ready = ready is not None and ready[0] == b"R"
+        return self._ready
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def run(self, job: dict[str, Any], scratch: Path) -> WorkerOutcome:
+    def send_job(self, job: dict[str, Any], fds: dict[str, int]) -> None:
+        """Hand over the job: the files it needs as fds (the worker cannot open our paths), then the JSON."""
+        names = sorted(fds)
+        socket.send_fds(self.control, [json.dumps(names).encode()], [fds[n] for n in names])
+        self.proc.stdin.write((json.dumps(job) + "\n").encode())
+        self.proc.stdin.close()
+
+    def run(self, job: dict[str, Any], fds: dict[str, int]) -> WorkerOutcome:
         """Hand over the job, wait at most ``wall_s``, kill the whole tree, collect what is left."""
         t0 = time.monotonic()
         timed_out = False
@@ -116,8 +208,7 @@ class Worker:
         try:
             if not self.wait_ready(self.limits.startup_s):
                 raise _StartupFailed()
-            self.proc.stdin.write((json.dumps(job) + "\n").encode())
-            self.proc.stdin.close()
+            self.send_job(job, fds)
             job_sent = True
             t0 = time.monotonic()
             deadline = t0 + self.limits.wall_s
@@ -137,33 +228,52 @@ class Worker:
             self.close()
         elapsed = time.monotonic() - t0
         return WorkerOutcome(self.proc.returncode, timed_out, self._reader.exceeded.is_set(),
-                             self._reader.text(), _read_status(scratch / "status.json"), elapsed, job_sent)
+                             self._reader.text(), self.read_status(), elapsed, job_sent)
+
+    def read_status(self) -> dict[str, Any] | None:
+        """The worker's own (untrusted) status.json, if it wrote a well-formed one."""
+        if self.scratch is None:
+            return None
+        try:
+            return _parse_status(self.scratch.read("status.json", _MAX_STATUS))
+        except OverCap:
+            return None
 
     def close(self) -> None:
-        """Kill the worker and every descendant (even those that left the group), reap it."""
+        """Kill the worker and every descendant (even those that left the group), reap it.
+
+        The scratch stays readable until ``release``.
+        """
         kill_tree(self.pgid, self.marker)
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
         self._reader.join(timeout=2)
-        if self._ready_fd >= 0:
-            os.close(self._ready_fd)
-            self._ready_fd = -1
+        if self._lifeline >= 0:
+            os.close(self._lifeline)
+            self._lifeline = -1
+        self.control.close()
+
+    def release(self) -> None:
+        """``close`` and free the scratch (its tmpfs, or the host directory of the opt-out)."""
+        self.close()
+        if self.scratch is not None:
+            self.scratch.close()
 
 
 class _StartupFailed(Exception):
     pass
 
 
-def _read_status(path: Path) -> dict[str, Any] | None:
-    try:
-        if path.is_symlink() or path.stat().st_size > _MAX_STATUS:
-            return None
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
+def _parse_status(data: bytes | None) -> dict[str, Any] | None:
+    if data is None:
         return None
+    try:
+        status = json.loads(data)
+    except ValueError:
+        return None
+    return status if isinstance(status, dict) else None
 
 
 SMALL_MACHINE_CORES = 4  # at most this many cores: start spare workers only between candidates
@@ -214,13 +324,13 @@ class WorkerPool:
         self._spare = None if self._defer else Worker(self.limits, self.cuda)
         if spare is None or not spare.alive():
             if spare is not None:
-                spare.close()
+                spare.release()
             return Worker(self.limits, self.cuda)
         return spare
 
     def close(self) -> None:
         if self._spare is not None:
-            self._spare.close()
+            self._spare.release()
             self._spare = None
 
     def __enter__(self) -> "WorkerPool":
@@ -278,32 +388,28 @@ def run_candidate(
     if pool is not None and pool.cuda != (device.type == "cuda"):
         raise ValueError(f"WorkerPool(cuda={pool.cuda}) cannot serve a workload on {device}")
     inputs = workload_inputs(workload)
-    scratch = Path(tempfile.mkdtemp(prefix="adrs-sandbox-"))
+    job = {"candidate_name": candidate_path.name, "source": source, "device": str(device),
+           "density_target": density_target, "base_seed": base_seed, "num_threads": torch.get_num_threads()}
+    if pool is None:
+        worker = Worker(limits, cuda=device.type == "cuda")
+    else:
+        with pool.deferred_spare():  # subclasses may override take(): still call it
+            worker = pool.take()
+    inputs_fd = os.open(inputs, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        candidate = scratch / candidate_path.name
-        candidate.write_text(source)
-        if is_root():
-            # The worker runs as nobody: it owns scratch and nothing else it could write to.
-            os.chown(scratch, NOBODY, NOBODY)
-            os.chown(candidate, NOBODY, NOBODY)
-        job = {"scratch": str(scratch), "inputs": str(inputs), "candidate": str(candidate), "device": str(device),
-               "density_target": density_target, "base_seed": base_seed, "num_threads": torch.get_num_threads()}
-        if pool is None:
-            worker = Worker(limits, cuda=device.type == "cuda")
-        else:
-            with pool.deferred_spare():  # subclasses may override take(): still call it
-                worker = pool.take()
-        try:
-            outcome = worker.run(job, scratch)
-            report = _interpret(outcome, limits, workload, density_target, scratch, on_selection=on_selection)
-        finally:
-            if pool is not None:
-                # Candidate killed and scored: the replacement's start-up now overlaps what the
-                # caller does next (the next proposal), not the candidate's run or our scoring,
-                # which it slowed 3-6x on 2 cores.
-                pool.replenish()
+        outcome = worker.run(job, {"inputs": inputs_fd})
+        if worker.refused is not None:
+            raise IsolationUnavailable(worker.refused)
+        report = _interpret(outcome, limits, workload, density_target, worker.scratch, on_selection=on_selection)
+        report.isolation = worker.isolation
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        os.close(inputs_fd)
+        worker.release()
+        if pool is not None:
+            # Candidate killed and scored: the replacement's start-up now overlaps what the
+            # caller does next (the next proposal), not the candidate's run or our scoring,
+            # which it slowed 3-6x on 2 cores.
+            pool.replenish()
     return SandboxRun(_done(report, label, t_start), outcome, worker.pgid, worker.marker)
 
 
@@ -327,7 +433,8 @@ def _log_tail(log: str, limit: int = 4000) -> str | None:
     return log if len(log) <= limit else "...[trimmed]...\n" + log[-limit:]
 
 
-def _interpret(outcome: WorkerOutcome, limits: SandboxLimits, workload: Any, density_target: float, scratch: Path,
+def _interpret(outcome: WorkerOutcome, limits: SandboxLimits, workload: Any, density_target: float,
+               scratch: ScratchView | None,
                *, on_selection: SelectionHook | None = None) -> ScoreReport:
     """Turn how the worker ended into a report; only trusted code computes scores."""
     log = _log_tail(outcome.log)
@@ -362,23 +469,26 @@ def _interpret(outcome: WorkerOutcome, limits: SandboxLimits, workload: Any, den
     return _score(status, workload, density_target, scratch, limits, on_selection=on_selection)
 
 
-def _score(status: dict[str, Any], workload: Any, density_target: float, scratch: Path, limits: SandboxLimits,
+def _score(status: dict[str, Any], workload: Any, density_target: float, scratch: ScratchView | None, limits: SandboxLimits,
            *, on_selection: SelectionHook | None = None) -> ScoreReport:
     entries = status.get("records")
     if not isinstance(entries, list) or len(entries) != len(workload.records):
         return ScoreReport.failure("crash", "the candidate process reported the wrong number of selections")
-    out = scratch / "out"
+    if scratch is None:
+        return ScoreReport.failure("harness", "the sandbox worker's scratch is gone")
     total = 0
     rows = []
     for i, (rec, entry) in enumerate(zip(workload.records, entries)):
-        path = out / f"rec{i}.safetensors"  # our name, not the worker's: no path tricks
         where = f"sample {rec.sample}, layer {rec.layer}"
         try:
-            if path.is_symlink() or not path.is_file():
-                raise ProtocolError(f"selection file for {where} is missing")
-            total += path.stat().st_size
-            if total > limits.output_bytes:
+            # Our name, not the worker's, read without following links: no path tricks.
+            try:
+                data = scratch.read(f"out/rec{i}.safetensors", limits.output_bytes - total)
+            except OverCap:
                 return ScoreReport.failure("output", f"selections exceed {limits.output_bytes} bytes (at {where})")
+            if data is None:
+                raise ProtocolError(f"selection file for {where} is missing")
+            total += len(data)
             meta = entry.get("meta") if isinstance(entry, dict) else None
             if not isinstance(meta, dict):
                 raise ProtocolError(f"no metadata for {where}")
@@ -386,9 +496,9 @@ def _score(status: dict[str, Any], workload: Any, density_target: float, scratch
                 # The common case: unpack on the workload's device (1/32 of the float32 bytes
                 # cross to it). Anything else goes through decode_selection, which words the
                 # validator's reason for a wrong type, shape, device or dtype.
-                selection = decode_dense_on_device(load_file(str(path)), rec.weights_shape, rec.queries.device)
+                selection = decode_dense_on_device(load(data), rec.weights_shape, rec.queries.device)
             else:
-                selection = decode_selection(path, meta, rec)
+                selection = decode_selection(None, meta, rec, tensors=load(data))
             weights = dense_weights(selection, rec)
             rows.append((rec.sample, rec.layer, *score_weights(rec, weights)))
         except InvalidSelection as exc:

@@ -4,11 +4,11 @@ The fast score hands a worker every record at once; faithful scoring cannot, bec
 call's queries and keys depend on the previous calls' selections. A session keeps one worker
 (the same isolation as ``evaluate_in_sandbox``: own process group, rlimits, scrubbed
 environment, ``nobody`` as root, audit hook) and talks to it through two FIFOs in its
-scratch folder (``evaluator.sandbox.channel``):
+two pipes handed to it as fds with the job (``evaluator.sandbox.channel``):
 
 * parent -> worker, per call: the call's queries, the keys it appended, the query positions
   (never values or dense outputs); keys of a long shared prefix can be sent once, as a
-  read-only file the worker copies into its own key cache (``setup["prefix"]``);
+  read-only file (sent as an fd) the worker copies into its own key cache (``setup["prefix"]``);
 * worker -> parent, per call: the selection in the exact compact form of
   ``evaluator.sandbox.transport.encode_selection``, bit-packed on the worker's device and
   unpacked on ours (``evaluator.sandbox.devicepack``); sparse and malformed selections go
@@ -26,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,9 +35,8 @@ import torch
 from evaluator.records import AttentionRecord
 from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok
 from evaluator.sandbox.channel import ChannelError, ChannelOverflow, DeadlineIO, pack
-from evaluator.sandbox.isolation import NOBODY, is_root
 from evaluator.sandbox.limits import SandboxLimits
-from evaluator.sandbox.runner import Worker, WorkerOutcome, WorkerPool, _interpret, _read_status, _syntax_context
+from evaluator.sandbox.runner import IsolationUnavailable, Worker, WorkerOutcome, WorkerPool, _interpret, _syntax_context
 from evaluator.sandbox.transport import ProtocolError, decode_selection
 from evaluator.scoring import InvalidSelection, ScoreReport
 
@@ -72,7 +69,6 @@ class SandboxSession:
         self.setup = dict(setup)
         self.limits = pool.limits if pool is not None else (limits or SandboxLimits())
         self.pool = pool
-        self.scratch: Path | None = None
         self.worker: Worker | None = None
         self.io: DeadlineIO | None = None
         self._fds: list[int] = []
@@ -92,45 +88,47 @@ class SandboxSession:
             raise SessionFailure(ScoreReport.failure("import", f"cannot read candidate: {exc}"))
         if self.pool is not None and self.pool.cuda != (self.device.type == "cuda"):
             raise ValueError(f"WorkerPool(cuda={self.pool.cuda}) cannot serve a session on {self.device}")
-        self.scratch = Path(tempfile.mkdtemp(prefix="adrs-session-"))
-        candidate = self.scratch / self.candidate_path.name
-        candidate.write_text(source)
-        req, resp = self.scratch / "req", self.scratch / "resp"
-        os.mkfifo(req, 0o600)
-        os.mkfifo(resp, 0o600)
-        if is_root():
-            for path in (self.scratch, candidate, req, resp):
-                os.chown(path, NOBODY, NOBODY)
-        # O_RDWR: never blocks on open, and the worker's own opens then never block either.
-        self._fds = [os.open(resp, os.O_RDWR), os.open(req, os.O_RDWR)]
-        self.io = DeadlineIO(self._fds[0], self._fds[1], self._check, self.limits.output_bytes)
-        job = {"scratch": str(self.scratch), "candidate": str(candidate), "device": str(self.device),
+        # Two pipes (calls in, selections out), handed to the worker as fds with the job.
+        req_r, req_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        self._fds = [resp_r, req_w]
+        worker_fds = {"req": req_r, "resp": resp_w}
+        if self.setup.get("prefix"):
+            worker_fds["prefix"] = os.open(self.setup.pop("prefix"), os.O_RDONLY | os.O_CLOEXEC)
+        self.io = DeadlineIO(resp_r, req_w, self._check, self.limits.output_bytes)
+        job = {"candidate_name": self.candidate_path.name, "source": source, "device": str(self.device),
                "density_target": self.density_target, "base_seed": self.base_seed,
-               "num_threads": torch.get_num_threads(),
-               "session": {**self.setup, "req": str(req), "resp": str(resp)}}
+               "num_threads": torch.get_num_threads(), "session": self.setup}
         self.worker = self.pool.take() if self.pool is not None else Worker(self.limits, cuda=self.device.type == "cuda")
         try:
-            if not self.worker.wait_ready(self.limits.startup_s):
+            ready = self.worker.wait_ready(self.limits.startup_s)
+            if self.worker.refused is not None:
+                raise IsolationUnavailable(self.worker.refused)
+            if not ready:
                 raise OSError("worker not ready")
-            self.worker.proc.stdin.write((json.dumps(job) + "\n").encode())
-            self.worker.proc.stdin.close()
+            self.worker.send_job(job, worker_fds)
         except OSError:
             raise SessionFailure(self._report(job_sent=False)) from None
+        finally:
+            for fd in worker_fds.values():
+                os.close(fd)  # the worker holds its own copies now: its death reads as EOF here
+
+    @property
+    def isolation(self) -> str | None:
+        """How the worker is contained, in words (None before start)."""
+        return self.worker.isolation if self.worker is not None else None
 
     def close(self) -> None:
-        """Kill the worker's tree, close our FIFO ends, remove scratch. Safe to call twice."""
+        """Kill the worker's tree, close our pipe ends, free its scratch. Safe to call twice."""
         if self.worker is not None:
             if self.worker.alive() and self.io is not None:
                 # A polite goodbye; the kill below does not depend on it, so a full pipe is fine.
                 with contextlib.suppress(OSError):
                     os.write(self._fds[1], pack({"op": "close"}, {}))
-            self.worker.close()
+            self.worker.release()
         for fd in self._fds:
             os.close(fd)
         self._fds = []
-        if self.scratch is not None:
-            shutil.rmtree(self.scratch, ignore_errors=True)
-            self.scratch = None
 
     def __enter__(self) -> "SandboxSession":
         try:
@@ -200,14 +198,14 @@ class SandboxSession:
     def _report(self, job_sent: bool = True, timed_out: bool = False, log_exceeded: bool = False) -> ScoreReport:
         """The fast score's interpretation of how the worker ended (after killing it)."""
         worker = self.worker
-        assert worker is not None and self.scratch is not None
+        assert worker is not None
         worker.close()
-        status = _read_status(self.scratch / "status.json")
+        status = worker.read_status()
         if status is not None and status.get("ok"):
             status = None  # a session only ends "ok" when we close it: this is a mid-session exit
         outcome = WorkerOutcome(worker.proc.returncode, timed_out, log_exceeded or worker._reader.exceeded.is_set(),
                                 worker._reader.text(), status, self.candidate_s, job_sent)
-        report = _interpret(outcome, self.limits, None, self.density_target, self.scratch)
+        report = _interpret(outcome, self.limits, None, self.density_target, worker.scratch)
         if report.category == "timeout":
             report.reason = f"the candidate used more than {self.limits.wall_s:g} s over its masker calls and was killed"
         return report

@@ -9,25 +9,26 @@ parent reads once it sees the process gone.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
 
 from evaluator.contract import MaskerInput
 from evaluator.records import record_seed
 from evaluator.sandbox.channel import pack, read_blocking, write_blocking
 from evaluator.sandbox.devicepack import encode_selection_on_device
+from evaluator.sandbox.transport import MappedTensors
 from evaluator.sandbox.worker import _candidate_traceback, _is_memory_error
 
 
-def serve_session(job: dict[str, Any], masker: Callable[[MaskerInput], Any], finish: Callable[[dict], None]) -> None:
-    """Answer masker calls until the parent says close; never returns (``finish`` exits)."""
+def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[MaskerInput], Any],
+                  finish: Callable[[dict], None]) -> None:
+    """Answer masker calls until the parent says close; never returns (``finish`` exits).
+
+    ``files``: the session's fds from the parent (``req``, ``resp`` pipes, optional ``prefix``)."""
     setup, device = job["session"], job["device"]
-    req = os.open(setup["req"], os.O_RDONLY)
-    resp = os.open(setup["resp"], os.O_WRONLY)
-    prefix = safe_open(setup["prefix"], framework="pt", device="cpu") if setup.get("prefix") else None
+    req, resp = files["req"], files["resp"]
+    prefix = MappedTensors(files["prefix"]) if "prefix" in files else None
     groups, max_len = int(setup["row_groups"]), int(setup["max_len"])
     caches: dict[int, torch.Tensor] = {}
     states: dict[int, dict[str, Any]] = {}

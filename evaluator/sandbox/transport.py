@@ -20,7 +20,10 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import mmap
 import os
+import struct
+import warnings
 import shutil
 import tempfile
 import threading
@@ -29,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from evaluator.contract import SparseSelection
@@ -88,7 +90,7 @@ def workload_inputs(workload: Any) -> Path:
         path = shared_dir() / f"adrs-sandbox-{os.getpid()}-{safe_label}.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"records": json.dumps(meta)})
-        os.chmod(tmp, 0o644)  # readable by the unprivileged worker, writable by nobody else
+        os.chmod(tmp, 0o600)  # workers get it as an open fd: nobody else needs to read it
         os.replace(tmp, path)
         _inputs_cache[key] = path
         atexit.register(remove_file, path)
@@ -101,11 +103,50 @@ def remove_file(path: Path) -> None:
 
 
 # ---------------------------------------------------------------- workload inputs (worker)
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class MappedTensors:
+    """A safetensors file read through an open fd, memory-mapped, tensors copied out on demand.
+
+    The worker gets its input files as fds (its mount namespace has none of our paths), and
+    ``safetensors.safe_open`` only takes a path.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        (n,) = struct.unpack("<Q", self._map[:8])
+        header = json.loads(self._map[8:8 + n])
+        self._meta = header.pop("__metadata__", {}) or {}
+        self._entries = header
+        self._base = 8 + n
+
+    def metadata(self) -> dict[str, str]:
+        return self._meta
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """A copy of tensor ``name`` (the mapping is read-only; the copy is the caller's)."""
+        entry = self._entries[name]
+        start, end = entry["data_offsets"]
+        dtype = _DTYPES[entry["dtype"]]
+        if end == start:
+            return torch.empty(entry["shape"], dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "buffer is not writable": we only read it, into a copy
+            flat = torch.frombuffer(self._map, dtype=torch.uint8, count=end - start, offset=self._base + start)
+        return flat.clone().view(dtype).reshape(entry["shape"])
+
+
 class InputReader:
     """Memory-mapped view of a workload inputs file; builds masker-ready records one by one."""
 
-    def __init__(self, path: str, device: str) -> None:
-        self._file = safe_open(path, framework="pt", device="cpu")
+    def __init__(self, fd: int, device: str) -> None:
+        self._file = MappedTensors(fd)
         self.meta = json.loads(self._file.metadata()["records"])
         self.device = device
 

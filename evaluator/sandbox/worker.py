@@ -1,16 +1,17 @@
-"""The sandbox worker: ``python -m evaluator.sandbox.worker READY_FD LIMITS_JSON``.
+"""The sandbox worker: ``python -m evaluator.sandbox.worker CONTROL_FD LIMITS_JSON``.
 
-Runs exactly one candidate, then exits. Order matters, and everything before step 6 is
-trusted code:
+Started by ``evaluator.sandbox.launcher``, already inside its namespaces (or, under the explicit
+opt-out, without them). Runs exactly one candidate, then exits. Order matters, and everything
+before step 5 is trusted code:
 
-1. new network namespace (while still single-threaded, as unshare(CLONE_NEWUSER) requires);
-2. rlimits: address space, file size, no core dumps, task count;
-3. import torch and friends (this is the slow part, done before the candidate's clock starts,
+1. rlimits: address space, file size, no core dumps, task count;
+2. import torch and friends (this is the slow part, done before the candidate's clock starts,
    so a warm spare worker can do it ahead of time);
-4. say "ready" on READY_FD, read one job (JSON line) from stdin;
-5. open the shared inputs file, chdir to scratch, drop to ``nobody`` (root only), audit hook;
-6. load the candidate, run ``masker`` on every record, write each selection to ``out/``;
-7. write ``status.json`` (success or a categorised failure) and exit.
+3. say "R" on the control socket; receive the job's files as fds there (the workload's inputs,
+   or a session's pipes), then the job (JSON line, with the candidate's source) on stdin;
+4. write the candidate into scratch (the cwd), drop to ``nobody`` (root only), audit hook;
+5. load the candidate, run ``masker`` on every record, write each selection to ``out/``;
+6. write ``status.json`` (success or a categorised failure) and exit.
 
 The parent trusts none of what this process writes: a candidate can rewrite any of it.
 """
@@ -19,11 +20,12 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import socket
 import sys
 import traceback
 from typing import Any, Callable
 
-from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, isolate_network
+from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root
 from evaluator.sandbox.limits import SandboxLimits
 
 MAX_DETAILS = 4000
@@ -63,12 +65,13 @@ def _warm_encoder(encode: Callable[..., Any], save: Callable[..., bytes], device
 
 
 def main() -> None:
-    ready_fd, limits = int(sys.argv[1]), SandboxLimits.from_json(sys.argv[2])
-    network = isolate_network()
+    control, limits = socket.socket(fileno=int(sys.argv[1])), SandboxLimits.from_json(sys.argv[2])
     cuda_job = os.environ.get("ADRS_SANDBOX_CUDA") == "1"
-    # RLIMIT_NPROC only binds a non-root uid; as root it would be ignored until we drop.
+    # RLIMIT_NPROC binds a non-root uid; in our own user namespace it counts only the tasks
+    # there (kernels >= 5.14), not all of the user's processes. As root it binds after the drop.
+    in_userns = not is_root() and os.environ.get("ADRS_SANDBOX_LEVEL") == "namespaces"
     apply_rlimits(None if cuda_job else limits.memory_mb, limits.output_bytes + (1 << 20),
-                  limits.nproc if is_root() else None)
+                  limits.nproc if is_root() or in_userns else None)
     faulthandler.enable()  # a segfault prints the Python stack to stderr for the report
 
     # Everything a masker may import must be imported now: once we run as nobody, the
@@ -96,16 +99,22 @@ def main() -> None:
         # would otherwise land on the first record, inside the candidate's clock.
         _warm_encoder(encode_selection_on_device, save, "cuda")
 
-    os.write(ready_fd, b"R")
-    os.close(ready_fd)
-    job = json.loads(sys.stdin.readline(1 << 20))
+    control.send(b"R")
+    names_raw, fd_list, _, _ = socket.recv_fds(control, 64 * 1024, 8)
+    files = dict(zip(json.loads(names_raw or b"[]"), fd_list))
+    control.close()  # the candidate gets no channel to the parent but its results
+    job = json.loads(sys.stdin.readline())
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
 
-    scratch, out = job["scratch"], os.path.join(job["scratch"], "out")
-    status_path = os.path.join(scratch, "status.json")
-    reader = None if "session" in job else InputReader(job["inputs"], job["device"])
+    scratch = os.getcwd()
+    out, status_path = os.path.join(scratch, "out"), os.path.join(scratch, "status.json")
+    candidate = os.path.join(scratch, os.path.basename(job["candidate_name"]))
+    with open(candidate, "w") as fh:
+        fh.write(job["source"])
+    job["candidate"] = candidate
+    reader = InputReader(files["inputs"], job["device"]) if "inputs" in files else None
     torch.set_num_threads(int(job["num_threads"]))  # same threads as in process: same float results
     if job["device"].startswith("cuda"):
         if ":" in job["device"]:
@@ -116,13 +125,11 @@ def main() -> None:
         # Initialise CUDA and load cuBLAS now: their libraries may be unreadable as nobody.
         x = torch.ones(8, 8, device=job["device"])
         (x @ x).sum().item()
-    os.chdir(scratch)
     if is_root() and job.get("drop_privileges", True):
         drop_privileges()
     os.makedirs(out, exist_ok=True)
 
     def finish(status: dict) -> None:
-        status["network"] = network
         with open(status_path, "w") as fh:
             json.dump(status, fh)
         sys.stdout.flush()
@@ -132,7 +139,6 @@ def main() -> None:
     if limits.audit_hook:
         install_audit_hook(scratch)
 
-    candidate = job["candidate"]
     try:
         masker = load_masker(candidate)
     except BaseException as exc:  # noqa: BLE001 - anything at import time is the candidate's
@@ -140,7 +146,7 @@ def main() -> None:
         finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc}"[:1000],
                 "details": _candidate_traceback(exc, candidate)})
     if reader is None:
-        serve_session(job, masker, finish)  # many calls over FIFOs (evaluator.sandbox.session); exits
+        serve_session(job, files, masker, finish)  # many calls over pipes (evaluator.sandbox.session); exits
 
     records, written = [], 0
     for i in range(len(reader)):
