@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from adrs.safetext import terminal_safe
+
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Evolve sparse-attention maskers with an LLM, scored safely.",
@@ -22,13 +24,16 @@ class UserError(Exception):
     """A problem with the user's input: shown as one line, exit code 2."""
 
 
-FAST_KEYS = ("valid", "combined_score", "error", "density", "density_penalty", "wall_s", "category", "reason", "workload")
+FAST_KEYS = ("valid", "combined_score", "error", "density", "density_penalty", "wall_s", "category", "reason", "workload",
+             "isolation")
 FAITHFUL_KEYS = ("valid", "combined_score", "error", "density", "agreement", "kl", "kl_max", "needle_accuracy",
-                 "dense_needle_accuracy", "n_calls", "wall_s", "candidate_s", "category", "reason", "spec")
+                 "dense_needle_accuracy", "n_calls", "wall_s", "candidate_s", "category", "reason", "spec", "isolation")
+UNSAFE_HELP = ("where the kernel allows no sandbox namespaces, run the candidate anyway with weaker containment "
+               "(reported as NOT ISOLATED); for code you would run yourself")
 
 
 def _cell(value: object) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+    return f"{value:.6g}" if isinstance(value, float) else terminal_safe(value)
 
 
 def _report_table(report: dict, keys: tuple[str, ...] = FAST_KEYS, title: str | None = None) -> Table:
@@ -52,6 +57,7 @@ def score(
     timeout: float = typer.Option(300.0, help="wall-time limit for the candidate, seconds"),
     speedup: bool = typer.Option(False, "--speedup", help="also time its selections with the sparse-decode kernel vs dense SDPA (CUDA)"),
     faithful: bool = typer.Option(False, "--faithful", help="faithful score: the model decodes with the selections in every layer"),
+    unsafe: bool = typer.Option(False, "--unsafe-allow-unisolated", help=UNSAFE_HELP),
 ) -> None:
     """Score one candidate file: fast (per-layer error on cached activations) or --faithful (a real sparse decode)."""
     from evaluator.sandbox import SandboxLimits
@@ -61,14 +67,15 @@ def score(
     if not file.is_file():
         raise UserError(f"no such candidate file: {file}")
     if faithful:
-        report = _faithful(file, _faithful_preset(workload), target, in_process, SandboxLimits(wall_s=timeout))
+        report = _faithful(file, _faithful_preset(workload), target, in_process,
+                           SandboxLimits(wall_s=timeout, unsafe_allow_unisolated=unsafe))
         _print_faithful(report, json_out)
         raise typer.Exit(0 if report.valid else 1)
     try:
         wl = load_workload(workload, progress=not json_out)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    limits = SandboxLimits(wall_s=timeout)
+    limits = SandboxLimits(wall_s=timeout, unsafe_allow_unisolated=unsafe)
     if speedup:
         report, speed = score_with_speedup(file, wl, target, sandbox=not in_process, limits=limits)
     else:
@@ -195,7 +202,7 @@ def _write_resolved_config(run_dir: Path, cfg) -> None:
 
     from adrs.config import dump_config
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # prompts, code, scores: the user's own
     tmp = run_dir / "config.yaml.tmp"
     tmp.write_text(dump_config(cfg))
     os.replace(tmp, run_dir / "config.yaml")
@@ -301,7 +308,7 @@ def leaderboard(run_dir: Path = typer.Argument(...), top: int = typer.Option(10,
         score, replicates = held[r.id]
         held_text = "-" if score is None else f"{score:.5f}" + {True: "", False: " NO", None: ""}[replicates]
         table.add_row(r.id, str(r.iteration), str(r.island), f"{r.combined_score:.5f}", held_text, f"{r.error:.4f}",
-                      f"{r.density:.4f}", r.author, (r.summary or "")[:50])
+                      f"{r.density:.4f}", terminal_safe(r.author), terminal_safe((r.summary or "")[:50]))
     out.print(table)
 
 
@@ -417,7 +424,7 @@ def _rescore_faithful(run_dir: Path, cand: str, cfg, workload: Optional[str], js
     from adrs.loop import rescore_entry
     from evaluator.candidate import candidate_file
     from evaluator.faithful.spec import resolve_faithful_spec
-    from evaluator.sandbox import SandboxLimits
+    from adrs.scheduler import sandbox_limits
 
     if workload is None:
         held = cfg.heldout_workload
@@ -426,7 +433,7 @@ def _rescore_faithful(run_dir: Path, cand: str, cfg, workload: Optional[str], js
     with _open(run_dir) as archive:
         ref = _get(archive, cand)
         code = archive.code(ref.id)
-    limits = SandboxLimits(wall_s=cfg.evaluation.timeout_s, memory_mb=cfg.evaluation.memory_mb)
+    limits = sandbox_limits(cfg)
     with candidate_file(code) as path:
         report = _faithful(path, preset, cfg.density_target, cfg.evaluation.in_process, limits)
     with _open(run_dir) as archive:
@@ -460,7 +467,9 @@ def review(
                 return
             table = Table("checkpoint", "candidate", "why", "decision", "notes", title=f"review: {run_dir}")
             for c in every:
-                table.add_row(c.name, c.candidate_id, c.reason, c.decision or "[bold yellow]pending[/]", "\n".join(c.notes))
+                table.add_row(c.name, c.candidate_id, terminal_safe(c.reason or ""),
+                              terminal_safe(c.decision) if c.decision else "[bold yellow]pending[/]",
+                              terminal_safe("\n".join(c.notes)))
             out.print(table if every else "no checkpoints yet (config: review.every / review.on_new_best)")
             waiting = [c for c in every if c.pending]
             if waiting:
@@ -496,9 +505,9 @@ def show(run_dir: Path = typer.Argument(...), cand: str = typer.Argument(..., he
         out.print(f"[bold]{ref.id}[/bold] iteration {ref.iteration}, island {ref.island}, {ref.status}, parent {ref.parent_id}, commit {ref.commit[:10]}")
         out.print(_report_table(record))
         out.rule("diff to parent")
-        print(archive.diff(ref.id) or "(no parent)")
+        print(terminal_safe(archive.diff(ref.id) or "(no parent)", markup=False))
         out.rule("code")
-        print(archive.code(ref.id))
+        print(terminal_safe(archive.code(ref.id), markup=False))
 
 
 @app.command()
@@ -507,7 +516,7 @@ def diff(run_dir: Path = typer.Argument(...), a: str = typer.Argument(...), b: s
     with _open(run_dir) as archive:
         ra, rb = _get(archive, a), _get(archive, b)
         text = archive.repo.git.diff(ra.commit, rb.commit, "--", "candidate.py")
-    print(text or "(identical)")
+    print(terminal_safe(text, markup=False) if text else "(identical)")
 
 
 @app.command()
@@ -536,6 +545,13 @@ def _root() -> None:
     """Evolve sparse-attention maskers with an LLM, scored safely. Add --debug for tracebacks."""
 
 
+ISOLATION_HINT = (
+    "Candidates are untrusted code (an LLM wrote them). Fix: allow unprivileged user namespaces "
+    "(e.g. sysctl kernel.unprivileged_userns_clone=1, or kernel.apparmor_restrict_unprivileged_userns=0 on Ubuntu), "
+    "or run as root. To run them anyway with weaker containment: --unsafe-allow-unisolated, "
+    "evaluation.unsafe_allow_unisolated: true, or ADRS_UNSAFE_ALLOW_UNISOLATED=1.")
+
+
 def main() -> None:
     """Console entry point: user errors print one line (exit 2); --debug shows tracebacks."""
     debug = "--debug" in sys.argv
@@ -546,7 +562,7 @@ def main() -> None:
     except (UserError, FileNotFoundError, ModuleNotFoundError, NotADirectoryError) as exc:
         if debug:
             raise
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {terminal_safe(exc)}")
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted")
@@ -554,7 +570,11 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback behind --debug
         if debug:
             raise
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        if type(exc).__name__ == "IsolationUnavailable":  # evaluator.sandbox.runner; not imported here (torch)
+            console.print(f"[red]error:[/red] the sandbox cannot isolate candidates on this machine, so none was run: "
+                          f"{terminal_safe(exc)}\n{ISOLATION_HINT}")
+            sys.exit(2)
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {terminal_safe(exc)} (run with --debug for the traceback)")
         sys.exit(1)
 
 

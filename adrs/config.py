@@ -20,6 +20,11 @@ class EvaluationConfig(BaseModel):
     timeout_s: float = Field(120.0, gt=0, description="wall-time limit of one evaluation")
     memory_mb: int = Field(8192, gt=0, description="address-space limit of the candidate process")
     in_process: bool = Field(False, description="score in the harness process (trusted candidates only; no sandbox)")
+    unsafe_allow_unisolated: bool = Field(
+        False, description="where the kernel allows no sandbox namespaces, run LLM-written candidates anyway with weaker "
+        "containment (every report says NOT ISOLATED); also ADRS_UNSAFE_ALLOW_UNISOLATED=1",
+    )
+    scratch_mb: int = Field(64, gt=0, description="what a candidate may write (its private tmpfs: cwd, /tmp, /dev/shm)")
     heldout_margin: float = Field(
         0.0, ge=0, description="cascade: a candidate beating the best by more than this is re-scored on the held-out workload",
     )

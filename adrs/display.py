@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from adrs.loop import Event, LoopStats
+from adrs.safetext import terminal_safe
 
 
 def _trend(history: list[float]) -> str:
@@ -29,6 +30,8 @@ def render(stats: LoopStats, last: list[str], total: int, done: int) -> Group:
     table.add_row("evals/min", f"{stats.committed / minutes:.1f}")
     table.add_row("failures", ", ".join(f"{k}: {v}" for k, v in sorted(stats.failures.items())) or "none")
     table.add_row("tokens / cost", f"{stats.tokens} / ${stats.cost_usd:.4f}")
+    table.add_row("sandbox", Text(stats.isolation or "- (no candidate scored yet)",
+                                  style="bold red" if (stats.isolation or "").startswith("NOT") else ""))
     return Group(table, Text("\n".join(last[-8:])))
 
 
@@ -38,9 +41,9 @@ def candidate_line(event: Event) -> str:
     if rep.valid:
         text = f"#{ref.iteration:<4} {ref.status:8} score {rep.combined_score:.5f} err {rep.error:.4f} dens {rep.density:.4f}"
     else:
-        text = f"#{ref.iteration:<4} failed   {rep.category}: {(rep.reason or '')[:70]}"
+        text = f"#{ref.iteration:<4} failed   {rep.category}: {terminal_safe((rep.reason or '')[:70], markup=False)}"
     if event.get("rejection"):
-        text += f"  [held-out: {event['rejection']}]"
+        text += f"  [held-out: {terminal_safe(event['rejection'], markup=False)}]"
     best: Any = event.get("best")
     if best is not None and best.id == ref.id:
         text += "  NEW BEST"

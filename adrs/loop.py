@@ -57,6 +57,7 @@ class LoopStats:
     best_history: list[float] = field(default_factory=list)
     tokens: int = 0
     cost_usd: float = 0.0
+    isolation: str | None = None  # the sandbox level of the latest scored candidate, in words
 
 
 def island_view(rows: list[Any], iteration: int, cfg: RunConfig) -> list[ParentRecord]:
@@ -350,6 +351,8 @@ def _commit(archive: Archive, scorer: CodeScorer, child: Child, stats: LoopStats
     before = archive.best()
     ref, rejection = commit_child(archive, scorer, child)
     stats.committed += 1
+    if getattr(child.report, "isolation", None):
+        stats.isolation = child.report.isolation
     if not child.report.valid:
         stats.failures[child.report.category] = stats.failures.get(child.report.category, 0) + 1
     if child.llm:

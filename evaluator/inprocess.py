@@ -17,6 +17,8 @@ from evaluator.scoring import InvalidSelection, ScoreReport, aggregate, dense_we
 from evaluator.workload import Workload
 
 
+IN_PROCESS = "in-process (no sandbox: trusted code only)"
+
 def score_masker(
     masker: Any, workload: Workload, density_target: float,
     *, on_selection: Callable[[int, AttentionRecord, torch.Tensor], None] | None = None,
@@ -45,6 +47,7 @@ def score_masker(
     report = aggregate(rows, density_target)
     report.workload = workload.label
     report.wall_s = time.perf_counter() - t0
+    report.isolation = IN_PROCESS
     return report
 
 
@@ -65,4 +68,5 @@ def score_file(
         return ScoreReport.failure("import", f"{type(exc).__name__}: {exc}", details=format_traceback(), workload=workload.label)
     report = score_masker(masker, workload, density_target, on_selection=on_selection)
     report.wall_s = time.perf_counter() - t0
+    report.isolation = IN_PROCESS
     return report

@@ -384,3 +384,32 @@ def test_pool_starts_the_replacement_after_the_job(tiny):
             again = pool.take()
         assert pool._spare is not None and pool._spare is not again
         again.close()
+
+
+# ---------------------------------------------------------------- isolation level and the opt-out
+from evaluator.sandbox.runner import IsolationUnavailable  # noqa: E402
+
+
+def test_no_isolation_means_nothing_runs(tiny):
+    """Where no namespaces can be set up (forced here), a candidate is refused, not run weaker."""
+    with pytest.raises(IsolationUnavailable):
+        run_candidate(SEEDS / "sink_window.py", tiny, 0.1, limits=replace(LIMITS, isolate=False))
+
+
+def test_explicit_opt_out_runs_and_every_report_says_so(tiny):
+    report = evaluate_in_sandbox(SEEDS / "sink_window.py", tiny, 0.1,
+                                 limits=replace(LIMITS, isolate=False, unsafe_allow_unisolated=True))
+    assert report.valid and report.isolation.startswith("NOT ISOLATED"), report.isolation
+    isolated = evaluate_in_sandbox(SEEDS / "sink_window.py", tiny, 0.1, limits=LIMITS)
+    assert isolated.isolation.startswith("namespaces") and isolated.combined_score == report.combined_score
+
+
+def test_cache_and_run_dirs_are_private(tmp_path, monkeypatch):
+    from adrs.archive import open_run
+    from evaluator.workload.cache import cache_root
+
+    monkeypatch.setenv("ADRS_CACHE", str(tmp_path / "cache"))
+    assert cache_root().stat().st_mode & 0o777 == 0o700
+    archive = open_run(tmp_path / "run", create=True)
+    archive.close()
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o700

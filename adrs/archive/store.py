@@ -354,7 +354,7 @@ def open_run(run_dir: str | os.PathLike[str], create: bool = False) -> Archive:
     if not (run_dir / "repo").is_dir():
         if not create:
             raise FileNotFoundError(f"{run_dir} is not a run directory (no repo/); pass create=True")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # prompts, code, scores: the user's own
     with run_lock(run_dir):
         # init_repo is atomic and idempotent, so a create killed half-way is simply redone.
         repo = gitstore.init_repo(run_dir / "repo") if create else git.Repo(run_dir / "repo")

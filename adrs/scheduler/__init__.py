@@ -19,7 +19,9 @@ __all__ = ["Scheduler", "SchedulerClosed", "Which", "WorkerLost", "LocalSchedule
 
 def sandbox_limits(config: RunConfig) -> SandboxLimits:
     """The sandbox limits a run's evaluation config asks for."""
-    return SandboxLimits(wall_s=config.evaluation.timeout_s, memory_mb=config.evaluation.memory_mb)
+    ev = config.evaluation
+    return SandboxLimits(wall_s=ev.timeout_s, memory_mb=ev.memory_mb, scratch_bytes=ev.scratch_mb << 20,
+                         unsafe_allow_unisolated=ev.unsafe_allow_unisolated)
 
 
 def make_scheduler(config: RunConfig, workloads: WorkloadSource) -> Scheduler:

@@ -10,8 +10,15 @@ from typing import Iterator
 
 
 def cache_root() -> Path:
-    """``$ADRS_CACHE`` or ``~/.cache/adrs``."""
-    return Path(os.environ.get("ADRS_CACHE", "~/.cache/adrs")).expanduser()
+    """``$ADRS_CACHE`` or ``~/.cache/adrs``, created private to the user (0700).
+
+    It holds values and dense outputs, which no candidate (and no other user) may read.
+    """
+    root = Path(os.environ.get("ADRS_CACHE", "~/.cache/adrs")).expanduser()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if root.stat().st_uid == os.geteuid() and root.stat().st_mode & 0o077:
+        root.chmod(0o700)
+    return root
 
 
 @contextmanager
