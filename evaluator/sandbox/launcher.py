@@ -142,8 +142,7 @@ def _sources(spec: dict) -> list[tuple[int, str, bool]]:
     wanted += [(p, p) for p in spec["python_paths"]]
     wanted += [(src, dest) for src, dest in spec["lib_binds"]]
     if spec.get("cuda"):
-        wanted += [("/sys", "/sys")] + [(f"/dev/{n}", f"/dev/{n}") for n in sorted(os.listdir("/dev"))
-                                        if n.startswith("nvidia")]
+        wanted.append(("/sys", "/sys"))
     out, seen = [], []
     for src, dest in sorted(wanted, key=lambda w: w[1].count("/")):
         if not os.path.exists(src) or any(dest == s or dest.startswith(s.rstrip("/") + "/") for s in seen):
@@ -162,7 +161,8 @@ def build_root(spec: dict) -> tuple[int, dict]:
     """Build and enter the new root; returns (fd of the scratch tmpfs, what was set up)."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     sources, links = _sources(spec), _links()
-    devices = [(os.open(f"/dev/{n}", os.O_PATH | os.O_CLOEXEC), f"/dev/{n}") for n in _DEVICES if os.path.exists(f"/dev/{n}")]
+    names = list(_DEVICES) + (sorted(n for n in os.listdir("/dev") if n.startswith("nvidia")) if spec.get("cuda") else [])
+    devices = [(os.open(f"/dev/{n}", os.O_PATH | os.O_CLOEXEC), f"/dev/{n}") for n in names if os.path.exists(f"/dev/{n}")]
     root = SKELETON
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0755")
     for fd, dest, is_dir in sources:
@@ -171,8 +171,8 @@ def build_root(spec: dict) -> tuple[int, dict]:
         os.symlink(target, root + path)
     os.makedirs(root + "/dev", mode=0o755)
     _mount("tmpfs", root + "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
-    for fd, dest in devices:
-        _bind(root, fd, dest, is_dir=False, writable=True)
+    for fd, dest in devices:  # the GPU's nodes too (nvidia-caps is a folder of them)
+        _bind(root, fd, dest, is_dir=stat.S_ISDIR(os.fstat(fd).st_mode), writable=True)
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{root}/dev/{name}")
@@ -278,7 +278,7 @@ def isolate_and_exec(spec: dict) -> None:
             _send(spec["control_fd"], {"level": "namespaces", "detail": detail}, [scratch_fd])
             os.close(scratch_fd)
             os.chdir("/scratch")
-            _exec_worker(spec, "/sandbox/lib", "namespaces")
+            _exec_worker(spec, spec["pythonpath"], "namespaces")
         except BaseException as exc:  # noqa: BLE001 - report any set-up failure to the supervisor
             os.write(report_w, f"{type(exc).__name__}: {exc}".encode()[:2000])
             os._exit(EXIT_REFUSED)

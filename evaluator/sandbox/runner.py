@@ -90,9 +90,19 @@ def _python_paths() -> list[str]:
 
     found = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *site.getsitepackages()}
     found |= {p for p in sys.path if p and ("site-packages" in p or "dist-packages" in p)}
+    return sorted(p for p in found | set(_extra_pythonpath()) if _exposable(p))
+
+
+def _exposable(path: str) -> bool:
+    """A directory that may be bound into the sandbox: not ``/``, not this repository or above it."""
     repo = _REPO_ROOT.rstrip("/") + "/"
-    return sorted(p for p in found if os.path.isdir(p) and p != "/" and not repo.startswith(p.rstrip("/") + "/")
-                  and p.rstrip("/") != _REPO_ROOT)
+    return (os.path.isabs(path) and os.path.isdir(path) and path != "/" and path.rstrip("/") != _REPO_ROOT
+            and not repo.startswith(path.rstrip("/") + "/"))
+
+
+def _extra_pythonpath() -> list[str]:
+    """The caller's own PYTHONPATH entries (packages installed with --target, say), where exposable."""
+    return [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and _exposable(p)]
 
 
 def launch_spec(limits: SandboxLimits, cuda: bool, control_fd: int, lifeline_fd: int, marker: str) -> dict[str, Any]:
@@ -105,6 +115,7 @@ def launch_spec(limits: SandboxLimits, cuda: bool, control_fd: int, lifeline_fd:
         "python_paths": _python_paths(),
         "lib_binds": [[os.path.join(_REPO_ROOT, "evaluator"), "/sandbox/lib/evaluator"]],
         "plain_pythonpath": plain_env["PYTHONPATH"],
+        "pythonpath": os.pathsep.join(["/sandbox/lib", *_extra_pythonpath()]),
         # One tmpfs holds the candidate's scratch and the selections the worker writes back.
         "scratch_bytes": limits.scratch_bytes + limits.output_bytes + (4 << 20),
         "owner": [NOBODY, NOBODY] if is_root() else None,
