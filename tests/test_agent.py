@@ -206,3 +206,42 @@ def test_context_fits_by_summarising_old_turns():
     assert "c000000: valid" in sent[2]["content"]  # each dropped call keeps its one-line outcome
     assert sent[3]["role"] == "assistant"  # never a tool result without its call
     assert context.fit(messages[:6], 4000, 6) == messages[:6]
+
+
+def test_cli_agent_killed_mid_turn_resumes_with_transcript_intact(tmp_path, tiny_workload):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT
+    from test_cli import ENV, adrs
+
+    score = lambda n: tool_reply(("score", {"code": SINKS.format(n=n), "parent": "0", "summary": f"{n} sinks"}))  # noqa: E731
+    script = [score(8), Reply(delay_s=120), score(12), Reply("Twelve sinks it is. DONE")]
+    run_dir = tmp_path / "run"
+    with LoopbackOpenAI(script) as server:
+        cfg = {"name": "agent", "workload": "tiny", "heldout_workload": "tiny-heldout",
+               "seed_candidate": str(ROOT / "seeds" / "sink_window.py"),
+               "llm": {"models": [{"name": "scripted-agent", "base_url": server.base_url, "api_key_env": None,
+                                   "price_input_per_m": 1.0, "price_output_per_m": 2.0}]},
+               "agent": {"max_turns": 2}}
+        (tmp_path / "agent.yaml").write_text(yaml.safe_dump(cfg))
+        proc = subprocess.Popen([sys.executable, "-m", "adrs.cli", "agent", str(tmp_path / "agent.yaml"), "--run-dir",
+                                 str(run_dir), "--turns", "5"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while len(server.requests) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert len(server.requests) == 2, proc.stdout.read().decode() if proc.poll() is not None else "timed out"
+        os.kill(proc.pid, signal.SIGKILL)  # mid-turn: the second request is in flight
+        proc.wait()
+        resumed = adrs("resume", str(run_dir), "--turns", "5")
+    assert "agent stopped after 3 turn(s): the model finished" in resumed.stdout
+    assert server.requests[2]["messages"] == server.requests[1]["messages"]  # the same conversation, continued
+    shown = adrs("show", str(run_dir), "c000002", "--prompt").stdout
+    assert "[tool call score" in shown and "=======\nSINK_TOKENS = 12\n>>>>>>> REPLACE" in shown and "agent turn 2" in shown
+    board = adrs("leaderboard", str(run_dir)).stdout
+    assert "LLM spend: 450 tokens" in board and "$0.0006" in board  # three turns of 100 + 50 tokens
+    assert adrs("show", str(run_dir), "0", "--prompt", check=False).returncode == 2  # the seed had no prompt

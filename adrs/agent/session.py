@@ -60,16 +60,6 @@ def opening_messages(archive: Archive, cfg: RunConfig, max_turns: int) -> list[d
     return [{"role": "system", "content": system}, {"role": "user", "content": task}]
 
 
-def _as_text(messages: list[dict[str, Any]]) -> str:
-    parts = []
-    for m in messages:
-        body = m.get("content") or ""
-        for call in m.get("tool_calls") or ():
-            body += f"\n[tool call {call['function']['name']}] {call['function']['arguments']}"
-        parts.append(f"[{m['role']}]\n{body.strip()}")
-    return "\n\n".join(parts)
-
-
 class _Session:
     """The mutable parts of one running session, and the transcript writes that change them."""
 
@@ -150,7 +140,8 @@ class _Session:
         transcript.append(self.path, entry)
         self.messages.append(reply)
         self.fresh = []
-        return {"prompt": _as_text(produced[:-1]), "response": _as_text([reply]), "transcript": produced,
+        return {"prompt": transcript.conversation_text(produced[:-1]), "response": transcript.conversation_text([reply]),
+                "transcript": produced,
                 "llm": {"turn": self.turn}}
 
     def nudge_for(self, done: Completion) -> str | None:

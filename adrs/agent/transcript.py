@@ -114,3 +114,40 @@ def usage_of(run_dir: Path) -> Usage:
 def turn_entries(entries: list[dict[str, Any]], turn: int) -> list[dict[str, Any]]:
     """The messages of one turn: what was new in its request, then the reply and its tool results."""
     return [e["message"] for e in entries if e.get("kind") == "message" and e.get("turn") == turn]
+
+
+def conversation_text(messages: list[dict[str, Any]]) -> str:
+    """Messages as plain text, one ``[role]`` header each, tool calls spelled out."""
+    parts = []
+    for m in messages:
+        body = m.get("content") or ""
+        for call in m.get("tool_calls") or ():
+            body += f"\n[tool call {call['function']['name']} id={call.get('id')}]\n{_arguments_text(call['function']['arguments'])}"
+        head = f"[{m.get('role')}]" + (f" (result of {m['tool_call_id']})" if m.get("tool_call_id") else "")
+        parts.append(f"{head}\n{body.strip()}")
+    return "\n\n".join(parts)
+
+
+def _arguments_text(arguments: str) -> str:
+    """Tool-call arguments for a reader: one ``key:`` per argument, code unescaped; raw text if not a JSON object."""
+    try:
+        args = json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+    if not isinstance(args, dict):
+        return arguments
+    return "\n".join(f"{k}:\n{v}" if isinstance(v, str) and "\n" in v else f"{k}: {v}" for k, v in args.items())
+
+
+def prompt_text(record: dict[str, Any]) -> str | None:
+    """The prompt and reply that produced a candidate, from its record (None for seeds, humans, offline)."""
+    if record.get("transcript"):
+        text = conversation_text(record["transcript"])
+        llm = record.get("llm") or {}
+        if llm.get("mode") == "agent":
+            text = (f"(agent turn {llm.get('turn')}: the messages new in that request and the reply; the whole "
+                    f"conversation is in {AGENT_DIR}/{TRANSCRIPT_FILE})\n\n") + text
+        return text
+    if record.get("prompt") is not None:
+        return f"[prompt]\n{record['prompt']}\n\n[reply]\n{record.get('response') or ''}"
+    return None
