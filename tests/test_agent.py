@@ -193,6 +193,18 @@ def test_review_note_and_pause_reach_the_agent(tmp_path, tiny_workload):
     assert sum("try exact top-k" in s for s in steer) == 1
 
 
+def test_faithful_score_tool_keeps_a_rescore_note(tmp_path, tiny_workload):
+    script = [tool_reply(("faithful_score", {"candidate": "best"})), Reply("DONE")]
+    with LoopbackOpenAI(script) as server:
+        out = run(tmp_path, agent_config(server), tiny_workload)
+    assert out.ok
+    result = tool_results(server.requests[1])[0]
+    assert result.startswith("faithful score of c000000 on faithful-tiny") and "needle_accuracy" in result
+    with open_run(tmp_path) as archive:
+        note = archive.rescores("c000000")[-1]
+    assert note["why"] == "faithful" and note["report"]["valid"] and note["report"]["spec"].startswith("faithful-tiny")
+
+
 def test_context_fits_by_summarising_old_turns():
     messages = [{"role": "system", "content": "s" * 400}, {"role": "user", "content": "task"}]
     for i in range(30):

@@ -100,8 +100,12 @@ def test_llm_run_on_loopback(tmp_path, tiny_workload):
         first = archive.record("c000001")
         assert first["llm"]["model"] == "scripted" and first["llm"]["usage"]["prompt_tokens"] > 0
         assert "SINK_TOKENS = 8" in archive.code("c000001") and "SINK_TOKENS" in first["prompt"]
+        assert [m["role"] for m in first["transcript"]] == ["system", "user", "assistant"]  # the iteration's transcript
+        assert first["transcript"][-1]["content"] == GOOD_DIFF
         prose = archive.record("c000002")
         assert prose["valid"] is False and prose["category"] == "mutation"
+        # Repair turns are kept too: the nudges sent back and every reply.
+        assert [m["role"] for m in prose["transcript"]] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
         broken = archive.record("c000003")
         assert broken["category"] in ("mutation", "syntax")
     assert len(server.requests) >= 8
