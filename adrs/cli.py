@@ -177,14 +177,16 @@ def _evolve(run_dir: Path, cfg, iterations: Optional[int], base: Path) -> None:
             raise typer.Exit(130)
         finally:
             scorer.close()
-    out.print(f"\ndone. {_spend_line(run_dir)}\nLeaderboard: adrs leaderboard {run_dir}")
+    out.print(f"\ndone. {_spend_line(run_dir)}Leaderboard: adrs leaderboard {run_dir}")
 
 
 def _spend_line(run_dir: Path) -> str:
+    """The run's LLM spend and a newline; empty for a run without LLM calls (offline)."""
     from adrs.spend import run_spend
 
     with _open(run_dir) as archive:
-        return run_spend(archive).line()
+        spend = run_spend(archive)
+    return spend.line() + "\n" if spend.total.calls else ""
 
 
 def _find_seed(seed: Path, config: Path) -> Path:
@@ -344,7 +346,8 @@ def leaderboard(run_dir: Path = typer.Argument(...), top: int = typer.Option(10,
         table.add_row(r.id, str(r.iteration), str(r.island), f"{r.combined_score:.5f}", held_text, f"{r.error:.4f}",
                       f"{r.density:.4f}", r.author, (r.summary or "")[:50])
     out.print(table)
-    out.print(spend.line())
+    if spend.total.calls:
+        out.print(spend.line())
 
 
 def _edit_in_editor(code: str, name: str) -> str:

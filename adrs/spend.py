@@ -39,8 +39,9 @@ def run_spend(archive: Archive) -> Spend:
     for ref in archive.all():
         if ref.llm_model is None:
             continue
-        usage = (archive.record(ref.id).get("llm") or {}).get("usage")
-        if usage:
+        llm = archive.record(ref.id).get("llm") or {}
+        usage = llm.get("usage")
+        if usage:  # one proposal: its first request and any repair turns
             loop = loop + Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
-                                float(usage.get("cost_usd", 0.0)), 1)
+                                float(usage.get("cost_usd", 0.0)), int(llm.get("turns", 1)))
     return Spend(loop, transcript.usage_of(Path(archive.run_dir)))
