@@ -143,7 +143,10 @@ def test_budget_stop_then_resume_continues_the_conversation(tmp_path, tiny_workl
         assert [r.parent_id for r in archive.all()] == [None] + ["c000000"] * 4
 
 
-def test_dollar_budget_and_outage_stop_with_a_resume_hint(tmp_path, tiny_workload):
+def test_dollar_and_wall_budgets_and_outage_stop_with_a_resume_hint(tmp_path, tiny_workload):
+    with LoopbackOpenAI([tool_reply(("notes", {}), delay_s=1.0)], default=Reply("DONE")) as server:
+        slow = run(tmp_path / "wall", agent_config(server, agent={"max_wall_s": 0.5}), tiny_workload)
+    assert slow.ok and "wall-time budget reached" in slow.reason and slow.turns == 1
     with LoopbackOpenAI([tool_reply(("leaderboard", {}))], default=Reply(status=400)) as server:
         # 100 prompt tokens at $1/M + 50 at $2/M = $0.0002 per turn: one turn spends the cap.
         out = run(tmp_path / "usd", agent_config(server, llm={"budget_usd": 0.0002}), tiny_workload)
