@@ -139,8 +139,21 @@ def _arguments_text(arguments: str) -> str:
     return "\n".join(f"{k}:\n{v}" if isinstance(v, str) and "\n" in v else f"{k}: {v}" for k, v in args.items())
 
 
+def _printable(text: str) -> str:
+    # Model and candidate text may hold terminal escape sequences: never pass them to a terminal.
+    return "".join(ch if ch in "\n\t" or ch.isprintable() else "?" for ch in text)
+
+
 def prompt_text(record: dict[str, Any]) -> str | None:
-    """The prompt and reply that produced a candidate, from its record (None for seeds, humans, offline)."""
+    """The prompt and reply that produced a candidate, from its record (None for seeds, humans, offline).
+
+    Control characters are replaced, so the text is safe to print to a terminal.
+    """
+    text = _prompt_text(record)
+    return None if text is None else _printable(text)
+
+
+def _prompt_text(record: dict[str, Any]) -> str | None:
     if record.get("transcript"):
         text = conversation_text(record["transcript"])
         llm = record.get("llm") or {}
