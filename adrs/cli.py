@@ -184,7 +184,16 @@ def _evolve(run_dir: Path, cfg, iterations: Optional[int], base: Path) -> None:
             raise typer.Exit(130)
         finally:
             scorer.close()
-    out.print(f"\ndone. Leaderboard: adrs leaderboard {run_dir}")
+    out.print(f"\ndone. {_spend_line(run_dir)}Leaderboard: adrs leaderboard {run_dir}")
+
+
+def _spend_line(run_dir: Path) -> str:
+    """The run's LLM spend and a newline; empty for a run without LLM calls (offline)."""
+    from adrs.spend import run_spend
+
+    with _open(run_dir) as archive:
+        spend = run_spend(archive)
+    return spend.line() + "\n" if spend.total.calls else ""
 
 
 def _find_seed(seed: Path, config: Path) -> Path:
@@ -208,15 +217,8 @@ def _write_resolved_config(run_dir: Path, cfg) -> None:
     os.replace(tmp, run_dir / "config.yaml")
 
 
-@app.command()
-def run(
-    config: Path = typer.Argument(..., help="YAML run config (see `adrs init`)"),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: runs/<name>-<timestamp>"),
-    iterations: Optional[int] = typer.Option(None, help="override the config's iteration count"),
-    llm: Optional[str] = typer.Option(None, help="'offline' to use the LLM-free mutator"),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="evaluate on this Ray cluster (sets executor: ray)"),
-) -> None:
-    """Start an evolution run."""
+def _prepare(config: Path, run_dir: Optional[Path], llm: Optional[str] = None):
+    """Load the config, resolve its seed, pick and create the run directory with the resolved config."""
     import time as _time
 
     from adrs.config import ConfigError, load_config
@@ -229,23 +231,61 @@ def run(
             cfg = cfg.model_copy(update={"llm": "offline"})
     except ConfigError as exc:
         raise UserError(f"{config}: {exc}") from None
-    cfg = _with_ray_address(cfg, ray_address)
     cfg = cfg.model_copy(update={"seed_candidate": str(_find_seed(Path(cfg.seed_candidate), config))})
     if run_dir is None:
         run_dir = Path("runs") / f"{cfg.name}-{_time.strftime('%Y%m%d-%H%M%S')}"
     if (run_dir / "config.yaml").exists():
         raise UserError(f"{run_dir} already holds a run; use `adrs resume {run_dir}`")
+    return cfg, run_dir
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="YAML run config (see `adrs init`)"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: runs/<name>-<timestamp>"),
+    iterations: Optional[int] = typer.Option(None, help="override the config's iteration count"),
+    llm: Optional[str] = typer.Option(None, help="'offline' to use the LLM-free mutator"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="evaluate on this Ray cluster (sets executor: ray)"),
+) -> None:
+    """Start an evolution run."""
+    cfg, run_dir = _prepare(config, run_dir, llm)
+    cfg = _with_ray_address(cfg, ray_address)
     _write_resolved_config(run_dir, cfg)
     console.print(f"run directory: {run_dir}")
     _evolve(run_dir, cfg, iterations, config.resolve().parent)
 
 
 @app.command()
+def agent(
+    config: Path = typer.Argument(..., help="YAML run config with an `llm:` endpoint; `agent:` sets its budgets"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: runs/<name>-<timestamp>"),
+    turns: Optional[int] = typer.Option(None, "--turns", help="override agent.max_turns (total turns of the conversation)"),
+) -> None:
+    """Start an agent session: one tool-using LLM conversation that edits, scores and commits candidates."""
+    from adrs.agent.command import run_session
+
+    cfg, run_dir = _prepare(config, run_dir)
+    if cfg.llm == "offline":
+        raise UserError(f"{config}: agent mode needs an LLM endpoint (`llm:` with models), not 'offline'")
+    _write_resolved_config(run_dir, cfg)
+    console.print(f"run directory: {run_dir}")
+    raise typer.Exit(run_session(run_dir, cfg, turns, config.resolve().parent, out))
+
+
+@app.command()
 def resume(run_dir: Path = typer.Argument(..., help="run directory"),
            iterations: Optional[int] = typer.Option(None, help="override the total iteration count"),
+           turns: Optional[int] = typer.Option(None, "--turns", help="agent runs: override the total turn budget"),
            ray_address: Optional[str] = typer.Option(None, "--ray-address", help="evaluate on this Ray cluster")) -> None:
-    """Continue a run from what was committed."""
-    _evolve(run_dir, _with_ray_address(_run_config(run_dir), ray_address), iterations, Path.cwd())
+    """Continue a run (a loop or an agent session) from what was committed."""
+    from adrs.agent.transcript import is_agent_run
+
+    cfg = _with_ray_address(_run_config(run_dir), ray_address)
+    if is_agent_run(run_dir):
+        from adrs.agent.command import run_session
+
+        raise typer.Exit(run_session(run_dir, cfg, turns, Path.cwd(), out))
+    _evolve(run_dir, cfg, iterations, Path.cwd())
 
 
 def _with_ray_address(cfg, address: Optional[str]):
@@ -294,9 +334,12 @@ def leaderboard(run_dir: Path = typer.Argument(...), top: int = typer.Option(10,
                 json_out: bool = typer.Option(False, "--json")) -> None:
     """Best candidates of a run, with held-out scores where known."""
     cfg = _run_config(run_dir) if (run_dir / "config.yaml").is_file() else None
+    from adrs.spend import run_spend
+
     with _open(run_dir) as archive:
         rows = archive.leaderboard(top)
         held = _heldout_column(archive, rows, cfg)
+        spend = run_spend(archive)
     if json_out:
         print(json.dumps([{**{k: getattr(r, k) for k in ("id", "iteration", "island", "status", "combined_score", "error",
                                                           "density", "author", "parent_id", "commit")},
@@ -310,6 +353,8 @@ def leaderboard(run_dir: Path = typer.Argument(...), top: int = typer.Option(10,
         table.add_row(r.id, str(r.iteration), str(r.island), f"{r.combined_score:.5f}", held_text, f"{r.error:.4f}",
                       f"{r.density:.4f}", terminal_safe(r.author), terminal_safe((r.summary or "")[:50]))
     out.print(table)
+    if spend.total.calls:
+        out.print(spend.line())
 
 
 def _edit_in_editor(code: str, name: str) -> str:
@@ -497,11 +542,20 @@ def plot(run_dir: Path = typer.Argument(...),
 
 
 @app.command()
-def show(run_dir: Path = typer.Argument(...), cand: str = typer.Argument(..., help="id, iteration, commit prefix or 'best'")) -> None:
-    """A candidate's code, its diff to the parent and its score breakdown."""
+def show(run_dir: Path = typer.Argument(...), cand: str = typer.Argument(..., help="id, iteration, commit prefix or 'best'"),
+         prompt: bool = typer.Option(False, "--prompt", help="print the prompt and reply that produced the candidate")) -> None:
+    """A candidate's code, its diff to the parent and its score breakdown (or, with --prompt, its conversation)."""
     with _open(run_dir) as archive:
         ref = _get(archive, cand)
         record = archive.record(ref.id)
+        if prompt:
+            from adrs.agent.transcript import prompt_text
+
+            text = prompt_text(record)
+            if text is None:
+                raise UserError(f"{ref.id} was not produced by an LLM (author {ref.author}); it has no prompt")
+            print(text)  # plain print: the text quotes model and candidate output, never rich markup
+            return
         out.print(f"[bold]{ref.id}[/bold] iteration {ref.iteration}, island {ref.island}, {ref.status}, parent {ref.parent_id}, commit {ref.commit[:10]}")
         out.print(_report_table(record))
         out.rule("diff to parent")

@@ -7,6 +7,7 @@ from typing import Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from adrs.agent.config import AgentConfig
 from adrs.llm.config import LLMConfig
 from adrs.parents import SelectionConfig
 from evaluator.workload.spec import WorkloadSpec, resolve_spec
@@ -66,6 +67,7 @@ class RunConfig(BaseModel):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig, description="agent mode (`adrs agent`): budgets and context")
 
     def workload_spec(self) -> WorkloadSpec:
         return resolve_spec(self.workload)

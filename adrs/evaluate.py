@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from adrs.config import RunConfig
 from adrs.scheduler import Scheduler, Which, make_scheduler
 from evaluator.candidate import candidate_file
 from evaluator.scoring import ScoreReport
 from evaluator.workload import Workload, load_workload
+
+if TYPE_CHECKING:
+    from evaluator.faithful.metrics import FaithfulReport
 
 
 @dataclass
@@ -41,6 +45,16 @@ class CodeScorer:
         if heldout and self.config.heldout_spec() is None:
             raise ValueError("this run has no held-out workload (heldout_workload: null)")
         return self.scheduler().submit(code, "heldout" if heldout else "search").result()
+
+    def faithful(self, code: str, preset: str) -> "FaithfulReport":
+        """Faithful score of ``code`` (the model decodes with its selections in every layer), sandboxed unless in_process."""
+        from evaluator.faithful import faithful_score
+        from evaluator.sandbox import SandboxLimits
+
+        limits = SandboxLimits(wall_s=self.config.evaluation.timeout_s, memory_mb=self.config.evaluation.memory_mb)
+        with candidate_file(code) as path:
+            return faithful_score(path, preset, self.config.density_target, limits=limits,
+                                  in_process=self.config.evaluation.in_process)
 
     def scheduler(self) -> Scheduler:
         """The evaluation scheduler, started on first use."""

@@ -44,6 +44,7 @@ class Child:
     llm: dict[str, Any] | None = None
     prompt: str | None = None
     response: str | None = None
+    transcript: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass
@@ -96,6 +97,8 @@ def _record(child: Child, scorer: CodeScorer) -> dict[str, Any]:
     if child.prompt is not None:
         data["prompt"] = child.prompt
         data["response"] = child.response
+    if child.transcript:
+        data["transcript"] = list(child.transcript)
     return data
 
 
@@ -129,7 +132,7 @@ class Proposer:
         return 1 if self.client is None else self.cfg.llm.max_in_flight
 
     async def propose(self, archive: Archive, choice: Any, key: int, notes: list[str],
-                      seen: set[str]) -> tuple[MutationResult, dict | None, str | None, str | None]:
+                      seen: set[str]) -> tuple[MutationResult, dict | None, str | None, str | None, tuple[dict[str, Any], ...]]:
         parent_code = archive.code(choice.parent_id)
         if self.client is None:
             partner = archive.code(choice.top_ids[0]) if choice.top_ids else None
@@ -141,7 +144,7 @@ class Proposer:
                                               step_scale=1.0 + attempt)
                 if result.code is None or code_hash(result.code) not in seen:
                     break
-            return result, None, None, None
+            return result, None, None, None, ()
         from adrs.llm.proposal import propose
         from adrs.prompts import render_prompt
 
@@ -159,7 +162,8 @@ class Proposer:
         usage = proposal.usage
         llm = {"model": proposal.model, "turns": proposal.turns, "usage": {
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "cost_usd": usage.cost_usd}}
-        return proposal.result, llm, prompt.system + "\n\n" + prompt.user, "\n\n---\n\n".join(proposal.replies)
+        return (proposal.result, llm, prompt.system + "\n\n" + prompt.user, "\n\n---\n\n".join(proposal.replies),
+                proposal.messages)
 
 
 def code_hash(code: str) -> str:
@@ -175,7 +179,7 @@ async def _make_child(archive: Archive, cfg: RunConfig, scorer: CodeScorer, prop
                       notes: list[str], seen: set[str]) -> Child:
     rows = archive.all()
     choice = select_parent(island_view(rows, slot, cfg), slot, cfg.selection, cfg.seed)
-    mutation, llm, prompt, response = await proposer.propose(archive, choice, slot, notes, seen)
+    mutation, llm, prompt, response, transcript = await proposer.propose(archive, choice, slot, notes, seen)
     if mutation.code is None:
         report = ScoreReport.failure("mutation", mutation.error or "the reply could not be applied")
         code = archive.code(choice.parent_id)
@@ -186,7 +190,7 @@ async def _make_child(archive: Archive, cfg: RunConfig, scorer: CodeScorer, prop
     else:
         code = mutation.code
         report = await asyncio.to_thread(scorer.score, code)
-    return Child(choice.parent_id, choice.island, code, report, mutation, llm, prompt, response)
+    return Child(choice.parent_id, choice.island, code, report, mutation, llm, prompt, response, transcript)
 
 
 def _cascade(archive: Archive, scorer: CodeScorer, child: Child, record: dict[str, Any]) -> str | None:
@@ -315,7 +319,7 @@ async def _wait_for_review(archive: Archive, run_dir: Path, emit: Callable[[Even
         emit({"kind": "resumed", "message": "review decided; continuing"})
 
 
-def _maybe_checkpoint(archive: Archive, cfg: RunConfig, ref: Any, became_best: bool) -> review.Checkpoint | None:
+def maybe_checkpoint(archive: Archive, cfg: RunConfig, ref: Any, became_best: bool) -> review.Checkpoint | None:
     reason = review.checkpoint_reason(ref.iteration, became_best, cfg.review.every, cfg.review.on_new_best)
     if reason is None:
         return None
@@ -331,7 +335,7 @@ def _backfill_checkpoint(archive: Archive, cfg: RunConfig) -> None:
         return
     ref = archive.get(last)
     best = archive.best()
-    _maybe_checkpoint(archive, cfg, ref, best is not None and best.id == ref.id)
+    maybe_checkpoint(archive, cfg, ref, best is not None and best.id == ref.id)
 
 
 def commit_child(archive: Archive, scorer: CodeScorer, child: Child, author: str = "model",
@@ -363,7 +367,7 @@ def _commit(archive: Archive, scorer: CodeScorer, child: Child, stats: LoopStats
         stats.best_history.append(best.combined_score)
     emit({"kind": "candidate", "ref": ref, "report": child.report, "best": best, "rejection": rejection, "stats": stats})
     became_best = best is not None and best.id == ref.id and (before is None or before.id != ref.id)
-    checkpoint = _maybe_checkpoint(archive, scorer.config, ref, became_best)
+    checkpoint = maybe_checkpoint(archive, scorer.config, ref, became_best)
     if checkpoint is not None:
         emit({"kind": "checkpoint", "message": f"checkpoint {checkpoint.name}: {checkpoint.reason}"})
     return checkpoint

@@ -1,8 +1,11 @@
 """A scripted OpenAI chat-completions server on loopback, for tests (no network needed).
 
 Each POST /v1/chat/completions consumes the next scripted ``Reply``: its status code, its
-content, and an optional delay before answering (to simulate slow models or hangs). The
-requests received are kept for assertions.
+content, tool calls (the real chat-completions tool-calling wire format), and an optional
+delay before answering (to simulate slow models or hangs). A script entry may also be a
+function of the request body returning a ``Reply``, for replies that depend on what the
+client sent or that act on the world mid-conversation. The requests received are kept for
+assertions.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable, Union
 
 
 @dataclass(frozen=True)
@@ -26,12 +29,34 @@ class Reply:
     completion_tokens: int = 50
     send_usage: bool = True  # False: omit the usage object, as some servers do
     retry_after: str | None = None  # sent as a Retry-After header on error replies
+    tool_calls: tuple[tuple[str, str], ...] = ()  # (function name, raw JSON arguments), in order
+    refusal: str | None = None  # the message's ``refusal`` field, as OpenAI sends for refusals
+
+    def message(self, index: int) -> dict[str, Any]:
+        """The assistant message object of the response."""
+        msg: dict[str, Any] = {"role": "assistant", "content": self.content if (self.content or not self.tool_calls) else None}
+        if self.refusal is not None:
+            msg["refusal"] = self.refusal
+        if self.tool_calls:
+            msg["tool_calls"] = [{"id": f"call_{index}_{i}", "type": "function",
+                                  "function": {"name": name, "arguments": args}}
+                                 for i, (name, args) in enumerate(self.tool_calls)]
+        return msg
+
+
+def tool_reply(*calls: tuple[str, Any], content: str = "", **kw: Any) -> Reply:
+    """A reply calling tools; dict arguments are JSON-encoded, strings are sent verbatim (malformed on purpose)."""
+    encoded = tuple((name, args if isinstance(args, str) else json.dumps(args)) for name, args in calls)
+    return Reply(content=content, tool_calls=encoded, **kw)
+
+
+Script = Union[Reply, Callable[[dict[str, Any]], Reply]]
 
 
 class LoopbackOpenAI:
     """Context manager running the server in a thread on 127.0.0.1, port 0; handler threads are joined on exit."""
 
-    def __init__(self, replies: list[Reply] | None = None, default: Reply | None = None) -> None:
+    def __init__(self, replies: list[Script] | None = None, default: Reply | None = None) -> None:
         self._replies = list(replies or [])
         self._default = default
         self._lock = threading.Lock()
@@ -64,8 +89,8 @@ class LoopbackOpenAI:
                 self._send(200, {
                     "id": f"chatcmpl-{len(server.requests)}", "object": "chat.completion", "created": int(time.time()),
                     "model": body.get("model", "loopback"),
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": reply.content}}],
+                    "choices": [{"index": 0, "finish_reason": "tool_calls" if reply.tool_calls else "stop",
+                                 "message": reply.message(len(server.requests))}],
                     **({"usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                                   "total_tokens": reply.prompt_tokens + reply.completion_tokens}} if reply.send_usage else {}),
                 })
@@ -102,8 +127,9 @@ class LoopbackOpenAI:
     def _next(self, body: dict[str, Any]) -> Reply:
         with self._lock:
             self.requests.append(body)
-            if self._replies:
-                return self._replies.pop(0)
+            entry = self._replies.pop(0) if self._replies else None
+        if entry is not None:
+            return entry if isinstance(entry, Reply) else entry(body)
         if self._default is None:
             return Reply(status=500)
         return self._default

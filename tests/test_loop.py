@@ -10,6 +10,7 @@ from adrs.archive import open_run
 from adrs.config import parse_config
 from adrs.evaluate import CodeScorer
 from adrs.loop import evolve
+from adrs.spend import run_spend
 from conftest import ROOT
 from loopback_openai import LoopbackOpenAI, Reply
 
@@ -100,10 +101,17 @@ def test_llm_run_on_loopback(tmp_path, tiny_workload):
         first = archive.record("c000001")
         assert first["llm"]["model"] == "scripted" and first["llm"]["usage"]["prompt_tokens"] > 0
         assert "SINK_TOKENS = 8" in archive.code("c000001") and "SINK_TOKENS" in first["prompt"]
+        assert [m["role"] for m in first["transcript"]] == ["system", "user", "assistant"]  # the iteration's transcript
+        assert first["transcript"][-1]["content"] == GOOD_DIFF
         prose = archive.record("c000002")
         assert prose["valid"] is False and prose["category"] == "mutation"
+        # Repair turns are kept too: the nudges sent back and every reply.
+        assert [m["role"] for m in prose["transcript"]] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
         broken = archive.record("c000003")
         assert broken["category"] in ("mutation", "syntax")
+        spend = run_spend(archive)  # what `adrs leaderboard` totals: every proposal's turns, none of the agent's
+        assert spend.agent.calls == 0 and spend.loop.calls == len(server.requests) - 1  # all but the 429
+        assert spend.loop.prompt_tokens == sum(archive.record(r.id)["llm"]["usage"]["prompt_tokens"] for r in archive.all()[1:])
     assert len(server.requests) >= 8
 
 

@@ -11,14 +11,16 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import openai
 
 from adrs.llm.budget import BudgetTracker, Usage
 from adrs.llm.config import LLMConfig, LLMModelConfig
 
-Message = Mapping[str, str]
+# Plain chat messages have string content; tool-calling turns carry ``tool_calls`` lists and
+# ``tool_call_id`` too, so a message is any JSON-able mapping in the chat-completions shape.
+Message = Mapping[str, Any]
 
 # Errors worth another attempt: the server was busy or flaky, the request itself was fine.
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
@@ -52,14 +54,44 @@ class MissingAPIKeyError(LLMError):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One function call requested by the model; ``arguments`` is the raw JSON text it wrote."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Completion:
-    """One successful chat completion with its accounting."""
+    """One successful chat completion with its accounting.
+
+    ``tool_calls`` is empty unless tools were offered and the model called some;
+    ``refusal`` holds a model's refusal text where the endpoint reports one separately.
+    """
 
     text: str
     model: str
     usage: Usage
     latency_s: float
     attempts: int
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: str | None = None
+    refusal: str | None = None
+
+    def message(self) -> dict[str, Any]:
+        """The assistant message to append to the conversation (chat-completions shape)."""
+        msg: dict[str, Any] = {"role": "assistant", "content": self.text or None}
+        if self.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                 for c in self.tool_calls]
+        return msg
+
+
+def _message_chars(m: Message) -> int:
+    """Characters of a message that count towards the prompt, tool calls included."""
+    calls = m.get("tool_calls") or ()
+    return len(m.get("content") or "") + sum(len(str(c.get("function", {}).get("arguments", ""))) for c in calls)
 
 
 def _api_key(model: LLMModelConfig, env: Mapping[str, str]) -> str:
@@ -106,9 +138,12 @@ class LLMClient:
         weights = [m.weight for m in self.config.models]
         return self._rng.choices(range(len(weights)), weights=weights, k=1)[0]
 
-    async def complete(self, messages: Sequence[Message], model_index: int | None = None) -> Completion:
+    async def complete(self, messages: Sequence[Message], model_index: int | None = None,
+                       tools: Sequence[Mapping[str, Any]] | None = None) -> Completion:
         """One chat completion, retried on transient errors; usage is charged to the budget.
 
+        ``tools`` are function definitions in the chat-completions format; when given, the
+        model may answer with tool calls (``Completion.tool_calls``) instead of, or beside, text.
         Does not check the budget (a repair turn of an in-flight proposal must finish);
         proposal-level code calls ``budget.check()`` before starting.
         """
@@ -123,9 +158,10 @@ class LLMClient:
                 attempts += 1
                 start = time.monotonic()
                 try:
+                    extra: dict[str, Any] = {"tools": [dict(t) for t in tools]} if tools else {}
                     resp = await client.chat.completions.create(
                         model=model.name, messages=[dict(m) for m in messages],
-                        temperature=model.temperature, max_tokens=model.max_tokens,
+                        temperature=model.temperature, max_tokens=model.max_tokens, **extra,
                     )
                 except openai.APIError as exc:
                     if not is_retryable(exc):
@@ -142,16 +178,24 @@ class LLMClient:
                     continue
                 latency = time.monotonic() - start
                 break
-        text = (resp.choices[0].message.content or "") if resp.choices else ""
+        choice = resp.choices[0] if resp.choices else None
+        text = (choice.message.content or "") if choice else ""
+        calls = tuple(
+            ToolCall(id=c.id or f"call-{i}", name=c.function.name or "", arguments=c.function.arguments or "")
+            for i, c in enumerate((choice.message.tool_calls or []) if choice else [])
+            if getattr(c, "function", None) is not None
+        )
+        refusal = getattr(choice.message, "refusal", None) if choice else None
         u = resp.usage
         if u is not None and (u.prompt_tokens or u.completion_tokens):
             pt, ct = u.prompt_tokens or 0, u.completion_tokens or 0
         else:  # some servers omit usage; estimate (~4 chars/token) so the budget still binds
-            pt = sum(len(m.get("content") or "") for m in messages) // CHARS_PER_TOKEN + 1
-            ct = len(text) // CHARS_PER_TOKEN + 1
+            pt = sum(_message_chars(m) for m in messages) // CHARS_PER_TOKEN + 1
+            ct = (len(text) + sum(len(c.arguments) for c in calls)) // CHARS_PER_TOKEN + 1
         usage = Usage(pt, ct, model.cost(pt, ct), 1)
         self.budget.record(usage)
-        return Completion(text=text, model=model.name, usage=usage, latency_s=latency, attempts=attempts)
+        return Completion(text=text, model=model.name, usage=usage, latency_s=latency, attempts=attempts,
+                          tool_calls=calls, finish_reason=choice.finish_reason if choice else None, refusal=refusal)
 
     async def close(self) -> None:
         for c in self._clients.values():

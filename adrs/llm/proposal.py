@@ -1,7 +1,8 @@
 """One proposal: ask the model for a mutation, apply it, and run bounded repair turns."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from adrs.llm.budget import Usage
 from adrs.llm.client import LLMClient
@@ -17,6 +18,8 @@ class Proposal:
     usage: Usage
     turns: int
     replies: tuple[str, ...]
+    # The whole conversation, replies included: the transcript kept with the candidate.
+    messages: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
     @property
     def code(self) -> str | None:
@@ -47,7 +50,9 @@ async def propose(
         usage = usage + done.usage
         replies.append(done.text)
         result = apply_reply(parent_code, done.text)
+        messages.append({"role": "assistant", "content": done.text})
         if result.ok or not result.repairable or turn == repairs:
             break
-        messages += [{"role": "assistant", "content": done.text}, {"role": "user", "content": repair_message(result)}]
-    return Proposal(result=result, model=done.model, usage=usage, turns=len(replies), replies=tuple(replies))
+        messages.append({"role": "user", "content": repair_message(result)})
+    return Proposal(result=result, model=done.model, usage=usage, turns=len(replies), replies=tuple(replies),
+                    messages=tuple(messages))
