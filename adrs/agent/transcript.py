@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from adrs.llm.budget import Usage
+from adrs.safetext import terminal_safe
 
 AGENT_DIR = "agent"
 TRANSCRIPT_FILE = "transcript.jsonl"
@@ -139,18 +140,13 @@ def _arguments_text(arguments: str) -> str:
     return "\n".join(f"{k}:\n{v}" if isinstance(v, str) and "\n" in v else f"{k}: {v}" for k, v in args.items())
 
 
-def _printable(text: str) -> str:
-    # Model and candidate text may hold terminal escape sequences: never pass them to a terminal.
-    return "".join(ch if ch in "\n\t" or ch.isprintable() else "?" for ch in text)
-
-
 def prompt_text(record: dict[str, Any]) -> str | None:
     """The prompt and reply that produced a candidate, from its record (None for seeds, humans, offline).
 
     Control characters are replaced, so the text is safe to print to a terminal.
     """
     text = _prompt_text(record)
-    return None if text is None else _printable(text)
+    return None if text is None else terminal_safe(text, markup=False)
 
 
 def _prompt_text(record: dict[str, Any]) -> str | None:
