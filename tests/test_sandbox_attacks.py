@@ -177,3 +177,67 @@ def test_no_connection_reached_a_listener(attack_results):
 
 def test_setsid_descendant_did_not_outlive_the_worker(attack_results):
     assert attack_results[4] == [], "a sleeper started with setsid and an empty environment survived"
+
+
+_LOOPING_DRIVER = r"""
+import sys
+from evaluator.sandbox import SandboxLimits, run_candidate
+from evaluator.workload import load_workload
+
+run_candidate(sys.argv[1], load_workload("tiny", progress=False), 0.1, limits=SandboxLimits(wall_s=300.0))
+"""
+
+
+def _marked(marker: str) -> list[int]:
+    """Host pids (not zombies) whose environment carries the sandbox run ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"ADRS_SANDBOX_RUN={marker}".encode() in env and state not in ("Z", "X"):
+            found.append(int(entry))
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                kids.append(int(entry))
+        except OSError:
+            pass
+    return kids
+
+
+def test_nothing_outlives_a_killed_harness():
+    """SIGKILL the harness while its candidate loops: the launcher sees its lifeline close and
+    kills the worker, whose PID namespace takes every descendant with it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    driver = subprocess.Popen([sys.executable, "-c", _LOOPING_DRIVER, str(HOSTILE / "infinite_loop.py")], env=env)
+    try:
+        marker, deadline = None, time.monotonic() + 120
+        while marker is None and time.monotonic() < deadline:
+            for kid in _children(driver.pid):
+                env_vars = Path(f"/proc/{kid}/environ").read_bytes().split(b"\0")
+                marker = next((v.split(b"=", 1)[1].decode() for v in env_vars if v.startswith(b"ADRS_SANDBOX_RUN=")), None)
+            time.sleep(0.2)
+        assert marker is not None, "the driver never started a sandbox worker"
+        while time.monotonic() < deadline and not any(
+                b"evaluator.sandbox.worker" in Path(f"/proc/{p}/cmdline").read_bytes() for p in _marked(marker)):
+            time.sleep(0.2)  # the launcher has exec'd the worker
+        time.sleep(3.0)  # the candidate is looping now
+        alive = _marked(marker)
+        assert alive, "no sandbox process found"
+    finally:
+        driver.kill()
+        driver.wait()
+    deadline = time.monotonic() + 10
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _marked(marker) == [], "sandbox processes outlived the harness"
