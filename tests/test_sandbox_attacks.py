@@ -204,6 +204,13 @@ def _marked(marker: str) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for entry in os.listdir("/proc"):
@@ -229,7 +236,7 @@ def test_nothing_outlives_a_killed_harness():
             time.sleep(0.2)
         assert marker is not None, "the driver never started a sandbox worker"
         while time.monotonic() < deadline and not any(
-                b"evaluator.sandbox.worker" in Path(f"/proc/{p}/cmdline").read_bytes() for p in _marked(marker)):
+                b"evaluator.sandbox.worker" in _cmdline(p) for p in _marked(marker)):
             time.sleep(0.2)  # the launcher has exec'd the worker
         time.sleep(3.0)  # the candidate is looping now
         alive = _marked(marker)

@@ -1,29 +1,38 @@
-"""Run untrusted candidates isolated: own process group, limits, no secrets, no network.
+"""Run untrusted candidates isolated: own namespaces, limits, no secrets, no way out.
 
 ``evaluate_in_sandbox(path, workload, density_target, base_seed, limits)`` returns a
 ScoreReport whose numbers equal in-process scoring exactly, or a categorised failure
-(syntax, import, exception, timeout, memory, invalid, crash, output).
+(syntax, import, exception, timeout, memory, invalid, crash, output); ``report.isolation``
+says in words how the candidate was contained.
 
 Layers, outermost first (each holds without the ones inside it):
 
-* one fresh worker process per candidate (``python -m evaluator.sandbox.worker``), in its own
-  session/process group; on finish or timeout the group is SIGKILLed, then any process that
-  left the group but carries the run's environment marker;
+* ``launcher.py`` (stdlib only, single-threaded, before torch is imported) puts every worker
+  in new PID, mount, network, IPC and UTS namespaces, through an unprivileged user namespace
+  when not root: a read-only root holding only the system libraries, the Python installation
+  and the ``evaluator`` package; a private tmpfs capped at ``scratch_bytes`` (+ the output
+  cap) for cwd, /tmp and /dev/shm; its own /proc; no network at all. The worker is PID 1 of
+  its namespace, so every descendant dies with it, whatever session or environment it made;
+  the launcher's supervisor kills it if the harness dies. Files (workload inputs, session
+  pipes) reach the worker as fds, never as paths; results come back through an fd of its tmpfs.
+* Where the kernel allows no namespaces, nothing runs (``IsolationUnavailable``) unless the
+  caller opts out explicitly (``SandboxLimits.unsafe_allow_unisolated`` or
+  ``ADRS_UNSAFE_ALLOW_UNISOLATED=1``); reports then say ``NOT ISOLATED``.
 * scrubbed environment (no ``*_KEY``/``*_TOKEN``/``*_SECRET``/``*PASSWORD*``/``OPENAI_*``/
-  ``ANTHROPIC_*``/``ADRS_LLM_*``), cwd = a fresh scratch directory;
-* rlimits: address space (CPU workloads), file size, no core dumps, task count;
-* as root: a new network namespace (loopback down) and uid/gid ``nobody`` after the trusted
-  prologue, so the candidate can write only its scratch directory;
-* an audit hook refusing fork/exec/sockets/signals/writes outside scratch (defence in depth).
+  ``ANTHROPIC_*``/``ADRS_LLM_*``);
+* rlimits: address space (CPU workloads), file size, no core dumps, task count (as root after
+  dropping to ``nobody``; as an ordinary user, counted inside its own user namespace);
+* as root: uid/gid ``nobody`` after the trusted prologue;
+* an audit hook refusing fork/exec/sockets/signals/writes outside scratch (defence in depth);
+* the parent SIGKILLs the launcher's process group and anything carrying the run's marker.
 
-Without root the worker tries an unprivileged user+network namespace and otherwise keeps the
-host network; it stays the caller's uid (so it could write where the caller can) and
-RLIMIT_NPROC is not set (it would count all the user's processes). The audit hook and the
-process-group kill still apply. As ``nobody`` the interpreter's own directory may be
-unreadable (e.g. under /root): the worker pre-imports torch, numpy and common stdlib modules;
-other imports in a candidate then fail as ``import`` failures.
+As ``nobody`` the interpreter's own directory may be unreadable (e.g. under /root): the worker
+pre-imports torch, numpy and common stdlib modules; other imports in a candidate then fail as
+``import`` failures.
 """
 from evaluator.sandbox.limits import SandboxLimits
-from evaluator.sandbox.runner import SandboxRun, Worker, WorkerPool, evaluate_in_sandbox, run_candidate
+from evaluator.sandbox.runner import (
+    IsolationUnavailable, SandboxRun, Worker, WorkerPool, evaluate_in_sandbox, run_candidate,
+)
 
-__all__ = ["SandboxLimits", "SandboxRun", "Worker", "WorkerPool", "evaluate_in_sandbox", "run_candidate"]
+__all__ = ["IsolationUnavailable", "SandboxLimits", "SandboxRun", "Worker", "WorkerPool", "evaluate_in_sandbox", "run_candidate"]
