@@ -77,6 +77,15 @@ def test_timeout_still_fails_as_timeout(tiny_workload):
     assert report.category == "timeout", report.reason
 
 
+def test_no_isolation_stops_the_caller_instead_of_failing_candidates(tiny_workload):
+    """Where no sandbox can be set up, the run stops with the reason; no candidate is scored as failed."""
+    from evaluator.sandbox import IsolationUnavailable
+
+    with LocalScheduler(lambda which: tiny_workload, 0.1, SandboxLimits(wall_s=30, isolate=False), devices=["cpu"]) as sched:
+        with pytest.raises(IsolationUnavailable):
+            sched.submit(SEED.read_text()).result(timeout=120)
+
+
 class BarrierSlot(Slot):
     """Returns only once ``parties`` slots are evaluating at the same moment."""
 
