@@ -37,6 +37,7 @@ import errno
 import json
 import os
 import platform
+import re
 import resource
 import select
 import signal
@@ -97,7 +98,8 @@ def _submounts(path: str) -> list[str]:
     found = []
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
-            point = line.split()[4].encode().decode("unicode_escape")  # octal escapes, e.g. \040
+            raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), line.split()[4].encode())
+            point = os.fsdecode(raw)  # mountinfo escapes space, tab, newline and backslash in octal
             if point == path or point.startswith(path.rstrip("/") + "/"):
                 found.append(point)
     return sorted(set(found), key=len)

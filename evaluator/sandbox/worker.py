@@ -110,7 +110,10 @@ def main() -> None:
 
     scratch = os.getcwd()
     out, status_path = os.path.join(scratch, "out"), os.path.join(scratch, "status.json")
-    candidate = os.path.join(scratch, os.path.basename(job["candidate_name"]))
+    name = os.path.basename(job["candidate_name"])
+    if not name.endswith(".py") or name.startswith("."):
+        name = "candidate.py"  # never collides with out/ or status.json
+    candidate = os.path.join(scratch, name)
     with open(candidate, "w") as fh:
         fh.write(job["source"])
     job["candidate"] = candidate
