@@ -18,18 +18,28 @@ def tiny_workload():
     return load_workload("tiny", progress=False)
 
 
+def _stat(entry: Path) -> tuple[int, bytes] | None:
+    """(parent pid, command line) of a /proc entry, or None if it ended while we looked."""
+    try:
+        return int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]), (entry / "cmdline").read_bytes()
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def sandbox_workers_of(parent: int) -> list[int]:
-    """Pids of ``parent``'s sandbox workers that have taken a job (their cwd is a scratch directory)."""
+    """Host pids of ``parent``'s sandbox workers that have taken a job.
+
+    ``parent`` starts the launcher, whose child (in its own PID namespace) is the worker; a
+    worker that took its job has put /dev/null on its stdin.
+    """
+    procs = {int(e.name): info for e in Path("/proc").iterdir() if e.name.isdigit() and (info := _stat(e))}
+    launchers = {pid for pid, (ppid, cmd) in procs.items() if ppid == parent and b"sandbox/launcher.py" in cmd}
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cwd = os.readlink(entry / "cwd")
-        except (OSError, IndexError, ValueError):  # the process ended while we looked
-            continue
-        if ppid == parent and b"evaluator.sandbox.worker" in cmd and "adrs-sandbox-" in cwd:
-            found.append(int(entry.name))
+    for pid, (ppid, cmd) in procs.items():
+        if (ppid in launchers or ppid == parent) and b"evaluator.sandbox.worker" in cmd:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/0") == "/dev/null":
+                    found.append(pid)
+            except OSError:
+                continue
     return found

@@ -47,10 +47,14 @@ ATTACKS = {
     "raises": ("raise RuntimeError('boom')", "exception"),
     "prints": ("sys.stdout.write('x' * (4 << 20)); sys.stdout.flush()", "output"),
     # Raw bytes on the reply channel, then a normal return: the parent must reject the frame.
+    # The session's pipes arrive as fds: write to every pipe past stdio (the reply pipe among them).
     "channel_garbage": (
         "for fd in os.listdir('/proc/self/fd'):\n"
-        "    if os.readlink(f'/proc/self/fd/{fd}').endswith('resp'):\n"
-        "        os.write(int(fd), b'\\xff' * 64)", "crash"),
+        "    try:\n"
+        "        if int(fd) > 2 and os.readlink(f'/proc/self/fd/{fd}').startswith('pipe:'):\n"
+        "            os.write(int(fd), b'\\xff' * 64)\n"
+        "    except OSError:\n"
+        "        pass", "crash"),
 }
 
 
@@ -66,6 +70,7 @@ def _numbers(r: FaithfulReport) -> dict:
     d = r.to_dict()
     d.pop("wall_s")
     d.pop("candidate_s")
+    d.pop("isolation")  # sandboxed: the namespaces; in process: none
     return d
 
 

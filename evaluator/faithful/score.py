@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from evaluator.inprocess import IN_PROCESS
 from evaluator.candidate import format_traceback, load_masker
 from evaluator.contract import MaskerInput
 from evaluator.faithful.decode import CallInputs, DecodeTrace, SparseDecoder, causal_selector
@@ -163,6 +164,7 @@ class FaithfulContext:
         isolation = None
         try:
             if in_process:
+                isolation = IN_PROCESS
                 trace = self._decode(in_process_selector(_load_trusted(candidate_path), density_target, self.spec.seed),
                                      self.reference.teacher_tokens)
             else:

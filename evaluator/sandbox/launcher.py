@@ -241,7 +241,8 @@ def _supervise(child: int, lifeline: int) -> None:
             break
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no handler to reset
+            signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)  # the parent reads the same signal it would have from the worker
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
 
