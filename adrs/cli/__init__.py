@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = typer.main.get_command(app).main(args, prog_name="adrs", standalone_mode=False)
     except Interrupted as exc:
-        console.print(str(exc), markup=False, highlight=False)
+        console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         _flush()
         # Threads may still be scoring a candidate (up to its time limit); everything committed is
         # durable and the sandbox's processes die with this one, so leave now instead of waiting.
@@ -81,16 +81,16 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, FileNotFoundError, ModuleNotFoundError, NotADirectoryError) as exc:
         if debug:
             raise
-        console.print(f"[red]error:[/red] {terminal_safe(exc)}")
+        console.print(f"[red]error:[/red] {terminal_safe(exc)}", soft_wrap=True)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback behind --debug
         if debug:
             raise
         if type(exc).__name__ == "IsolationUnavailable":  # evaluator.sandbox.runner; not imported here (torch)
             console.print(f"[red]error:[/red] the sandbox cannot isolate candidates on this machine, so none was run: "
-                          f"{terminal_safe(exc)}\n{ISOLATION_HINT}")
+                          f"{terminal_safe(exc)}\n{ISOLATION_HINT}", soft_wrap=True)
             sys.exit(2)
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {terminal_safe(exc)} (run with --debug for the traceback)")
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {terminal_safe(exc)} (run with --debug for the traceback)", soft_wrap=True)
         sys.exit(1)
     if code == 130:  # typer turns a Ctrl-C outside our commands into a silent exit 130
         console.print("interrupted")

@@ -33,16 +33,19 @@ class Interrupted(Exception):
     """Ctrl-C, turned into one line for the user (exit code 130)."""
 
 
-def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
-    """``app.command`` whose Ctrl-C becomes :class:`Interrupted` (typer would exit 130 silently)."""
+def command(on_interrupt: Callable[..., str] | None = None) -> Callable[[Callable], Callable]:
+    """``app.command`` whose Ctrl-C becomes :class:`Interrupted` (typer would exit 130 silently).
+
+    ``on_interrupt`` (called with the command's arguments) words the line, e.g. a resume hint.
+    """
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapped(*a: Any, **k: Any) -> Any:
             try:
                 return fn(*a, **k)
             except KeyboardInterrupt:
-                raise Interrupted("interrupted") from None
-        app.command(*args, **kwargs)(wrapped)
+                raise Interrupted(on_interrupt(**k) if on_interrupt else "interrupted") from None
+        app.command()(wrapped)
         return fn
     return register
 

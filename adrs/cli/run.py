@@ -29,8 +29,14 @@ def _run_async(coro: Coroutine[Any, Any, Any]) -> Any:
         loop.close()  # does not join executor threads still running
 
 
-def resume_hint(run_dir: Path) -> str:
+def resume_hint(run_dir: Path, **_: Any) -> str:
     return f"stopped; everything committed is kept. Resume with: adrs resume {run_dir}"
+
+
+def _run_hint(run_dir: Optional[Path] = None, **_: Any) -> str:
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        return resume_hint(run_dir)
+    return "interrupted before the run started; nothing to resume"
 
 
 def evolve_with_view(run_dir: Path, cfg, base: Path) -> None:
@@ -64,6 +70,7 @@ def evolve_with_view(run_dir: Path, cfg, base: Path) -> None:
             scorer = make_scorer(cfg)
             _run_async(evolve(run_dir, cfg, scorer, on_event=on_event, base=base))
     except KeyboardInterrupt:
+        out.line()  # the view's last frame ends without a newline
         raise Interrupted(resume_hint(run_dir)) from None
     except BaseException:
         if scorer is not None:
@@ -150,7 +157,7 @@ def with_ray_address(cfg, address: Optional[str]):
     return cfg.model_copy(update={"evaluation": evaluation})
 
 
-@command()
+@command(on_interrupt=_run_hint)
 def run(
     config: Path = typer.Argument(..., help="YAML run config (see `adrs init`)", metavar="CONFIG", show_default=False),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help=RUN_DIR_OPTION_HELP),
@@ -166,7 +173,7 @@ def run(
     evolve_with_view(run_dir, cfg, config.resolve().parent)
 
 
-@command()
+@command(on_interrupt=_run_hint)
 def agent(
     config: Path = typer.Argument(..., help="YAML run config with an `llm:` endpoint; `agent:` sets its budgets",
                                   metavar="CONFIG", show_default=False),
@@ -184,7 +191,7 @@ def agent(
     raise typer.Exit(run_session(run_dir, cfg, turns, config.resolve().parent, out))
 
 
-@command()
+@command(on_interrupt=resume_hint)
 def resume(run_dir: Path = run_dir_arg(),
            iterations: Optional[int] = typer.Option(
                None, min=0, help="candidates after the seed, in total (default: as the run was started; kept for later resumes)"),
