@@ -12,7 +12,7 @@ PLOT_EXTRA_HINT = "plots need matplotlib: pip install 'adrs[plot]'"
 FLAT_DENSITY = 0.02
 # The score axis covers the band where progress happens: from this quantile of the scores down
 # by a margin; lower outliers are drawn on the bottom edge and counted.
-LOW_QUANTILE = 0.10
+LOW_QUANTILE = 0.25
 STYLE = {  # author -> (marker, colour, label)
     "seed": ("s", "tab:purple", "seed"),
     "model": ("o", "tab:blue", "model candidate"),

@@ -290,3 +290,34 @@ def test_ctrl_c_prints_the_resume_hint_last(tmp_path, tiny_workload):
     output, _ = score.communicate(timeout=60)
     if score.returncode != 0:  # finished first on a fast machine otherwise
         assert score.returncode == 130 and output.strip().splitlines()[-1] == "interrupted", output
+
+
+def test_plot_marks_failures_humans_and_outliers_apart(tmp_path):
+    from matplotlib.ticker import MaxNLocator
+
+    from adrs.archive import open_run
+    from adrs.plot import build_figure
+
+    code = (ROOT / "seeds" / "sink_window.py").read_text()
+
+    def record(score: float | None, density: float = 0.1) -> dict:
+        if score is None:
+            return {"valid": False, "category": "invalid", "reason": "empty selection"}
+        return {"valid": True, "combined_score": score, "error": -score, "density": density}
+
+    with open_run(tmp_path / "run", create=True) as archive:
+        archive.add_candidate(code, record(-0.40), iteration=0, author="seed", summary="seed")
+        for i, score in enumerate([-0.39, -0.38, -9.0, None, -0.37, -0.36], start=1):
+            archive.add_candidate(code + f"# {i}\n", record(score), parent=i - 1 if i != 5 else 3, author="model", summary=f"m{i}")
+        archive.add_candidate(code + "# human\n", record(-0.30), parent=6, author="human", summary="patch")
+        fig = build_figure(archive, 0.1)
+    ax_score, ax_trade, ax_line = fig.axes[:3]
+    labels = ax_score.get_legend_handles_labels()[1]
+    assert "human patch" in labels and "model candidate" in labels and any(lab.startswith("failed (1") for lab in labels)
+    failed = next(line for line in ax_score.get_lines() if line.get_label().startswith("failed"))
+    assert list(failed.get_ydata()) == [0.0] and failed.get_transform() == ax_score.get_xaxis_transform()  # on the edge
+    low, high = ax_score.get_ylim()
+    assert low > -1.0 and high >= -0.30  # the -9.0 outlier does not squash the band
+    assert ax_trade.get_xlabel() == "iteration"  # every candidate at the target density: no vertical stripe
+    assert isinstance(ax_line.xaxis.get_major_locator(), MaxNLocator)
+    assert all(float(t).is_integer() for t in ax_line.get_xticks())
