@@ -1,8 +1,9 @@
 """The run configuration: typed, strict (unknown keys are errors), loaded and written in one place."""
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -10,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from adrs.agent.config import AgentConfig
 from adrs.llm.config import LLMConfig
 from adrs.parents import SelectionConfig
-from evaluator.workload.spec import WorkloadSpec, resolve_spec
+from evaluator.workload.spec import PRESETS, WorkloadSpec, resolve_spec
 
 
 class EvaluationConfig(BaseModel):
@@ -80,11 +81,77 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the offending key path."""
 
 
+def _model_at(loc: tuple, model: type[BaseModel] = None) -> type[BaseModel] | None:
+    """The config model that the key path ``loc`` (pydantic's error location) points into."""
+    current: object = model or RunConfig
+    for i, part in enumerate(loc):
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if part not in current.model_fields:
+                return None
+            current = current.model_fields[part].annotation
+            continue
+        members = [a for a in get_args(current) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if isinstance(part, str) and members:  # a union member's tag, e.g. "function-after[..., LLMConfig]"
+            named = [m for m in members if m.__name__ in part]
+            if not named:
+                return None
+            current = named[0]
+        elif isinstance(part, int) and members:  # a list item
+            current = members[0]
+        else:
+            return None
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return current
+    members = [a for a in get_args(current) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return members[0] if len(members) == 1 else None
+
+
+def _readable(loc: tuple) -> str:
+    """The key path as the user wrote it: union members' tags left out."""
+    keys = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p[:1].isupper()))]
+    return ".".join(keys) or "(top level)"
+
+
+def _problem(err: dict) -> str:
+    loc = tuple(err["loc"])
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        key = str(loc[-1])
+        near = difflib.get_close_matches(key, list(parent.model_fields), n=1, cutoff=0.6) if parent else []
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        return f"{_readable(loc)}: unknown key{hint}"
+    return f"{_readable(loc)}: {err['msg']}"
+
+
 def _describe(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    path = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{path}: {first['msg']}{more}"
+    """Every problem, on one line; a union's "or it could have been the other kind" noise left out."""
+    errors = exc.errors()
+    # `llm` is a mapping or 'offline', so pydantic reports each mistake against both: keep the
+    # mapping's errors when the user wrote a mapping (a key inside it), the literal's otherwise.
+    deep = {tuple(e["loc"][:i]) for e in errors for i, p in enumerate(e["loc"])
+            if isinstance(p, str) and p.startswith("function-after") and len(e["loc"]) > i + 1}
+    literal = {tuple(e["loc"][:-1]) for e in errors if e["type"] == "literal_error"}
+
+    def noise(e: dict) -> bool:
+        loc = tuple(e["loc"])
+        if e["type"] == "literal_error":
+            return loc[:-1] in deep
+        return isinstance(loc[-1], str) and loc[-1].startswith("function-after") and loc[:-1] in literal - deep
+
+    kept = [e for e in errors if not noise(e)]
+    problems = list(dict.fromkeys(_problem(e) for e in kept or errors))
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems: " + "; ".join(problems)
+
+
+def _check_workload(cfg: RunConfig) -> None:
+    for key in ("workload", "heldout_workload"):
+        value = getattr(cfg, key)
+        if isinstance(value, str) and value not in PRESETS:
+            near = difflib.get_close_matches(value, list(PRESETS), n=1, cutoff=0.6)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(f"{key}: unknown workload preset {value!r}{hint}; presets: {', '.join(PRESETS)}")
 
 
 def parse_config(data: object) -> RunConfig:
@@ -95,10 +162,9 @@ def parse_config(data: object) -> RunConfig:
         raise ConfigError("config must be a mapping of keys to values")
     try:
         cfg = RunConfig.model_validate(data)
-        cfg.workload_spec()
-        cfg.heldout_spec()
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    _check_workload(cfg)
     return cfg
 
 

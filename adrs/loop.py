@@ -248,6 +248,10 @@ async def evolve(
         pending: set[asyncio.Task] = set()
         seen = archived_hashes(archive)
         llm_failures = 0
+        best = archive.best()
+        if best is not None:  # a resumed run starts from what is archived, not from "no best yet"
+            stats.best_history.append(best.combined_score)
+        emit({"kind": "started", "stats": stats, "done": archive.next_iteration(), "total": total})
         try:
             while archive.next_iteration() < total or pending:
                 if paused and not pending:
@@ -266,6 +270,7 @@ async def evolve(
                     break
                 stats.in_flight = len(pending)
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                stats.in_flight = len(pending)
                 # Every finished task's outcome is read before acting on any: an exception left
                 # unread is logged when the task is garbage-collected, and on CPython 3.11 that
                 # traceback formatting inside the collector can break a concurrent ast.parse.
@@ -295,6 +300,8 @@ async def evolve(
                 task.cancel()
             if pending:  # abandoned proposals: collect their outcomes so none is left unread
                 await asyncio.gather(*pending, return_exceptions=True)
+    stats.in_flight = 0
+    emit({"kind": "finished", "stats": stats})
     return stats
 
 

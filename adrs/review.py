@@ -58,7 +58,11 @@ def checkpoints(archive: Archive) -> list[Checkpoint]:
         if name.startswith(REVIEW_PREFIX):
             key, _, leaf = name[len(REVIEW_PREFIX):].partition("/")
             if leaf == "decision":
-                decisions[key] = message
+                # Archives made before approval notes were tagged as notes: "approve\n\n<note>".
+                decision, _, note = message.partition("\n\n")
+                decisions[key] = decision
+                if note:
+                    notes.setdefault(key, []).append(note)
             else:
                 notes.setdefault(key, []).append(message)
     found = []
@@ -86,7 +90,7 @@ def prompt_notes(archive: Archive) -> list[str]:
             texts.append(message)
         elif message.startswith("reject:"):
             texts.append("A reviewer rejected a candidate: " + message.removeprefix("reject:").strip())
-        elif "\n\n" in message:  # an approval with a note
+        elif "\n\n" in message:  # an approval with a note, as archives made before approval notes were note tags
             texts.append(message.split("\n\n", 1)[1])
     return texts[-PROMPT_NOTES:]
 
@@ -113,14 +117,21 @@ def make_checkpoint(archive: Archive, iteration: int, candidate: CandidateRef, r
     return Checkpoint(name, iteration, candidate.id, message, None, ())
 
 
-def resolve(archive: Archive, name: str | None) -> Checkpoint:
-    """A checkpoint by name (``checkpoint/000010``), iteration (``10``), or the oldest pending."""
+def resolve(archive: Archive, name: str | None, for_note: bool = False) -> Checkpoint:
+    """A checkpoint by name (``checkpoint/000010``), iteration (``10``), or the oldest pending.
+
+    ``for_note``: with no name and nothing pending, the newest checkpoint (a note needs no decision).
+    """
     every = checkpoints(archive)
     if name is None:
         waiting = [c for c in every if c.pending]
-        if not waiting:
-            raise LookupError("no checkpoint is pending review")
-        return waiting[0]
+        if waiting:
+            return waiting[0]
+        if for_note and every:
+            return every[-1]
+        if not every:
+            raise LookupError("no checkpoints yet (config: review.every / review.on_new_best)")
+        raise LookupError("no checkpoint is pending review")
     key = name.removeprefix(CHECKPOINT_PREFIX)
     for c in every:
         if key.isdigit() and c.iteration == int(key):
@@ -146,6 +157,9 @@ def decide(archive: Archive, checkpoint: Checkpoint, action: Action, text: str =
             archive.mark_rejected(checkpoint.candidate_id, f"review: {text}")
             message = f"reject: {text}"
         else:
-            message = "approve" + (f"\n\n{text}" if text else "")
+            message = "approve"
+            if text:  # a note like any other: listed under notes, sent to the next prompts
+                archive.tag_checkpoint(f"{REVIEW_PREFIX}{key}/note-{len(checkpoint.notes) + 1}",
+                                       checkpoint.candidate_id, text)
         archive.tag_checkpoint(f"{REVIEW_PREFIX}{key}/decision", checkpoint.candidate_id, message)
     return resolve(archive, checkpoint.name)

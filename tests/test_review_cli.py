@@ -125,7 +125,8 @@ def test_paused_run_waits_for_review_then_continues(tmp_path, tiny_workload):
     assert [r.iteration for r in rows] == [0, 1, 2, 3, 4]
     listed = {c["name"]: c for c in json.loads(adrs("review", str(run), "--json").stdout)}
     assert listed["checkpoint/000002"]["decision"].startswith("approve")
-    assert listed["checkpoint/000002"]["notes"] == ["try sampling the middle"]
+    assert listed["checkpoint/000002"]["decision"] == "approve"  # the approval's text is a note, not the decision
+    assert listed["checkpoint/000002"]["notes"] == ["try sampling the middle", "looks sane"]
     assert listed["checkpoint/000004"]["decision"] is None  # the last one waits for later review
 
     # Rejecting the checkpoint's candidate takes it out of the running for best and parents.

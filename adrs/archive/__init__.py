@@ -11,10 +11,10 @@ from adrs.archive.model import (
     ARCHIVE_IDENTITY, MODEL_IDENTITY, SEED_IDENTITY, CandidateRef, Identity, human_identity,
 )
 from adrs.archive.store import (
-    Archive, ArchiveError, Checkpoint, RecoverReport, open_run, reindex, run_lock,
+    Archive, ArchiveError, Checkpoint, RecoverReport, open_run, open_run_readonly, reindex, run_lock,
 )
 
 __all__ = [
     "ARCHIVE_IDENTITY", "MODEL_IDENTITY", "SEED_IDENTITY", "Archive", "ArchiveError", "CandidateRef",
-    "Checkpoint", "Identity", "RecoverReport", "human_identity", "open_run", "reindex", "run_lock",
+    "Checkpoint", "Identity", "RecoverReport", "human_identity", "open_run", "open_run_readonly", "reindex", "run_lock",
 ]

@@ -363,6 +363,31 @@ def open_run(run_dir: str | os.PathLike[str], create: bool = False) -> Archive:
         return replace(archive, recovery=archive._recover_locked())
 
 
+def open_run_readonly(run_dir: str | os.PathLike[str]) -> Archive:
+    """Open a run for reading only (a colleague's run, a read-only mount): no lock, no writes.
+
+    The index is rebuilt in memory from git, so a stale or missing ``index.sqlite`` does not
+    matter. Git refuses by default to read a repository another user owns ("dubious
+    ownership"); this handle's git commands trust this one repository, and the commands used
+    to read (for-each-ref, notes, cat-file, diff --no-ext-diff) run nothing it configures.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "repo").is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no repo/)")
+    repo = git.Repo(run_dir / "repo")
+    repo.git.update_environment(GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="safe.directory",
+                                GIT_CONFIG_VALUE_0=str((run_dir / "repo").resolve()))
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.executescript(index.SCHEMA)
+    refs, _ = gitstore.refs_snapshot(repo)
+    notes = gitstore.rejections(repo)
+    for cid, commit in refs.items():
+        meta, record, _ = gitstore.read_candidate(repo, commit)
+        note = notes.get(commit)
+        index.insert(conn, row_from(meta, record, commit, gitstore.reject_reason(repo, note) if note else None))
+    return Archive(run_dir, repo, conn)
+
+
 def reindex(run_dir: str | os.PathLike[str]) -> int:
     """Rebuild ``index.sqlite`` from git alone (``adrs reindex RUN``); returns the candidate count."""
     run_dir = Path(run_dir)
