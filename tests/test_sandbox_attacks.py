@@ -28,7 +28,8 @@ from evaluator.sandbox.isolation import live_descendants
 
 HOSTILE = Path(__file__).parent / "hostile"
 REPO = Path(__file__).resolve().parents[1]
-ATTACKS = ("proc_snoop", "read_host_files", "write_escape", "connect_out", "setsid_escape", "fill_scratch")
+ATTACKS = ("proc_snoop", "read_host_files", "write_escape", "connect_out", "setsid_escape", "fill_scratch",
+           "kernel_surface")
 
 _DRIVER = r"""
 import json, sys
