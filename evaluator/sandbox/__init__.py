@@ -13,7 +13,8 @@ Layers, outermost first (each holds without the ones inside it):
   and the ``evaluator`` package; a private tmpfs capped at ``scratch_bytes`` (+ the output
   cap) for cwd, /tmp and /dev/shm; its own /proc; no network at all. The worker is PID 1 of
   its namespace, so every descendant dies with it, whatever session or environment it made;
-  the launcher's supervisor kills it if the harness dies. Files (workload inputs, session
+  the launcher's supervisor kills it if the harness dies. A seccomp filter (x86-64) refuses
+  nested namespaces, ptrace, bpf, io_uring, keyrings, mount and modules. Files (workload inputs, session
   pipes) reach the worker as fds, never as paths; results come back through an fd of its tmpfs.
 * Where the kernel allows no namespaces, nothing runs (``IsolationUnavailable``) unless the
   caller opts out explicitly (``SandboxLimits.unsafe_allow_unisolated`` or

@@ -17,7 +17,8 @@ through an unprivileged user namespace, which maps only its own uid):
   private tmpfs capped at ``scratch_bytes``. The user's home, caches, run directories and
   other users' files do not exist there.
 * network namespace (only a loopback that is down: no TCP, no unix sockets of the host,
-  abstract ones included), IPC and UTS namespaces; ``no_new_privs``.
+  abstract ones included), IPC and UTS namespaces; ``no_new_privs``; on x86-64 a seccomp
+  filter refusing nested namespaces, ptrace, bpf, io_uring, keyrings, mount and modules.
 
 The parent gets, over the control socket, a hello message saying what was set up, and a
 directory fd of the private scratch tmpfs: it reads the worker's results through that fd
