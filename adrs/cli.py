@@ -206,7 +206,7 @@ def run(
     config: Path = typer.Argument(..., help="YAML run config (see `adrs init`)"),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: runs/<name>-<timestamp>"),
     iterations: Optional[int] = typer.Option(None, help="override the config's iteration count"),
-    llm: Optional[str] = typer.Option(None, help="'offline' to use the LLM-free mutator"),
+    llm: Optional[str] = typer.Option(None, help="'offline' or 'structural' to use an LLM-free mutator"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="evaluate on this Ray cluster (sets executor: ray)"),
 ) -> None:
     """Start an evolution run."""
@@ -217,9 +217,9 @@ def run(
     try:
         cfg = load_config(config)
         if llm is not None:
-            if llm != "offline":
-                raise UserError("--llm accepts only 'offline'; configure endpoints in the config file")
-            cfg = cfg.model_copy(update={"llm": "offline"})
+            if llm not in ("offline", "structural"):
+                raise UserError("--llm accepts only 'offline' or 'structural'; configure endpoints in the config file")
+            cfg = cfg.model_copy(update={"llm": llm})
     except ConfigError as exc:
         raise UserError(f"{config}: {exc}") from None
     cfg = _with_ray_address(cfg, ray_address)

@@ -51,13 +51,15 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = "run"
-    seed: int = Field(0, description="seeds parent selection and the offline mutator")
+    seed: int = Field(0, description="seeds parent selection and the LLM-free mutators")
     iterations: int = Field(40, ge=0, description="candidates to add after the seed")
     density_target: float = Field(0.10, gt=0, le=1)
     seed_candidate: str = Field("seeds/sink_window.py", description="starting masker (path, relative to the config file or cwd)")
     workload: Union[str, WorkloadSpec] = Field("default", description="preset name or an inline spec")
     heldout_workload: Union[str, WorkloadSpec, None] = Field("heldout", description="for the cascade and rescore; null = off")
-    llm: Union[LLMConfig, Literal["offline"]] = Field("offline", description="an LLM config, or 'offline' for the LLM-free mutator")
+    llm: Union[LLMConfig, Literal["offline", "structural"]] = Field(
+        "offline", description="an LLM config; 'offline' (tunes constants) or 'structural' (recombines primitives) need no LLM",
+    )
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)

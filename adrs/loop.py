@@ -24,6 +24,7 @@ from adrs.llm.budget import BudgetExceeded
 from adrs.llm.client import LLMError
 from adrs.mutation import MutationResult
 from adrs.offline import OfflineMutator
+from adrs.structural import StructuralMutator
 from adrs.parents import ParentRecord, apply_migration, plan_migration, select_parent, should_migrate
 from evaluator.scoring import ScoreReport
 
@@ -112,13 +113,15 @@ def ensure_seed(archive: Archive, cfg: RunConfig, scorer: CodeScorer, base: Path
 
 
 class Proposer:
-    """Turns (parent, inspirations) into a child: offline mutator or LLM."""
+    """Turns (parent, inspirations) into a child: an LLM-free mutator (offline, structural) or an LLM."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.offline = OfflineMutator(seed=cfg.seed)
+        self.offline: OfflineMutator | StructuralMutator = (
+            StructuralMutator(seed=cfg.seed, density_target=cfg.density_target) if cfg.llm == "structural"
+            else OfflineMutator(seed=cfg.seed))
         self.client = None
-        if cfg.llm != "offline":
+        if cfg.llm not in ("offline", "structural"):
             from adrs.llm.client import LLMClient
 
             self.client = LLMClient(cfg.llm, seed=cfg.seed)
