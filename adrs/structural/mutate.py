@@ -140,6 +140,7 @@ def mutate(g: Genome, rng: random.Random, scale: float = 1.0) -> tuple[Genome, l
     new = g
     n_ops = 1 + sum(rng.random() < 0.25 * scale for _ in range(2))
     for _ in range(12):
+        new, changes = g, []  # an attempt that changed nothing is not reported
         for _ in range(n_ops):
             op = rng.choices([o for o, _ in OPERATORS], weights=[w for _, w in OPERATORS])[0]
             new, what = op(new, rng, scale)
