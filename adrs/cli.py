@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -290,6 +291,7 @@ def leaderboard(run_dir: Path = typer.Argument(...), top: int = typer.Option(10,
     with _open(run_dir) as archive:
         rows = archive.leaderboard(top)
         held = _heldout_column(archive, rows, cfg)
+        flagged = [r for r in archive.all() if r.status == "rejected"]
     if json_out:
         print(json.dumps([{**{k: getattr(r, k) for k in ("id", "iteration", "island", "status", "combined_score", "error",
                                                           "density", "author", "parent_id", "commit")},
@@ -303,6 +305,15 @@ def leaderboard(run_dir: Path = typer.Argument(...), top: int = typer.Option(10,
         table.add_row(r.id, str(r.iteration), str(r.island), f"{r.combined_score:.5f}", held_text, f"{r.error:.4f}",
                       f"{r.density:.4f}", r.author, (r.summary or "")[:50])
     out.print(table)
+    if flagged:
+        # Reasons can quote candidate output: Text cells are never parsed as markup.
+        shown = sorted(flagged, key=lambda r: -(r.combined_score or float("-inf")))[:top]
+        ftable = Table("id", "iter", "score", "why flagged", title="flagged: never best, never parent",
+                       caption="numerics audit (float64 re-score), held-out cascade, or a reviewer's rejection")
+        for r in shown:
+            score = "-" if r.combined_score is None else f"{r.combined_score:.5f}"
+            ftable.add_row(r.id, str(r.iteration), score, Text(r.reject_reason or ""))
+        out.print(ftable)
 
 
 def _edit_in_editor(code: str, name: str) -> str:
@@ -368,7 +379,7 @@ def patch(
     out.print(f"committed [bold]{ref.id}[/bold] (iteration {ref.iteration}, child of {parent.id}, author human): {ref.status}")
     out.print(_compare(old_record, report.to_dict(), f"{parent.id} (parent)", f"{ref.id} (patched)"))
     if rejection:
-        out.print(f"rejected by the held-out check: {rejection}")
+        out.print(Text(f"flagged (never best, never parent): {rejection}"))
     raise typer.Exit(0 if report.valid else 1)
 
 

@@ -23,6 +23,12 @@ class EvaluationConfig(BaseModel):
     heldout_margin: float = Field(
         0.0, ge=0, description="cascade: a candidate beating the best by more than this is re-scored on the held-out workload",
     )
+    numerics_audit: bool = Field(
+        True, description="a candidate beating the best is re-scored in float64; a gain that disappears there is flagged",
+    )
+    audit_tolerance: float = Field(
+        1e-9, ge=0, description="numerics audit: the float64 gain over the best must exceed this to count",
+    )
     executor: Literal["local", "ray"] = Field(
         "local", description="local: a sandboxed worker per visible GPU (or CPU workers); ray: actors on an existing Ray cluster",
     )

@@ -40,7 +40,7 @@ def candidate_line(event: Event) -> str:
     else:
         text = f"#{ref.iteration:<4} failed   {rep.category}: {(rep.reason or '')[:70]}"
     if event.get("rejection"):
-        text += f"  [held-out: {event['rejection']}]"
+        text += f"  [flagged: {event['rejection']}]"
     best: Any = event.get("best")
     if best is not None and best.id == ref.id:
         text += "  NEW BEST"
