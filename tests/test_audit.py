@@ -104,3 +104,15 @@ def test_audit_can_be_turned_off(tmp_path, few_records):
         child = Child(seed.id, 0, planted, scorer.score(planted), MutationResult(planted, None, "human", "x"))
         ref, reason = commit_child(archive, scorer, child)
         assert reason is None and archive.best().id == ref.id
+
+
+def test_audit_scores_sandboxed_in_float64(few_records):
+    cfg = parse_config({"name": "a", "workload": "tiny", "heldout_workload": None,
+                        "seed_candidate": str(ROOT / "seeds" / "sink_window.py")})
+    scorer = CodeScorer(cfg, few_records)
+    try:
+        plain, audited = scorer.score(SEED), scorer.audit_score(SEED)
+    finally:
+        scorer.close()
+    assert audited.valid and audited.workload.endswith("/float64") and not plain.workload.endswith("/float64")
+    assert audited.error == pytest.approx(plain.error, rel=1e-4) and audited.density == plain.density

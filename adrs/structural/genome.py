@@ -139,7 +139,7 @@ def normalize(genome: Genome) -> Genome:
             continue
         seen += 1
         # Three decimals keep the rendered constants short; the last share takes the remainder.
-        share = _round(1.0 - running) if seen == len(raw) else max(_round(raw[seen - 1] / total), 0.001)
+        share = max(_round(1.0 - running) if seen == len(raw) else _round(raw[seen - 1] / total), 0.001)
         running += share
         if isinstance(c, Threshold):
             fixed.append(Threshold(share=share, margin=_round(min(max(c.margin, 0.1), 30.0), 2)))
