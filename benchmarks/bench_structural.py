@@ -55,7 +55,8 @@ def best_curve(rows: list) -> list[dict]:
         if r.status == "valid" and r.combined_score > best.combined_score:
             best = r
         curve.append({"evaluation": evaluations, "iteration": r.iteration, "best_error": best.error,
-                      "best_score": best.combined_score, "best_id": best.id, "status": r.status})
+                      "best_score": best.combined_score, "best_id": best.id, "best_iteration": best.iteration,
+                      "status": r.status})
     return curve
 
 
@@ -99,7 +100,7 @@ def main() -> None:
         table.add_column(col)
     for point in curve:
         if point["evaluation"] in CHECKPOINTS or point is curve[-1]:
-            table.add_row(str(point["evaluation"]), f"{point['best_error']:.4f}", str(point["iteration"]))
+            table.add_row(str(point["evaluation"]), f"{point['best_error']:.4f}", str(point["best_iteration"]))
     console.print(table)
     seeds_table = Table(title=f"seeds (in process) on {args.workload} and {args.heldout}")
     for col in ("masker", "error", "held-out error"):
