@@ -30,6 +30,12 @@ class EvaluationConfig(BaseModel):
     heldout_margin: float = Field(
         0.0, ge=0, description="cascade: a candidate beating the best by more than this is re-scored on the held-out workload",
     )
+    numerics_audit: bool = Field(
+        True, description="a candidate beating the best is re-scored in float64; a gain that disappears there is flagged",
+    )
+    audit_tolerance: float = Field(
+        1e-9, ge=0, description="numerics audit: the float64 gain over the best must exceed this to count",
+    )
     executor: Literal["local", "ray"] = Field(
         "local", description="local: a sandboxed worker per visible GPU (or CPU workers); ray: actors on an existing Ray cluster",
     )
@@ -58,13 +64,15 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = "run"
-    seed: int = Field(0, description="seeds parent selection and the offline mutator")
+    seed: int = Field(0, description="seeds parent selection and the LLM-free mutators")
     iterations: int = Field(40, ge=0, description="candidates to add after the seed")
     density_target: float = Field(0.10, gt=0, le=1)
     seed_candidate: str = Field("seeds/sink_window.py", description="starting masker (path, relative to the config file or cwd)")
     workload: Union[str, WorkloadSpec] = Field("default", description="preset name or an inline spec")
     heldout_workload: Union[str, WorkloadSpec, None] = Field("heldout", description="for the cascade and rescore; null = off")
-    llm: Union[LLMConfig, Literal["offline"]] = Field("offline", description="an LLM config, or 'offline' for the LLM-free mutator")
+    llm: Union[LLMConfig, Literal["offline", "structural"]] = Field(
+        "offline", description="an LLM config; 'offline' (tunes constants) or 'structural' (recombines primitives) need no LLM",
+    )
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)

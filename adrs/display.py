@@ -43,7 +43,7 @@ def candidate_line(event: Event) -> str:
     else:
         text = f"#{ref.iteration:<4} failed   {rep.category}: {terminal_safe((rep.reason or '')[:70], markup=False)}"
     if event.get("rejection"):
-        text += f"  [held-out: {terminal_safe(event['rejection'], markup=False)}]"
+        text += f"  [flagged: {terminal_safe(event['rejection'], markup=False)}]"
     best: Any = event.get("best")
     if best is not None and best.id == ref.id:
         text += "  NEW BEST"

@@ -5,11 +5,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from adrs.config import RunConfig
 from adrs.scheduler import Scheduler, Which, make_scheduler
 from evaluator.candidate import candidate_file
 from evaluator.scoring import ScoreReport
-from evaluator.workload import Workload, load_workload
+from evaluator.workload import Workload, at_precision, load_workload
 
 if TYPE_CHECKING:
     from evaluator.faithful.metrics import FaithfulReport
@@ -26,12 +28,13 @@ class CodeScorer:
     config: RunConfig
     workload: Workload
     _heldout: Workload | None = None
+    _audit: Workload | None = None
     _scheduler: Scheduler | None = None
     # Held-out reports by candidate id: the best is compared against many challengers.
     _heldout_reports: dict[str, ScoreReport] = field(default_factory=dict)
     # Guards the lazy scheduler and held-out workload, which concurrent callers may both want.
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    # Separate from _lock: scheduler slots load the held-out workload from their own threads.
+    # Separate from _lock: scheduler slots load the held-out (and audit) workload from their own threads.
     _heldout_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def score(self, code: str, heldout: bool = False) -> ScoreReport:
@@ -63,7 +66,25 @@ class CodeScorer:
                 self._scheduler = make_scheduler(self.config, self._workload_for)
             return self._scheduler
 
+    def audit_score(self, code: str) -> ScoreReport:
+        """The numerics audit: ``code`` scored on the search workload with the trusted scorer in float64."""
+        if self.config.evaluation.in_process:
+            from evaluator.inprocess import score_file
+
+            with candidate_file(code) as path:
+                return score_file(path, self.audit_workload(), self.config.density_target)
+        return self.scheduler().submit(code, "audit").result()
+
+    def audit_workload(self) -> Workload:
+        """The search workload with float64 dense references and float64 scoring, made on first use."""
+        with self._heldout_lock:
+            if self._audit is None:
+                self._audit = at_precision(self.workload, torch.float64)
+        return self._audit
+
     def _workload_for(self, which: Which) -> Workload:
+        if which == "audit":
+            return self.audit_workload()
         return self.heldout_workload() if which == "heldout" else self.workload
 
     def close(self) -> None:

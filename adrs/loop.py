@@ -24,6 +24,7 @@ from adrs.llm.budget import BudgetExceeded
 from adrs.llm.client import LLMError
 from adrs.mutation import MutationResult
 from adrs.offline import OfflineMutator
+from adrs.structural import StructuralMutator
 from adrs.parents import ParentRecord, apply_migration, plan_migration, select_parent, should_migrate
 from evaluator.scoring import ScoreReport
 
@@ -116,13 +117,15 @@ def ensure_seed(archive: Archive, cfg: RunConfig, scorer: CodeScorer, base: Path
 
 
 class Proposer:
-    """Turns (parent, inspirations) into a child: offline mutator or LLM."""
+    """Turns (parent, inspirations) into a child: an LLM-free mutator (offline, structural) or an LLM."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.offline = OfflineMutator(seed=cfg.seed)
+        self.offline: OfflineMutator | StructuralMutator = (
+            StructuralMutator(seed=cfg.seed, density_target=cfg.density_target) if cfg.llm == "structural"
+            else OfflineMutator(seed=cfg.seed))
         self.client = None
-        if cfg.llm != "offline":
+        if cfg.llm not in ("offline", "structural"):
             from adrs.llm.client import LLMClient
 
             self.client = LLMClient(cfg.llm, seed=cfg.seed)
@@ -214,6 +217,38 @@ def _cascade(archive: Archive, scorer: CodeScorer, child: Child, record: dict[st
     return None
 
 
+def _audit(archive: Archive, scorer: CodeScorer, child: Child, record: dict[str, Any]) -> str | None:
+    """Numerics audit: re-score a candidate that beats the best in float64; the reason if its gain disappears there.
+
+    A gain that exists only in float32 (the estimator's rounding, not the selection) must not
+    make a candidate the best or a parent, however small it is.
+    """
+    ev = scorer.config.evaluation
+    best = archive.best()
+    if not ev.numerics_audit or not child.report.valid or best is None:
+        return None
+    if child.report.combined_score <= best.combined_score:
+        return None
+    audited = scorer.audit_score(child.code)
+    record["audit"] = audited.to_dict()
+    key = audit_key(scorer)
+    best_audit = report_of(archive, best.id, key, "audit")
+    if best_audit is None:
+        best_audit = scorer.audit_score(archive.code(best.id)).to_dict()
+        archive.add_rescore(best.id, rescore_entry(best_audit, key, "audit"))
+    if not audited.valid:
+        return f"numerics audit: the float64 re-score failed ({audited.category}: {audited.reason})"
+    if best_audit.get("valid") and audited.combined_score <= best_audit["combined_score"] + ev.audit_tolerance:
+        return (f"numerics audit: the gain disappears in float64 ({audited.combined_score:.10f} vs the best's "
+                f"{best_audit['combined_score']:.10f}; float32: {child.report.combined_score:.10f} vs {best.combined_score:.10f})")
+    return None
+
+
+def audit_key(scorer: CodeScorer) -> str:
+    """What audit notes are keyed by: the search workload, scored in float64."""
+    return f"{scorer.workload.hash}/float64"
+
+
 def rescore_entry(report: dict[str, Any], workload_hash: str, why: str) -> dict[str, Any]:
     """What a re-score note keeps: the report, on which workload, and why it was made."""
     return {"workload_hash": workload_hash, "why": why, "report": report}
@@ -221,9 +256,14 @@ def rescore_entry(report: dict[str, Any], workload_hash: str, why: str) -> dict[
 
 def heldout_of(archive: Archive, candidate_id: str, workload_hash: str) -> dict[str, Any] | None:
     """A candidate's held-out report: from its record (cascade) or its newest re-score note."""
+    return report_of(archive, candidate_id, workload_hash, "heldout")
+
+
+def report_of(archive: Archive, candidate_id: str, workload_hash: str, field: str) -> dict[str, Any] | None:
+    """A candidate's ``field`` report ("heldout", "audit"): from its record or its newest re-score note."""
     record = archive.record(candidate_id)
-    if record.get("heldout"):
-        return record["heldout"]
+    if record.get(field):
+        return record[field]
     notes = [n for n in archive.rescores(candidate_id) if n.get("workload_hash") == workload_hash]
     return notes[-1]["report"] if notes else None
 
@@ -347,9 +387,9 @@ def _backfill_checkpoint(archive: Archive, cfg: RunConfig) -> None:
 
 def commit_child(archive: Archive, scorer: CodeScorer, child: Child, author: str = "model",
                  summary: str | None = None) -> tuple[Any, str | None]:
-    """Cascade, then commit ``child``; returns its row and the held-out rejection reason, if any."""
+    """Numerics audit and held-out cascade, then commit ``child``; returns its row and why it was flagged, if it was."""
     record = _record(child, scorer)
-    rejection = _cascade(archive, scorer, child, record)
+    rejection = _audit(archive, scorer, child, record) or _cascade(archive, scorer, child, record)
     ref = archive.add_candidate(child.code, record, parent=child.parent_id, island=child.island, author=author,
                                 summary=summary or child.mutation.summary or child.mutation.error or "")
     if rejection:

@@ -123,7 +123,9 @@ def masker_input(
     gen = torch.Generator(device=record.queries.device)
     gen.manual_seed(record_seed(base_seed, record.sample, record.layer))
     return MaskerInput(
-        queries=record.queries.clone(), keys=record.keys.clone(), scaling=record.scaling,
+        # Float32 whatever the record's scoring precision (the sandbox sends float32 too).
+        queries=record.queries.to(torch.float32, copy=True), keys=record.keys.to(torch.float32, copy=True),
+        scaling=record.scaling,
         query_positions=record.positions.clone(), layer_idx=record.layer, num_layers=record.num_layers,
         density_target=density_target, generator=gen, state={} if state is None else state,
     )

@@ -178,11 +178,28 @@ def causal_weights(record_shape: tuple[int, int, int, int], positions: torch.Ten
     return mask.to(torch.float32).expand(record_shape).contiguous()
 
 
-def dense_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Float32 causal dense attention ``[b, h, q, d]`` at the given query positions."""
+def dense_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scaling: float,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Causal dense attention ``[b, h, q, d]`` at the given query positions, computed in ``dtype``."""
     b, h, q, _ = queries.shape
     w = causal_weights((b, h, q, keys.shape[2]), positions, queries.device)
-    return sparse_attention(queries, keys, values, w, scaling)
+    return sparse_attention(queries, keys, values, w, scaling, dtype=dtype)
+
+
+def record_precision(record: AttentionRecord) -> torch.dtype:
+    """The precision a record is scored in: float64 for records made by ``at_precision(.., float64)``, else float32."""
+    return torch.float64 if record.dense_out.dtype == torch.float64 else torch.float32
+
+
+def at_precision(record: AttentionRecord, dtype: torch.dtype) -> AttentionRecord:
+    """``record`` to be scored in ``dtype``: the same inputs, the dense reference recomputed in ``dtype``.
+
+    The numerics audit scores selections against float64 records: a gain that is a float32
+    rounding artifact of the estimator disappears there. Maskers still see float32 inputs.
+    """
+    q, k, v = (x.to(dtype) for x in (record.queries, record.keys, record.values))
+    out = dense_attention(q, k, v, record.positions, record.scaling, dtype=dtype)
+    return AttentionRecord(record.sample, record.layer, record.num_layers, q, k, v, record.positions, record.scaling, out)
 
 
 def relative_error(dense_out: torch.Tensor, sparse_out: torch.Tensor) -> float:
@@ -191,14 +208,19 @@ def relative_error(dense_out: torch.Tensor, sparse_out: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(d - sparse_out.double()) / torch.linalg.vector_norm(d))
 
 
-def score_record(record: AttentionRecord, selection: Any) -> tuple[float, float]:
+def score_record(record: AttentionRecord, selection: Any, dtype: torch.dtype | None = None) -> tuple[float, float]:
     """(relative error, density) of one validated selection on one record."""
-    return score_weights(record, dense_weights(selection, record))
+    return score_weights(record, dense_weights(selection, record), dtype)
 
 
-def score_weights(record: AttentionRecord, w: torch.Tensor) -> tuple[float, float]:
-    """(relative error, density) of weights already validated by ``dense_weights``."""
-    out = sparse_attention(record.queries, record.keys, record.values, w, record.scaling)
+def score_weights(record: AttentionRecord, w: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """(relative error, density) of weights already validated by ``dense_weights``.
+
+    The sparse output is computed in ``dtype`` (default: the record's precision, see
+    ``record_precision``); the reference is the record's dense output.
+    """
+    dtype = record_precision(record) if dtype is None else dtype
+    out = sparse_attention(record.queries, record.keys, record.values, w, record.scaling, dtype=dtype)
     selected = float(w.ne(0).sum())
     causal = float((record.positions.to(torch.float64) + 1).clamp(max=record.keys.shape[2]).sum()) * w.shape[0] * w.shape[1]
     return relative_error(record.dense_out, out), selected / causal

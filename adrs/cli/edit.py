@@ -11,6 +11,7 @@ from adrs.cli.common import (
     UserError, cand_arg, command, compare_table, get_candidate, open_archive, out, run_config, run_dir_arg,
 )
 from adrs.cli.score import faithful_preset, faithful_report, print_faithful
+from adrs.safetext import terminal_safe
 
 EXIT_REJECTED = 3  # scored and committed, but the held-out check rejected it
 
@@ -93,7 +94,7 @@ def patch(
     out.print(f"committed [bold]{ref.id}[/bold] (iteration {ref.iteration}, child of {parent.id}, author human): {ref.status}")
     out.print(compare_table(old_record, report.to_dict(), f"{parent.id} (parent)", f"{ref.id} (patched)"))
     if rejection:
-        out.print(f"rejected by the held-out check: {rejection}")
+        out.print(f"flagged (never best, never parent): {terminal_safe(rejection)}")
         raise typer.Exit(EXIT_REJECTED)
     raise typer.Exit(0 if report.valid else 1)
 

@@ -84,6 +84,10 @@ def leaderboard(
             rows = archive.leaderboard(top, island=island, include_failed=every)
         held = _heldout_column(archive, rows, cfg)
         why = {r.id: _why(archive, r) for r in rows}
+        # Flagged (numerics audit, held-out cascade, reviewer): never best, never parent; listed with why.
+        flagged = [] if (every or failed) else sorted(
+            (r for r in archive.all() if r.status == "rejected" and (island is None or r.island == island)),
+            key=lambda r: -(r.combined_score if r.combined_score is not None else float("-inf")))[:top]
         spend = run_spend(archive)
     if json_out:
         print(json.dumps([{**{k: getattr(r, k) for k in ("id", "iteration", "island", "status", "combined_score", "error",
@@ -112,6 +116,13 @@ def leaderboard(
     for line in format_columns(headers, table, width, right=("iter", "isl", "score", "held-out", "error", "density")):
         print(line)
     print(HELD_CAPTION)
+    if flagged:
+        print("flagged: never best, never parent (numerics audit, held-out cascade, or a reviewer's rejection)")
+        for line in format_columns(["id", "iter", "score", "why flagged"],
+                                   [[r.id, str(r.iteration), _num(r.combined_score, ".5f"),
+                                     terminal_safe(r.reject_reason or "", markup=False)] for r in flagged],
+                                   width, right=("iter", "score")):
+            print(line)
     print(spend.line() if spend.total.calls else "LLM spend: none (no LLM calls: offline mutator or human patches)")
 
 

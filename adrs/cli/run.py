@@ -137,9 +137,9 @@ def prepare(config: Path, run_dir: Optional[Path], llm: Optional[str] = None, it
     except ConfigError as exc:
         raise UserError(f"{config}: {exc}") from None
     if llm is not None:
-        if llm != "offline":
-            raise UserError("--llm accepts only 'offline'; configure endpoints in the config file")
-        cfg = cfg.model_copy(update={"llm": "offline"})
+        if llm not in ("offline", "structural"):
+            raise UserError("--llm accepts only 'offline' or 'structural'; configure endpoints in the config file")
+        cfg = cfg.model_copy(update={"llm": llm})
     if iterations is not None:  # kept in the run's config.yaml, so `adrs resume` goes on to the same total
         cfg = cfg.model_copy(update={"iterations": iterations})
     cfg = cfg.model_copy(update={"seed_candidate": str(_find_seed(Path(cfg.seed_candidate), config))})
@@ -162,7 +162,7 @@ def run(
     config: Path = typer.Argument(..., help="YAML run config (see `adrs init`)", metavar="CONFIG", show_default=False),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help=RUN_DIR_OPTION_HELP),
     iterations: Optional[int] = typer.Option(None, min=0, help="candidates to add after the seed (overrides the config; resume keeps it)"),
-    llm: Optional[str] = typer.Option(None, help="'offline' to use the LLM-free mutator"),
+    llm: Optional[str] = typer.Option(None, help="'offline' (constant tuning) or 'structural' (program search): an LLM-free mutator"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="evaluate on this Ray cluster (sets executor: ray)"),
 ) -> None:
     """Start an evolution run (Ctrl-C stops it; `adrs resume` continues)."""
@@ -184,8 +184,8 @@ def agent(
     from adrs.agent.command import run_session
 
     cfg, run_dir = prepare(config, run_dir)
-    if cfg.llm == "offline":
-        raise UserError(f"{config}: agent mode needs an LLM endpoint (`llm:` with models), not 'offline'")
+    if cfg.llm in ("offline", "structural"):
+        raise UserError(f"{config}: agent mode needs an LLM endpoint (`llm:` with models), not '{cfg.llm}'")
     write_resolved_config(run_dir, cfg)
     console.print(f"run directory: {run_dir}")
     raise typer.Exit(run_session(run_dir, cfg, turns, config.resolve().parent, out))

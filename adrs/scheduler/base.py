@@ -20,8 +20,9 @@ from typing import Any, Callable, Literal, Sequence
 
 from evaluator.scoring import ScoreReport
 
-Which = Literal["search", "heldout"]
-WHICH: tuple[Which, ...] = ("search", "heldout")
+# audit: the search workload scored in float64 (the numerics audit).
+Which = Literal["search", "heldout", "audit"]
+WHICH: tuple[Which, ...] = ("search", "heldout", "audit")
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from adrs.scheduler.base import WHICH, Slot, SlotScheduler, Which, WorkerLost
 from evaluator.candidate import candidate_file
 from evaluator.sandbox import SandboxLimits, Worker, WorkerPool, run_candidate
 from evaluator.sandbox.isolation import kill_tree
 from evaluator.scoring import ScoreReport
-from evaluator.workload import Workload, WorkloadSpec, load_workload
+from evaluator.workload import Workload, WorkloadSpec, at_precision, load_workload
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +107,11 @@ class EvalActor:
     def load(self, which: str) -> str:
         """Make sure ``which`` workload is in memory; returns its label."""
         if which not in self._workloads:
-            spec = self._specs.get(which)
+            spec = self._specs.get("search" if which == "audit" else which)
             if spec is None:
                 raise ValueError(f"this run has no {which} workload")
-            self._workloads[which] = load_workload(spec, device=self._device, progress=False)
+            workload = load_workload(spec, device=self._device, progress=False)
+            self._workloads[which] = at_precision(workload, torch.float64) if which == "audit" else workload
         return self._workloads[which].label
 
     def evaluate(self, code: str, which: str) -> ScoreReport:

@@ -1,6 +1,7 @@
 """Workloads: a model plus texts plus decode positions, captured once and cached on disk."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,11 +9,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from evaluator import scoring
 from evaluator.records import AttentionRecord
 from evaluator.workload.capture import capture_workload, workload_dir
 from evaluator.workload.spec import PRESETS, WorkloadSpec, resolve_spec
 
-__all__ = ["Workload", "WorkloadSpec", "PRESETS", "load_workload", "resolve_spec", "capture_workload", "workload_dir"]
+__all__ = ["Workload", "at_precision", "WorkloadSpec", "PRESETS", "load_workload", "resolve_spec", "capture_workload", "workload_dir"]
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,18 @@ class Workload:
     path: Path
     records: tuple[AttentionRecord, ...]
     num_layers: int
+    precision: str = "float32"  # what the trusted scorer computes in ("float64": the numerics audit)
 
     @property
     def label(self) -> str:
-        return f"{self.spec.name}@{self.hash}"
+        suffix = "" if self.precision == "float32" else f"/{self.precision}"
+        return f"{self.spec.name}@{self.hash}{suffix}"
+
+
+def at_precision(workload: Workload, dtype: torch.dtype) -> Workload:
+    """``workload`` scored in ``dtype``: same masker inputs, dense references and sparse outputs in ``dtype``."""
+    records = tuple(scoring.at_precision(r, dtype) for r in workload.records)
+    return dataclasses.replace(workload, records=records, precision=str(dtype).removeprefix("torch."))
 
 
 def load_workload(
