@@ -226,11 +226,12 @@ def _children(pid: int) -> list[int]:
 def test_nothing_outlives_a_killed_harness():
     """SIGKILL the harness while its candidate loops: the launcher sees its lifeline close and
     kills the worker, whose PID namespace takes every descendant with it."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     driver = subprocess.Popen([sys.executable, "-c", _LOOPING_DRIVER, str(HOSTILE / "infinite_loop.py")], env=env)
     try:
         marker, deadline = None, time.monotonic() + 120
         while marker is None and time.monotonic() < deadline:
+            assert driver.poll() is None, "the driver exited before starting a sandbox worker"
             for kid in _children(driver.pid):
                 env_vars = Path(f"/proc/{kid}/environ").read_bytes().split(b"\0")
                 marker = next((v.split(b"=", 1)[1].decode() for v in env_vars if v.startswith(b"ADRS_SANDBOX_RUN=")), None)

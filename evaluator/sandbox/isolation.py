@@ -96,6 +96,25 @@ def apply_rlimits(memory_mb: int | None, file_bytes: int, nproc: int | None) -> 
         lower(resource.RLIMIT_NPROC, nproc)
 
 
+def limit_address_space(extra_mb: int) -> None:
+    """RLIMIT_AS = what is mapped now + ``extra_mb``: the candidate's own allowance.
+
+    Set after the trusted prologue has imported torch and mapped its inputs, so the limit does
+    not depend on how much address space a given torch build reserves at import (a CUDA build
+    reserves gigabytes even on a CPU job).
+    """
+    try:
+        with open("/proc/self/statm") as fh:
+            mapped = int(fh.read().split()[0]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        mapped = 0  # no /proc: the allowance alone
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    value = mapped + extra_mb * 1024 * 1024
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (value, value))
+
+
 def drop_privileges(uid: int = NOBODY, gid: int = NOBODY) -> None:
     """Irreversibly become ``uid:gid`` with no supplementary groups (root only)."""
     os.setgroups([])

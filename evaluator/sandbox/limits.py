@@ -12,7 +12,8 @@ class SandboxLimits:
     wall_s: wall-clock seconds for the candidate itself (import + every masker call), counted
         from the moment the job is handed to a ready worker; interpreter and torch start-up is
         bounded separately by ``startup_s`` so a slow import cannot eat the candidate's budget.
-    memory_mb: address-space limit (RLIMIT_AS) of the worker on CPU. Not applied on CUDA
+    memory_mb: address space (RLIMIT_AS) the candidate may add on CPU, on top of what the
+        worker's trusted prologue mapped (torch, its inputs). Not applied on CUDA
         workloads, where the driver reserves huge virtual ranges; there ``gpu_memory_fraction``
         caps the caching allocator instead.
     output_bytes: cap on the encoded selections written back (all records together).

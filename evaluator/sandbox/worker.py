@@ -4,7 +4,8 @@ Started by ``evaluator.sandbox.launcher``, already inside its namespaces (or, un
 opt-out, without them). Runs exactly one candidate, then exits. Order matters, and everything
 before step 5 is trusted code:
 
-1. rlimits: address space, file size, no core dumps, task count;
+1. rlimits: file size, no core dumps, task count (address space: in step 4, on top of what
+   the prologue mapped);
 2. import torch and friends (this is the slow part, done before the candidate's clock starts,
    so a warm spare worker can do it ahead of time);
 3. say "R" on the control socket; receive the job's files as fds there (the workload's inputs,
@@ -25,7 +26,7 @@ import sys
 import traceback
 from typing import Any, Callable
 
-from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root
+from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, limit_address_space
 from evaluator.sandbox.limits import SandboxLimits
 
 MAX_DETAILS = 4000
@@ -70,8 +71,7 @@ def main() -> None:
     # RLIMIT_NPROC binds a non-root uid; in our own user namespace it counts only the tasks
     # there (kernels >= 5.14), not all of the user's processes. As root it binds after the drop.
     in_userns = not is_root() and os.environ.get("ADRS_SANDBOX_LEVEL") == "namespaces"
-    apply_rlimits(None if cuda_job else limits.memory_mb, limits.output_bytes + (1 << 20),
-                  limits.nproc if is_root() or in_userns else None)
+    apply_rlimits(None, limits.output_bytes + (1 << 20), limits.nproc if is_root() or in_userns else None)
     faulthandler.enable()  # a segfault prints the Python stack to stderr for the report
 
     # Everything a masker may import must be imported now: once we run as nobody, the
@@ -128,6 +128,8 @@ def main() -> None:
         # Initialise CUDA and load cuBLAS now: their libraries may be unreadable as nobody.
         x = torch.ones(8, 8, device=job["device"])
         (x @ x).sum().item()
+    if not cuda_job:
+        limit_address_space(limits.memory_mb)  # the driver reserves huge ranges on CUDA: no RLIMIT_AS there
     if is_root() and job.get("drop_privileges", True):
         drop_privileges()
     os.makedirs(out, exist_ok=True)
