@@ -3,7 +3,7 @@
 Every handler works on the run's archive and scorer exactly as the loop does: code is applied
 to the candidate being edited with the loop's edit rules (SEARCH/REPLACE or whole EVOLVE
 block), scored by the same ``CodeScorer`` (sandboxed unless the run says otherwise),
-committed with the loop's ``commit_child`` (held-out cascade included) and checkpointed by
+committed with the loop's ``commit_child`` (numerics audit and held-out cascade included) and checkpointed by
 the loop's rules. A bad call never raises out of :meth:`Workbench.call`: it comes back as a
 tool error the model reads and can fix.
 """
