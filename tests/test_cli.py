@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def adrs(*args: str, check: bool = True, timeout: float = 600) -> subprocess.Com
 def write_config(path: Path, iterations: int, **extra: str) -> Path:
     text = (ROOT / "configs" / "default.yaml").read_text()
     text = text.replace("workload: small ", "workload: tiny ").replace("heldout_workload: small-heldout", "heldout_workload: tiny-heldout")
-    text = text.replace("iterations: 40", f"iterations: {iterations}")
+    text = re.sub(r"^iterations: \d+", f"iterations: {iterations}", text, count=1, flags=re.M)
     text = text.replace("seed_candidate: seeds/sink_window.py", f"seed_candidate: {ROOT / 'seeds' / 'sink_window.py'}")
     for key, value in extra.items():
         text = text.replace(f"  {key}: ", f"  {key}: {value}  # was ")
