@@ -17,8 +17,8 @@ from evaluator.contract import MaskerInput
 from evaluator.records import record_seed
 from evaluator.sandbox.channel import pack, read_blocking, write_blocking
 from evaluator.sandbox.devicepack import encode_selection_on_device
+from evaluator.sandbox.failure_text import candidate_traceback, is_memory_error
 from evaluator.sandbox.transport import MappedTensors
-from evaluator.sandbox.worker import _candidate_traceback, _is_memory_error
 
 
 def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[MaskerInput], Any],
@@ -61,10 +61,10 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
             selection = masker(inp)
             tensors, meta = encode_selection_on_device(selection, shape, device)
         except BaseException as exc:  # noqa: BLE001 - anything raised here is the candidate's
-            category = "memory" if _is_memory_error(exc) else "exception"
+            category = "memory" if is_memory_error(exc) else "exception"
             finish({"ok": False, "category": category,
                     "reason": f"{type(exc).__name__}: {exc} (call {call}, layer {layer})"[:1000],
-                    "details": _candidate_traceback(exc, job["candidate"])})
+                    "details": candidate_traceback(exc, job["candidate"])})
         write_blocking(resp, pack({"meta": meta}, tensors))
         served += 1
         del selection, tensors, inp

@@ -23,36 +23,11 @@ import json
 import os
 import socket
 import sys
-import traceback
 from typing import Any, Callable
 
 from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, limit_address_space
+from evaluator.sandbox.failure_text import candidate_traceback, is_memory_error
 from evaluator.sandbox.limits import SandboxLimits
-
-MAX_DETAILS = 4000
-
-
-def _trim(text: str, limit: int = MAX_DETAILS) -> str:
-    """Keep the end of a traceback (where the error is), marking the cut."""
-    return text if len(text) <= limit else "...[trimmed]...\n" + text[-limit:]
-
-
-def _is_memory_error(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    name = type(exc).__name__
-    text = str(exc).lower()
-    return name == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text \
-        or "cannot allocate memory" in text
-
-
-def _candidate_traceback(exc: BaseException, candidate: str) -> str:
-    """Traceback without the worker's own frames: the model should see its code, not ours."""
-    tb = traceback.TracebackException.from_exception(exc, limit=-12)
-    frames = [f for f in tb.stack if not f.filename.endswith(os.path.join("sandbox", "worker.py"))]
-    tb.stack = traceback.StackSummary.from_list(frames)
-    return _trim("".join(tb.format()))
-
 
 def _warm_encoder(encode: Callable[..., Any], save: Callable[..., bytes], device: str) -> None:
     """Run every branch of the selection encoder once (float and bool selections) on ``device``."""
@@ -147,9 +122,9 @@ def main() -> None:
     try:
         masker = load_masker(candidate)
     except BaseException as exc:  # noqa: BLE001 - anything at import time is the candidate's
-        category = "memory" if _is_memory_error(exc) else "import"
+        category = "memory" if is_memory_error(exc) else "import"
         finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc}"[:1000],
-                "details": _candidate_traceback(exc, candidate)})
+                "details": candidate_traceback(exc, candidate)})
     if reader is None:
         serve_session(job, files, masker, finish)  # many calls over pipes (evaluator.sandbox.session); exits
 
@@ -162,9 +137,9 @@ def main() -> None:
             # Packed where the selection lives: only bits and non-unit values cross to the host.
             tensors, meta = encode_selection_on_device(selection, rec.weights_shape, str(rec.queries.device))
         except BaseException as exc:  # noqa: BLE001
-            category = "memory" if _is_memory_error(exc) else "exception"
+            category = "memory" if is_memory_error(exc) else "exception"
             finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc} ({where})"[:1000],
-                    "details": _candidate_traceback(exc, candidate)})
+                    "details": candidate_traceback(exc, candidate)})
         path = os.path.join(out, f"rec{i}.safetensors")
         # Check the size before writing: past RLIMIT_FSIZE the write would fail half-way.
         written += sum(t.numel() * t.element_size() for t in tensors.values()) + 1024

@@ -1,0 +1,31 @@
+"""How a candidate's own failure is worded for its report (worker side, trusted code)."""
+from __future__ import annotations
+
+import os
+import traceback
+
+MAX_DETAILS = 4000
+# The worker's own frames: the model should see its code, not ours.
+_OURS = (os.path.join("sandbox", "worker.py"), os.path.join("sandbox", "session_worker.py"))
+
+
+def trim(text: str, limit: int = MAX_DETAILS) -> str:
+    """Keep the end of a traceback (where the error is), marking the cut."""
+    return text if len(text) <= limit else "...[trimmed]...\n" + text[-limit:]
+
+
+def is_memory_error(exc: BaseException) -> bool:
+    """An out-of-memory failure, whichever library raised it (Python, torch, the C allocator)."""
+    if isinstance(exc, MemoryError):
+        return True
+    name = type(exc).__name__
+    text = str(exc).lower()
+    return name == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text \
+        or "cannot allocate memory" in text
+
+
+def candidate_traceback(exc: BaseException, candidate: str) -> str:
+    """The traceback of ``exc`` without the worker's frames, trimmed to its end."""
+    tb = traceback.TracebackException.from_exception(exc, limit=-12)
+    tb.stack = traceback.StackSummary.from_list([f for f in tb.stack if not f.filename.endswith(_OURS)])
+    return trim("".join(tb.format()))
