@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from evaluator.sandbox.isolation import live_descendants
+from conftest import sandbox_workers_of
+from evaluator.sandbox.isolation import MARKER_VAR, live_descendants
 
 HOSTILE = Path(__file__).parent / "hostile"
 REPO = Path(__file__).resolve().parents[1]
@@ -189,38 +190,11 @@ run_candidate(sys.argv[1], load_workload("tiny", progress=False), 0.1, limits=Sa
 """
 
 
-def _marked(marker: str) -> list[int]:
-    """Host pids (not zombies) whose environment carries the sandbox run ``marker``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if f"ADRS_SANDBOX_RUN={marker}".encode() in env and state not in ("Z", "X"):
-            found.append(int(entry))
-    return found
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        try:
-            if entry.isdigit() and Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid):
-                kids.append(int(entry))
-        except OSError:
-            pass
-    return kids
+def _marker_of(pid: int) -> str:
+    """The sandbox run marker in a process's environment."""
+    prefix = f"{MARKER_VAR}=".encode()
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next(v[len(prefix):].decode() for v in env if v.startswith(prefix))
 
 
 def test_nothing_outlives_a_killed_harness():
@@ -229,24 +203,18 @@ def test_nothing_outlives_a_killed_harness():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     driver = subprocess.Popen([sys.executable, "-c", _LOOPING_DRIVER, str(HOSTILE / "infinite_loop.py")], env=env)
     try:
-        marker, deadline = None, time.monotonic() + 120
-        while marker is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        while not (workers := sandbox_workers_of(driver.pid)):
             assert driver.poll() is None, "the driver exited before starting a sandbox worker"
-            for kid in _children(driver.pid):
-                env_vars = Path(f"/proc/{kid}/environ").read_bytes().split(b"\0")
-                marker = next((v.split(b"=", 1)[1].decode() for v in env_vars if v.startswith(b"ADRS_SANDBOX_RUN=")), None)
+            assert time.monotonic() < deadline, "the driver never handed a job to a sandbox worker"
             time.sleep(0.2)
-        assert marker is not None, "the driver never started a sandbox worker"
-        while time.monotonic() < deadline and not any(
-                b"evaluator.sandbox.worker" in _cmdline(p) for p in _marked(marker)):
-            time.sleep(0.2)  # the launcher has exec'd the worker
+        pgid, marker = os.getpgid(workers[0]), _marker_of(workers[0])
         time.sleep(3.0)  # the candidate is looping now
-        alive = _marked(marker)
-        assert alive, "no sandbox process found"
+        assert live_descendants(pgid, marker), "no sandbox process found"
     finally:
         driver.kill()
         driver.wait()
     deadline = time.monotonic() + 10
-    while _marked(marker) and time.monotonic() < deadline:
+    while live_descendants(pgid, marker) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _marked(marker) == [], "sandbox processes outlived the harness"
+    assert live_descendants(pgid, marker) == [], "sandbox processes outlived the harness"

@@ -19,6 +19,7 @@ import typer
 from adrs.cli import score, run, inspect, edit, review  # noqa: F401,I001
 from adrs.cli.common import Interrupted, UserError, app, console
 from adrs.safetext import terminal_safe
+from evaluator.errors import IsolationUnavailable
 
 ISOLATION_HINT = (
     "Candidates are untrusted code (an LLM wrote them). Fix: allow unprivileged user namespaces "
@@ -83,13 +84,15 @@ def main(argv: list[str] | None = None) -> None:
             raise
         console.print(f"[red]error:[/red] {terminal_safe(exc)}", soft_wrap=True)
         sys.exit(2)
+    except IsolationUnavailable as exc:
+        if debug:
+            raise
+        console.print(f"[red]error:[/red] the sandbox cannot isolate candidates on this machine, so none was run: "
+                      f"{terminal_safe(exc)}\n{ISOLATION_HINT}", soft_wrap=True)
+        sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback behind --debug
         if debug:
             raise
-        if type(exc).__name__ == "IsolationUnavailable":  # evaluator.sandbox.runner; not imported here (torch)
-            console.print(f"[red]error:[/red] the sandbox cannot isolate candidates on this machine, so none was run: "
-                          f"{terminal_safe(exc)}\n{ISOLATION_HINT}", soft_wrap=True)
-            sys.exit(2)
         console.print(f"[red]error:[/red] {type(exc).__name__}: {terminal_safe(exc)} (run with --debug for the traceback)", soft_wrap=True)
         sys.exit(1)
     if code == 130:  # typer turns a Ctrl-C outside our commands into a silent exit 130

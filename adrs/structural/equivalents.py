@@ -9,21 +9,8 @@ from __future__ import annotations
 import ast
 
 from adrs.structural.genome import Genome, Sample, Scorer, Sink, TopK, Window, normalize
-from adrs.structural.render import read_genome
+from adrs.structural.render import read_genome, top_level_numbers
 from evaluator.candidate import parse_source
-
-
-def _constants(tree: ast.Module) -> dict[str, int | float]:
-    out: dict[str, int | float] = {}
-    for stmt in tree.body:
-        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
-            try:
-                value = ast.literal_eval(stmt.value)
-            except ValueError:
-                continue
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[stmt.targets[0].id] = value
-    return out
 
 
 def _calls(tree: ast.Module) -> set[str]:
@@ -41,7 +28,7 @@ def equivalent_genome(block: str, density_target: float) -> Genome | None:
         tree = parse_source(block)
     except SyntaxError:
         return None
-    consts, calls = _constants(tree), _calls(tree)
+    consts, calls = top_level_numbers(tree), _calls(tree)
     names = set(consts)
     if names == {"SINK_TOKENS"} and "attention_logits" not in calls and "rand" not in calls:
         return normalize(Genome((Sink(int(consts["SINK_TOKENS"])), Window(1.0))))

@@ -169,9 +169,10 @@ def render_block(genome: Genome) -> str:
     return text
 
 
-def _top_level_numbers(block: str) -> dict[str, int | float]:
+def top_level_numbers(tree: ast.Module) -> dict[str, int | float]:
+    """``NAME = <number>`` assignments at the top of a parsed block (hand- or offline-tuned constants)."""
     out: dict[str, int | float] = {}
-    for stmt in parse_source(block).body:
+    for stmt in tree.body:
         if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
             try:
                 value = ast.literal_eval(stmt.value)
@@ -213,7 +214,7 @@ def read_genome(block: str) -> Genome | None:
     if line is None:
         return None
     try:
-        genome = with_constants(from_json(line[len(GENOME_PREFIX):]), _top_level_numbers(block))
+        genome = with_constants(from_json(line[len(GENOME_PREFIX):]), top_level_numbers(parse_source(block)))
         rendered = render_block(genome)
     except (GenomeError, SyntaxError, TypeError, ValueError, KeyError):
         return None

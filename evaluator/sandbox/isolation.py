@@ -7,7 +7,6 @@ candidate only ever runs after every limit below is in place.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import resource
@@ -17,8 +16,6 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 NOBODY = 65534
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
 
 # Environment variables passed to the worker as they are; everything else is dropped.
 _KEEP = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "TZ", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
@@ -45,39 +42,6 @@ def scrubbed_env(source: Mapping[str, str], marker: str, pythonpath: str) -> dic
 
 def is_root() -> bool:
     return os.geteuid() == 0
-
-
-def _unshare(flags: int) -> bool:
-    if hasattr(os, "unshare"):  # Python 3.12+
-        try:
-            os.unshare(flags)
-            return True
-        except OSError:
-            return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.unshare(ctypes.c_int(flags)) == 0
-
-
-def isolate_network() -> str:
-    """Move the calling (single-threaded) process into a fresh network namespace.
-
-    Root: a plain new netns (only a down loopback, so every connect fails). Not root: try an
-    unprivileged user namespace + netns; where the kernel forbids that, keep the host network
-    and say so. Returns a short description for diagnostics.
-    """
-    if is_root():
-        return "netns" if _unshare(CLONE_NEWNET) else "network NOT isolated (unshare failed)"
-    uid, gid = os.getuid(), os.getgid()
-    if _unshare(CLONE_NEWUSER | CLONE_NEWNET):
-        # Map our own ids so file ownership still looks normal inside the namespace.
-        try:
-            Path("/proc/self/setgroups").write_text("deny")
-            Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
-            Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
-        except OSError:
-            pass
-        return "userns+netns"
-    return "network NOT isolated (not root, no unprivileged user namespaces)"
 
 
 def apply_rlimits(memory_mb: int | None, file_bytes: int, nproc: int | None) -> None:

@@ -56,7 +56,6 @@ _KEEP_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC | 0x400 | 0x800 | 0x1000  # + NOA
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217, "riscv64": 41}
-NOBODY = 65534
 EXIT_REFUSED = 3  # no isolation and no opt-out: nothing ran
 SKELETON = "/tmp"  # in our own mount namespace only: the host's /tmp is untouched
 

@@ -24,6 +24,7 @@ from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.scratch import OverCap, ScratchView
 from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok
 from evaluator.sandbox.transport import ProtocolError, decode_selection, workload_inputs
+from evaluator.errors import IsolationUnavailable
 from evaluator.records import AttentionRecord
 from evaluator.scoring import InvalidSelection, ScoreReport, aggregate, dense_weights, score_weights
 
@@ -73,10 +74,6 @@ class WorkerOutcome:
     job_sent: bool = True  # False: the worker died or hung before taking the job (our fault)
 
 
-class IsolationUnavailable(RuntimeError):
-    """The kernel allows no isolation here and the caller did not opt out: nothing ran."""
-
-
 UNSAFE_ENV = "ADRS_UNSAFE_ALLOW_UNISOLATED"  # "1": run candidates without namespaces (loudly reported)
 
 
@@ -105,16 +102,20 @@ def _extra_pythonpath() -> list[str]:
     return [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and _exposable(p)]
 
 
-def launch_spec(limits: SandboxLimits, cuda: bool, control_fd: int, lifeline_fd: int, marker: str) -> dict[str, Any]:
-    """What the launcher (``evaluator.sandbox.launcher``) sets up for one worker."""
-    plain_env = scrubbed_env(os.environ, marker, _REPO_ROOT)
+def launch_spec(limits: SandboxLimits, cuda: bool, control_fd: int, lifeline_fd: int,
+                plain_pythonpath: str) -> dict[str, Any]:
+    """What the launcher (``evaluator.sandbox.launcher``) sets up for one worker.
+
+    ``plain_pythonpath``: the worker's PYTHONPATH under the no-isolation opt-out; inside the
+    namespaces it is ``pythonpath`` (the bound ``evaluator`` and the caller's package dirs).
+    """
     return {
         "python": sys.executable,
         "argv": [sys.executable, "-s", "-m", "evaluator.sandbox.worker", str(control_fd), limits.to_json()],
         "control_fd": control_fd, "lifeline_fd": lifeline_fd, "cuda": cuda,
         "python_paths": _python_paths(),
         "lib_binds": [[os.path.join(_REPO_ROOT, "evaluator"), "/sandbox/lib/evaluator"]],
-        "plain_pythonpath": plain_env["PYTHONPATH"],
+        "plain_pythonpath": plain_pythonpath,
         "pythonpath": os.pathsep.join(["/sandbox/lib", *_extra_pythonpath()]),
         # One tmpfs holds the candidate's scratch and the selections the worker writes back.
         "scratch_bytes": limits.scratch_bytes + limits.output_bytes + (4 << 20),
@@ -136,13 +137,13 @@ class Worker:
         self.limits = limits
         self.marker = uuid.uuid4().hex
         self.cuda = cuda
-        env = scrubbed_env(os.environ, self.marker, "/sandbox/lib")
+        env = scrubbed_env(os.environ, self.marker, _REPO_ROOT)  # the launcher sets PYTHONPATH per level
         if cuda:
             env["ADRS_SANDBOX_CUDA"] = "1"
         self.control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # The lifeline's write end stays here only: if this process dies, the launcher kills the worker.
         lifeline_r, self._lifeline = os.pipe()
-        spec = launch_spec(limits, cuda, child_control.fileno(), lifeline_r, self.marker)
+        spec = launch_spec(limits, cuda, child_control.fileno(), lifeline_r, env["PYTHONPATH"])
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", _LAUNCHER, json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -155,7 +156,6 @@ class Worker:
         self._reader.start()
         self.scratch: ScratchView | None = None
         self.isolation: str | None = None  # what the launcher set up, in words
-        self.refused: str | None = None  # why no isolation was possible (nothing ran)
         self._ready: bool | None = None
 
     def _receive(self, deadline: float) -> tuple[bytes, list[int]] | None:
@@ -174,7 +174,11 @@ class Worker:
         return data, fds
 
     def wait_ready(self, timeout: float) -> bool:
-        """True once the worker is isolated, has imported everything and waits for its job."""
+        """True once the worker is isolated, has imported everything and waits for its job.
+
+        Raises IsolationUnavailable when the launcher could set up no isolation (and no opt-out
+        was given): no worker ran, and none will on this machine.
+        """
         if self._ready is not None:
             return self._ready
         deadline = time.monotonic() + timeout
@@ -191,8 +195,7 @@ class Worker:
         if level == "refused" or not fds:
             for fd in fds:
                 os.close(fd)
-            self.refused = detail
-            return False
+            raise IsolationUnavailable(detail)
         self.scratch = ScratchView(fds[0], info.get("scratch") if level == "none" else None)
         for fd in fds[1:]:
             os.close(fd)
@@ -408,9 +411,7 @@ def run_candidate(
             worker = pool.take()
     inputs_fd = os.open(inputs, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        outcome = worker.run(job, {"inputs": inputs_fd})
-        if worker.refused is not None:
-            raise IsolationUnavailable(worker.refused)
+        outcome = worker.run(job, {"inputs": inputs_fd})  # IsolationUnavailable passes through
         report = _interpret(outcome, limits, workload, density_target, worker.scratch, on_selection=on_selection)
         report.isolation = worker.isolation
     finally:

@@ -24,7 +24,6 @@ worker's whole process tree is killed on close, whatever happened.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from evaluator.records import AttentionRecord
 from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok
 from evaluator.sandbox.channel import ChannelError, ChannelOverflow, DeadlineIO, pack
 from evaluator.sandbox.limits import SandboxLimits
-from evaluator.sandbox.runner import IsolationUnavailable, Worker, WorkerOutcome, WorkerPool, _interpret, _syntax_context
+from evaluator.sandbox.runner import Worker, WorkerOutcome, WorkerPool, _interpret, _syntax_context
 from evaluator.sandbox.transport import ProtocolError, decode_selection
 from evaluator.scoring import InvalidSelection, ScoreReport
 
@@ -101,10 +100,7 @@ class SandboxSession:
                "num_threads": torch.get_num_threads(), "session": self.setup}
         self.worker = self.pool.take() if self.pool is not None else Worker(self.limits, cuda=self.device.type == "cuda")
         try:
-            ready = self.worker.wait_ready(self.limits.startup_s)
-            if self.worker.refused is not None:
-                raise IsolationUnavailable(self.worker.refused)
-            if not ready:
+            if not self.worker.wait_ready(self.limits.startup_s):  # IsolationUnavailable passes through
                 raise OSError("worker not ready")
             self.worker.send_job(job, worker_fds)
         except OSError:
