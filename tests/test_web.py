@@ -309,9 +309,11 @@ def test_leaderboard_filters_sorts_and_searches(browser, server, finished_run):
     def ids(rows: str = "tr") -> list[str]:
         return page.evaluate(f"[...document.querySelectorAll('#board tbody {rows}')].map(r => r.dataset.id)")
 
-    board = json.loads(subprocess.run([sys.executable, "-m", "adrs.cli", "leaderboard", str(run_dir), "--json", "--top",
-                                       "50"], capture_output=True, text=True, env=ENV, check=True).stdout)
-    assert ids("tr.status-valid") == [r["id"] for r in board]  # by score, as `adrs leaderboard`
+    from adrs.archive import open_run_readonly
+
+    with open_run_readonly(run_dir) as archive:
+        board = [r.id for r in archive.leaderboard(50)]  # what `adrs leaderboard` lists, in its order
+    assert ids("tr.status-valid") == board
     page.uncheck('input[name=status][value=valid]')
     assert ids() == [hostile]  # only the failed one
     page.check('input[name=status][value=valid]')
