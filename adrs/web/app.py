@@ -5,6 +5,7 @@ handlers are plain functions, which Starlette runs in its thread pool: reading g
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,19 @@ def _view(request: Request) -> RunView:
     return found
 
 
+def plain(data: Any) -> Any:
+    """``data`` with non-finite floats as text ("nan", "inf"): records may hold them; JSON may not."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    if isinstance(data, dict):
+        return {str(k): plain(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [plain(v) for v in data]
+    return data
+
+
 def _json(data: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(data, status_code=status, headers={"Cache-Control": "no-store"})
+    return JSONResponse(plain(data), status_code=status, headers={"Cache-Control": "no-store"})
 
 
 def _page(request: Request, template: str, **context: Any) -> Response:

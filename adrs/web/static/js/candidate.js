@@ -50,7 +50,8 @@
       : el("p", {class: "hint"}, "none (adrs rescore)"));
     document.getElementById("prompt").textContent = d.prompt ?? `(none: ${r.id} was not produced by an LLM; author ${r.author})`;
     const panel = document.getElementById("review");
-    if (![...panel.querySelectorAll(".review-text")].some((i) => i.value)) ADRS.reviewPanel(panel, run, d.checkpoints, load);
+    if (![...panel.querySelectorAll(".review-text")].some((i) => i.value)) ADRS.reviewPanel(panel, run, d.checkpoints, load,
+      "no review checkpoint on this candidate (the run overview lists them all)");
   }
 
   async function showDiff(d, against) {

@@ -76,10 +76,21 @@ const ADRS = (() => {
     return `hsl(${Math.round(120 * t)}, 65%, 48%)`;
   }
 
+  // The running best valid score against iteration, one point per candidate from the first valid one.
+  function bestSoFar(rows) {
+    const out = [];
+    let running = null;
+    for (const r of rows) {
+      if (r.status === "valid" && r.score !== null && (running === null || r.score > running)) running = r.score;
+      if (running !== null) out.push({x: r.iteration, y: running});
+    }
+    return out;
+  }
+
   function error(container, err) {
     clear(container).append(el("p", {class: "error"}, `error: ${err.message || err}`));
   }
 
-  return {el, clear, getJSON, postJSON, fmt, enc, candUrl, apiUrl, watch, scoreColor, error, run: body.run,
+  return {el, clear, getJSON, postJSON, fmt, enc, candUrl, apiUrl, watch, scoreColor, bestSoFar, error, run: body.run,
           cand: body.cand};
 })();

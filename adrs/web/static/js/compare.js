@@ -1,7 +1,7 @@
 // Compare runs (best so far, counts) or candidates from any runs (scores, per-layer error, code diffs).
 "use strict";
 (() => {
-  const {el, clear, getJSON, fmt, candUrl, apiUrl, enc} = ADRS;
+  const {el, clear, getJSON, fmt, candUrl, apiUrl, enc, bestSoFar} = ADRS;
   const params = new URLSearchParams(location.search);
   const root = document.getElementById("compare");
   const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
@@ -10,16 +10,6 @@
     const canvas = el("canvas");
     root.append(el("figure", {}, el("figcaption", {}, title), el("div", {class: "chartbox wide"}, canvas)));
     return new Chart(canvas, config);
-  }
-
-  function bestSoFar(rows) {
-    const out = [];
-    let running = null;
-    for (const r of rows) {
-      if (r.status === "valid" && r.score !== null && (running === null || r.score > running)) running = r.score;
-      if (running !== null) out.push({x: r.iteration, y: running});
-    }
-    return out;
   }
 
   async function compareRuns(keys) {

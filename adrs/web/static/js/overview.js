@@ -56,12 +56,7 @@
     if (held.length) datasets.push({label: "held-out score", data: held.map((r) => point(r, r.heldout, floor)),
                                     pointStyle: "circle", backgroundColor: "rgba(0,0,0,0)", borderColor: "#17becf",
                                     pointRadius: 6, borderWidth: 2});
-    const best = [];
-    let running = null;
-    for (const r of rows) {
-      if (r.status === "valid" && r.score !== null && (running === null || r.score > running)) running = r.score;
-      if (running !== null) best.push({x: r.iteration, y: running});
-    }
+    const best = ADRS.bestSoFar(rows);
     if (best.length) datasets.push({type: "line", label: "best so far", data: best, stepped: "after", borderColor: "#000",
                                     pointRadius: 0, borderWidth: 1.5, fill: false});
     const byId = Object.fromEntries(rows.map((r) => [r.id, r]));

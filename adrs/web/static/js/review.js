@@ -1,10 +1,10 @@
 // The review panel: approve / reject / note a checkpoint, as `adrs review` does (same git tags).
 "use strict";
-ADRS.reviewPanel = function reviewPanel(container, run, checkpoints, onDone) {
+ADRS.reviewPanel = function reviewPanel(container, run, checkpoints, onDone, emptyText) {
   const {el, clear, postJSON, candUrl} = ADRS;
   clear(container);
   if (!checkpoints.length) {
-    container.append(el("p", {class: "hint"}, "no checkpoints (config: review.every / review.on_new_best)"));
+    container.append(el("p", {class: "hint"}, emptyText || "no checkpoints (config: review.every / review.on_new_best)"));
     return;
   }
   const status = el("p", {class: "hint review-status", role: "status"});
