@@ -342,3 +342,10 @@ def test_leaderboard_filters_sorts_and_searches(browser, server, finished_run):
     page.click('th[data-key=iteration]')  # numbers sort descending first
     assert ids() == sorted(candidate_commits(run_dir), reverse=True)
     assert page.errors == []
+
+
+def test_serve_refuses_a_directory_without_a_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "adrs.cli", "serve", str(tmp_path), "--port", "0"], capture_output=True,
+                          text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2 and "not a run directory" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -92,9 +92,10 @@ def api_runs(request: Request) -> JSONResponse:
     out = []
     for view in request.app.state.views.values():
         version = view.refresh()
-        rows = view.rows()
-        best = next((r for r in views.candidate_rows(view) if r["best"]), None)
-        out.append({"key": view.key, "path": str(view.path), "version": version, "candidates": len(rows), "best": best})
+        with view.lock:
+            count, best = len(view.rows()), view.archive.best()
+        out.append({"key": view.key, "path": str(view.path), "version": version, "candidates": count,
+                    "best": {"id": best.id, "score": best.combined_score} if best else None})
     return _json(out)
 
 

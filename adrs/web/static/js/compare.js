@@ -26,7 +26,7 @@
       }))));
     chart("Best so far against iteration", {type: "line", data: {datasets: data.map((d, i) => ({label: d.run, data: bestSoFar(d.rows),
       stepped: "after", borderColor: COLORS[i % COLORS.length], pointRadius: 0}))},
-      options: {animation: false, maintainAspectRatio: false, scales: {x: {type: "linear", title: {display: true, text: "iteration"}},
+      options: {animation: false, maintainAspectRatio: false, scales: {x: {type: "linear", title: {display: true, text: "iteration"}, ticks: {precision: 0}},
                 y: {title: {display: true, text: "best combined score"}}}}});
   }
 
