@@ -24,6 +24,7 @@ from urllib.parse import urlencode
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.types import ASGIApp
 
 HEADER = "X-ADRS-Token"
 QUERY = "token"
@@ -66,7 +67,7 @@ def _without_token(request: Request) -> str:
 class TokenGate(BaseHTTPMiddleware):
     """Refuses (403) requests without the token; turns ``?token=`` into a cookie; adds security headers."""
 
-    def __init__(self, app, token: Token) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, app: ASGIApp, token: Token) -> None:
         super().__init__(app)
         self.token = token
 
