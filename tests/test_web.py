@@ -268,6 +268,21 @@ def test_review_needs_the_token_and_lands_as_the_clis_git_tags(browser, server, 
     first = next(c for c in json.loads(listed) if c["name"] == "checkpoint/000001")
     assert first["decision"] == "approve" and first["notes"] == ["window only; try top-k"]
     page.wait_for_function("""() => document.querySelector('tr[data-checkpoint="checkpoint/000001"] td.decided') !== null""")
+    # a rejection needs a reason (refused with the CLI's words), then rejects the candidate as the CLI does
+    row = page.locator('tr[data-checkpoint="checkpoint/000004"]')
+    row.locator('button[data-action="reject"]').click()
+    page.wait_for_function("() => document.querySelector('.review-status').textContent.includes('a rejection needs a reason')")
+    page.locator('tr[data-checkpoint="checkpoint/000004"] input.review-text').fill("overfits the search texts")
+    page.locator('tr[data-checkpoint="checkpoint/000004"] button[data-action="reject"]').click()
+    page.wait_for_function("() => document.querySelector('.review-status').textContent.includes('reject recorded')")
+    assert _tags(run_dir)["review/000004/decision"].strip() == "reject: overfits the search texts"
+    from adrs import review as rv
+    from adrs.archive import open_run_readonly
+
+    with open_run_readonly(run_dir) as archive:
+        rejected = next(c for c in rv.checkpoints(archive) if c.name == "checkpoint/000004").candidate_id
+    note = git(run_dir, "notes", "--ref", "refs/notes/rejected", "show", candidate_commits(run_dir)[rejected])
+    assert note.startswith("rejected: review: overfits the search texts")
     assert page.errors == []
 
 
@@ -334,8 +349,10 @@ def test_leaderboard_filters_sorts_and_searches(browser, server, finished_run):
         board = [r.id for r in archive.leaderboard(50)]  # what `adrs leaderboard` lists, in its order
     assert ids("tr.status-valid") == board
     page.uncheck('input[name=status][value=valid]')
+    page.uncheck('input[name=status][value=rejected]')
     assert ids() == [hostile]  # only the failed one
     page.check('input[name=status][value=valid]')
+    page.check('input[name=status][value=rejected]')
     page.fill("input[name=q]", "onerror")
     assert ids() == [hostile]
     page.fill("input[name=q]", "")

@@ -166,8 +166,9 @@ async def api_review(request: Request) -> JSONResponse:
         return _json({"error": "the body must be a JSON object"}, 400)
     try:
         # Off the event loop: git and the run's lock block.
+        checkpoint = body.get("checkpoint")
         done = await run_in_threadpool(review, view, str(body.get("action", "")), str(body.get("text") or ""),
-                                       body.get("checkpoint"))
+                                       None if checkpoint in (None, "") else str(checkpoint))
     except ReviewRefused as exc:
         return _json({"error": str(exc)}, exc.status)
     return _json({"checkpoint": done})
