@@ -128,8 +128,11 @@ def api_candidate(request: Request) -> JSONResponse:
 def api_diff(request: Request) -> JSONResponse:
     """Code diff between candidates ``a`` and ``b``."""
     view = _view(request)
+    a, b = request.query_params.get("a"), request.query_params.get("b")
+    if not a or not b:
+        return _json({"error": "give two candidates: ?a=ID&b=ID"}, 400)
     try:
-        return _json(views.diff_between(view, request.query_params["a"], request.query_params["b"]))
+        return _json(views.diff_between(view, a, b))
     except KeyError as exc:
         return _json({"error": str(exc.args[0] if exc.args else exc)}, 404)
 

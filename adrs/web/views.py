@@ -96,8 +96,8 @@ def overview(view: RunView) -> dict[str, Any]:
     rows = candidate_rows(view)
     with view.lock:
         spend = run_spend(view.archive)
-        latest = view.rows()[-1] if rows else None
-        isolation = view.record(latest).get("isolation") if latest else None
+        # The sandbox level of the newest scored candidate (a human patch added by hand may lack one).
+        isolation = next((iso for ref in reversed(view.rows()) if (iso := view.record(ref).get("isolation"))), None)
     created = [r["created"] for r in rows]
     span_min = (max(created) - min(created)) / 60 if len(created) > 1 else 0.0
     failures: dict[str, int] = {}
