@@ -341,6 +341,10 @@ def main() -> None:
                 target_union = union_point(q, k, v, T, b, gen, args.rep_ms, copy_bw, dense["seconds"])
             del q, k, v
             torch.cuda.empty_cache()
+            partial = dict(benchmark="sparse_decode", partial=True, copy=copy, dense=dense_rows, rows=rows, tuned=tuned,
+                           sweep=sweep, device=props.name)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(partial, indent=1))  # keep what is done if a later point is cut off
 
     # table
     print()
