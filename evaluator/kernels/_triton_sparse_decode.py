@@ -12,17 +12,12 @@ Two split-K kernels and one merge kernel:
   are multiplied, so P carries about 16 significant bits instead of 8 (bf16), float32 accumulation.
 - ``_merge``: combines the chunks' (max, sum, acc) of each query head and writes the output.
 
-Fused merge (``fused_merge``, on by default): instead of a second launch, each split program
-counts itself done on a per-row counter (an ``acq_rel`` atomic after a CTA barrier) and the
-last one of its row merges the row's chunks (``_merge_row``) and resets the counter to 0 for
-the next launch. At 32k-128k context, batch 1, the second launch and its tail were a sixth of
-the whole call. The counters are one persistent int32 buffer per device, so launches on one
-device must not run concurrently on two streams (the harness never does; pass
-``fused_merge=False`` to get the two-launch path).
-
-KV prefetch (``prefetch_kv``, group kernel): the K/V tiles of the next block are gathered
-before the current block is scored, so a program has its next gather in flight while it
-computes instead of issuing it afterwards.
+Two variants were measured on an H200 and dropped (benchmarks/results/sparse_decode_h200_sweep.json):
+a merge fused into the split kernel (the last program of a row, elected by an atomic counter,
+merges the row: 28.1 us instead of 23.9 at 128k / batch 1 / density 0.10, per-KV-head lists,
+since that last program merges its group's rows serially after everything else) and a manual
+register prefetch of the next K/V tile (29.8-33.2 us instead of 23.9: Triton's own pipelining
+with ``num_stages=2`` already overlaps the gathers feeding ``tl.dot``).
 
 Logits are kept in base 2 (``s * scaling * log2(e) + log2(w)``), so ``exp2`` replaces ``exp``.
 """
@@ -41,7 +36,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _split_head(
-    Q, K, V, IDX, W, OUT, M_PART, L_PART, ACC_PART, COUNTER,
+    Q, K, V, IDX, W, OUT, M_PART, L_PART, ACC_PART,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -50,7 +45,7 @@ def _split_head(
     stride_ob, stride_oh,
     H, GROUP, T, N, CHUNK, NUM_SPLITS, scale_log2,
     HAS_W: tl.constexpr, NORMALIZE: tl.constexpr, EARLY_V: tl.constexpr, PREFETCH: tl.constexpr,
-    FUSED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -113,18 +108,11 @@ def _split_head(
         tl.store(M_PART + row, m_i)
         tl.store(L_PART + row, l_i)
         tl.store(ACC_PART + row.to(tl.int64) * BLOCK_D + offs_d, acc)
-        if FUSED:
-            tl.debug_barrier()  # every thread's partials are written before the count is released
-            done = tl.atomic_add(COUNTER + pid_bh, 1, sem="acq_rel", scope="gpu")
-            if done == NUM_SPLITS - 1:  # the last chunk of this row: merge, then reset the counter
-                _merge_row(OUT + b * stride_ob + h * stride_oh, M_PART, L_PART, ACC_PART, pid_bh, NUM_SPLITS,
-                           HEAD_DIM, BLOCK_D, CHUNK_S)
-                tl.store(COUNTER + pid_bh, 0)
 
 
 @triton.jit
 def _split_group(
-    Q, K, V, IDX, W, OUT, M_PART, L_PART, ACC_PART, COUNTER,
+    Q, K, V, IDX, W, OUT, M_PART, L_PART, ACC_PART,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -133,8 +121,7 @@ def _split_group(
     stride_ob, stride_oh,
     H, H_KV, GROUP, T, N, CHUNK, NUM_SPLITS, scale_log2,
     HAS_W: tl.constexpr, W_PER_HEAD: tl.constexpr, NORMALIZE: tl.constexpr, EARLY_V: tl.constexpr, PREFETCH: tl.constexpr,
-    PREFETCH_KV: tl.constexpr, FUSED: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_bk = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -158,44 +145,22 @@ def _split_group(
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     offs_first = start + tl.arange(0, BLOCK_N)
     idx_next = tl.load(i_base + offs_first, mask=offs_first < end, other=-1)
-    if PREFETCH_KV:  # gather the first block now; each iteration then gathers the one after its own
-        idx_c = idx_next.to(tl.int64)
-        valid_c = (idx_c >= 0) & (idx_c < T)
-        idx_c = tl.where(valid_c, idx_c, 0)
-        kv_mask_c = valid_c[:, None] & dmask[None, :]
-        k_c = tl.load(k_base + idx_c[:, None] * stride_kt + offs_d[None, :], mask=kv_mask_c, other=0.0)
-        v_c = tl.load(v_base + idx_c[:, None] * stride_vt + offs_d[None, :], mask=kv_mask_c, other=0.0)
-        offs_second = offs_first + BLOCK_N
-        idx_next = tl.load(i_base + offs_second, mask=offs_second < end, other=-1)
     for n0 in range(start, start + CHUNK, BLOCK_N):  # the last chunk may run past N: masked
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
-        if PREFETCH_KV:
-            valid = valid_c
-            k = k_c
-            v = v_c
-            idx_c = idx_next.to(tl.int64)
-            valid_c = (idx_c >= 0) & (idx_c < T)
-            idx_c = tl.where(valid_c, idx_c, 0)
-            kv_mask_c = valid_c[:, None] & dmask[None, :]
-            k_c = tl.load(k_base + idx_c[:, None] * stride_kt + offs_d[None, :], mask=kv_mask_c, other=0.0)
-            v_c = tl.load(v_base + idx_c[:, None] * stride_vt + offs_d[None, :], mask=kv_mask_c, other=0.0)
-            offs_nx = offs_n + 2 * BLOCK_N
-            idx_next = tl.load(i_base + offs_nx, mask=offs_nx < end, other=-1)
+        if PREFETCH:  # indices of this block were loaded during the previous one
+            idx = idx_next.to(tl.int64)
         else:
-            if PREFETCH:  # indices of this block were loaded during the previous one
-                idx = idx_next.to(tl.int64)
-            else:
-                idx = tl.load(i_base + offs_n, mask=nmask, other=-1).to(tl.int64)
-            valid = (idx >= 0) & (idx < T)
-            idx = tl.where(valid, idx, 0)
-            kv_mask = valid[:, None] & dmask[None, :]
-            k = tl.load(k_base + idx[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-            if EARLY_V:
-                v = tl.load(v_base + idx[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-            if PREFETCH:
-                offs_nx = offs_n + BLOCK_N
-                idx_next = tl.load(i_base + offs_nx, mask=offs_nx < end, other=-1)
+            idx = tl.load(i_base + offs_n, mask=nmask, other=-1).to(tl.int64)
+        valid = (idx >= 0) & (idx < T)
+        idx = tl.where(valid, idx, 0)
+        kv_mask = valid[:, None] & dmask[None, :]
+        k = tl.load(k_base + idx[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if EARLY_V:
+            v = tl.load(v_base + idx[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if PREFETCH:
+            offs_nx = offs_n + BLOCK_N
+            idx_next = tl.load(i_base + offs_nx, mask=offs_nx < end, other=-1)
         s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_H, BLOCK_N] float32
         valid2 = valid[None, :] & hmask[:, None]
         if HAS_W:
@@ -213,9 +178,8 @@ def _split_group(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if not PREFETCH_KV:
-            if not EARLY_V:
-                v = tl.load(v_base + idx[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if not EARLY_V:
+            v = tl.load(v_base + idx[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         p_hi = p.to(v.dtype)
         p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
         acc = acc * alpha[:, None]
@@ -232,22 +196,13 @@ def _split_group(
         tl.store(M_PART + rows, m_i, mask=hmask)
         tl.store(L_PART + rows, l_i, mask=hmask)
         tl.store(ACC_PART + rows.to(tl.int64)[:, None] * BLOCK_D + offs_d[None, :], acc, mask=hmask[:, None])
-        if FUSED:
-            tl.debug_barrier()  # every thread's partials are written before the count is released
-            done = tl.atomic_add(COUNTER + pid_bk, 1, sem="acq_rel", scope="gpu")
-            if done == NUM_SPLITS - 1:  # the last chunk of this KV head: merge its group's rows
-                for g in range(0, GROUP):
-                    head = hk * GROUP + g
-                    _merge_row(OUT + b * stride_ob + head * stride_oh, M_PART, L_PART, ACC_PART, b * H + head,
-                               NUM_SPLITS, HEAD_DIM, BLOCK_D, CHUNK_S)
-                tl.store(COUNTER + pid_bk, 0)
 
 
 @triton.jit
 def _merge_row(OUT_ROW, M_PART, L_PART, ACC_PART, row, NUM_SPLITS,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr):
-    """Combine the NUM_SPLITS chunks (max, sum, acc) of one query-head row and store its output.
-    One pass with a running max; the partials are read past L1 (another program wrote them)."""
+    """Combine the NUM_SPLITS chunks (max, sum, acc) of one query-head row and store its output,
+    in one pass with a running max (the loads of a chunk of splits are independent)."""
     offs_d = tl.arange(0, BLOCK_D)
     base = row.to(tl.int64) * NUM_SPLITS
     m_run = tl.zeros([], dtype=tl.float32) - float("inf")
@@ -256,10 +211,9 @@ def _merge_row(OUT_ROW, M_PART, L_PART, ACC_PART, row, NUM_SPLITS,
     for s0 in range(0, NUM_SPLITS, CHUNK_S):
         offs_c = s0 + tl.arange(0, CHUNK_S)
         cmask = offs_c < NUM_SPLITS
-        mc = tl.load(M_PART + base + offs_c, mask=cmask, other=-float("inf"), cache_modifier=".cg")
-        lc = tl.load(L_PART + base + offs_c, mask=cmask, other=0.0, cache_modifier=".cg")
-        acc = tl.load(ACC_PART + (base + offs_c[:, None]) * BLOCK_D + offs_d[None, :], mask=cmask[:, None], other=0.0,
-                      cache_modifier=".cg")
+        mc = tl.load(M_PART + base + offs_c, mask=cmask, other=-float("inf"))
+        lc = tl.load(L_PART + base + offs_c, mask=cmask, other=0.0)
+        acc = tl.load(ACC_PART + (base + offs_c[:, None]) * BLOCK_D + offs_d[None, :], mask=cmask[:, None], other=0.0)
         m_new = tl.maximum(m_run, tl.max(mc, axis=0))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
         alpha = tl.exp2(m_run - m_safe)
@@ -283,8 +237,6 @@ def _merge(
 
 
 _SM_COUNT: dict = {}
-# Per-device split counters of the fused merge: zeroed once, every launch leaves them at zero.
-_COUNTERS: dict = {}
 
 
 def _sm_count(device: torch.device) -> int:
@@ -296,33 +248,17 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[key]
 
 
-def _counters(device: torch.device, rows: int) -> Optional[torch.Tensor]:
-    """The zeroed int32 counter buffer of ``device`` with at least ``rows`` entries, or None while
-    a CUDA graph is being captured and the buffer would have to grow (allocating then would tie it
-    to the graph's memory pool): the caller then takes the two-launch path."""
-    key = (device.type, device.index)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < rows:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = torch.zeros(max(rows, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
-
-# Launch defaults per kernel, tuned on an H200 at Llama-3.1-8B shapes (32k and 128k context,
-# batch 1 and 8, density 0.10; see benchmarks/bench_sparse_decode.py --tune and benchmarks/results/).
+# Launch defaults per kernel, tuned on an H100 at Llama-3.1-8B shapes (128k context, batch 1, density 0.10) and
+# confirmed on an H200 at 32k and 128k, batch 1 (benchmarks/bench_sparse_decode.py --tune; benchmarks/results/).
 DEFAULTS = {
-    "head": dict(block_n=128, num_warps=2, num_stages=1, ctas_per_sm=4, early_v=True, prefetch=True, prefetch_kv=False,
-                 fused_merge=True),
-    "group": dict(block_n=32, num_warps=4, num_stages=2, ctas_per_sm=4, early_v=True, prefetch=True, prefetch_kv=True,
-                  fused_merge=True),
+    "head": dict(block_n=128, num_warps=2, num_stages=1, ctas_per_sm=4, early_v=True, prefetch=True),
+    "group": dict(block_n=32, num_warps=4, num_stages=2, ctas_per_sm=4, early_v=True, prefetch=True),
 }
 
 # Triton 3.6 was seen to crash in its layout pass (TritonGPURemoveLayoutConversions) on some
 # shape specialisations of these kernels with index prefetching on. A launch whose compilation
 # fails is retried with the simpler variants below, and the key is remembered.
-_FALLBACKS = (dict(prefetch=False, prefetch_kv=False), dict(prefetch=False, prefetch_kv=False, early_v=False, num_stages=1))
+_FALLBACKS = (dict(prefetch=False), dict(prefetch=False, early_v=False, num_stages=1))
 _BAD_KEYS: set = set()
 
 
@@ -341,9 +277,7 @@ def default_config(rows: int, n: int, group_kernel: bool, device: torch.device, 
     chunk = triton.cdiv(triton.cdiv(max(n, 1), num_splits), block_n) * block_n
     num_splits = triton.cdiv(max(n, 1), chunk)
     return dict(block_n=block_n, num_warps=int(base["num_warps"]), num_stages=int(base["num_stages"]),
-                num_splits=num_splits, chunk=chunk, early_v=bool(base["early_v"]), prefetch=bool(base["prefetch"]),
-                prefetch_kv=bool(base.get("prefetch_kv", False)) and group_kernel,
-                fused_merge=bool(base.get("fused_merge", False)))
+                num_splits=num_splits, chunk=chunk, early_v=bool(base["early_v"]), prefetch=bool(base["prefetch"]))
 
 
 def sparse_decode_triton(
@@ -380,22 +314,17 @@ def sparse_decode_triton(
         if w is not None and w.shape[1] == h_kv:
             w = w[:, heads]
         group_kernel = False
-    tuning.pop("per_head", None)
     rows = b * (h_kv if group_kernel else h)
     cfg = default_config(rows, n, group_kernel, q.device, **tuning)
     splits = cfg["num_splits"]
     block_d = triton.next_power_of_2(d)
     normalize = splits == 1
-    counter = _counters(q.device, rows) if (cfg["fused_merge"] and not normalize) else None
-    fused = counter is not None
     if normalize:
         m_part = l_part = acc_part = out  # unused
     else:
         m_part = torch.empty((b * h * splits,), device=q.device, dtype=torch.float32)
         l_part = torch.empty_like(m_part)
         acc_part = torch.empty((b * h * splits, block_d), device=q.device, dtype=torch.float32)
-    if counter is None:
-        counter = m_part  # unused
     w_arg = w if w is not None else idx
     sw = (w.stride(0), w.stride(1)) if w is not None else (0, 0)
     scale_log2 = float(scaling) * LOG2E
@@ -406,29 +335,26 @@ def sparse_decode_triton(
         idx.stride(0), idx.stride(1), sw[0], sw[1], out.stride(0), out.stride(1),
     )
     grid = (rows, splits)
-    chunk_s = min(64, max(2, triton.next_power_of_2(splits)))
 
     def launch(c: dict) -> None:
         if group_kernel:
             _split_group[grid](
-                q, k_cache, v_cache, idx, w_arg, out, m_part, l_part, acc_part, counter, *common,
+                q, k_cache, v_cache, idx, w_arg, out, m_part, l_part, acc_part, *common,
                 h, h_kv, group, T, n, c["chunk"], splits, scale_log2,
                 HAS_W=w is not None, W_PER_HEAD=(w is not None and w.shape[1] == h and h != h_kv),
-                NORMALIZE=normalize, EARLY_V=c["early_v"], PREFETCH=c["prefetch"], PREFETCH_KV=c["prefetch_kv"],
-                FUSED=fused, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=c["block_n"],
-                BLOCK_H=max(16, triton.next_power_of_2(group)), CHUNK_S=chunk_s,
+                NORMALIZE=normalize, EARLY_V=c["early_v"], PREFETCH=c["prefetch"], HEAD_DIM=d, BLOCK_D=block_d,
+                BLOCK_N=c["block_n"], BLOCK_H=max(16, triton.next_power_of_2(group)),
                 num_warps=c["num_warps"], num_stages=c["num_stages"],
             )
         else:
             _split_head[grid](
-                q, k_cache, v_cache, idx, w_arg, out, m_part, l_part, acc_part, counter, *common,
+                q, k_cache, v_cache, idx, w_arg, out, m_part, l_part, acc_part, *common,
                 h, group, T, n, c["chunk"], splits, scale_log2,
-                HAS_W=w is not None, NORMALIZE=normalize, EARLY_V=c["early_v"], PREFETCH=c["prefetch"], FUSED=fused,
-                HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=c["block_n"], CHUNK_S=chunk_s,
-                num_warps=c["num_warps"], num_stages=c["num_stages"],
+                HAS_W=w is not None, NORMALIZE=normalize, EARLY_V=c["early_v"], PREFETCH=c["prefetch"], HEAD_DIM=d,
+                BLOCK_D=block_d, BLOCK_N=c["block_n"], num_warps=c["num_warps"], num_stages=c["num_stages"],
             )
 
-    key = (group_kernel, w is not None, None if w is None else w.shape[1], normalize, fused, d, q.dtype, k_cache.dtype,
+    key = (group_kernel, w is not None, None if w is None else w.shape[1], normalize, d, q.dtype, k_cache.dtype,
            idx.dtype, T % 16, n % 16, cfg["chunk"] % 16, tuple(sorted(cfg.items())))
     variants = [cfg] + [{**cfg, **fb} for fb in _FALLBACKS]
     if key in _BAD_KEYS:
@@ -442,9 +368,9 @@ def sparse_decode_triton(
                 raise
             _BAD_KEYS.add(key)
             warnings.warn(f"sparse_decode: Triton failed to compile {c}; retrying a simpler variant ({type(e).__name__})")
-    if not normalize and not fused:
+    if not normalize:
         _merge[(b * h,)](
             out, m_part, l_part, acc_part, out.stride(0), out.stride(1), h, splits,
-            HEAD_DIM=d, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=4,
+            HEAD_DIM=d, BLOCK_D=block_d, CHUNK_S=min(64, max(2, triton.next_power_of_2(splits))), num_warps=4,
         )
     return out
