@@ -18,8 +18,8 @@ successive calls read different K/V rows and L2 cannot serve them; no host overh
 timed eagerly with do_bench (its time is far above launch overhead).
 
     python benchmarks/bench_sparse_decode.py                 # full table + JSON (library launch defaults)
-    python benchmarks/bench_sparse_decode.py --sweep         # plus a launch-config sweep at the target point
-    python benchmarks/bench_sparse_decode.py --tune          # sweep first, use the fastest config per layout
+    python benchmarks/bench_sparse_decode.py --sweep         # plus a launch-config sweep at each (context, batch)
+    python benchmarks/bench_sparse_decode.py --tune          # sweep first, use each point's fastest config per layout
 
 Result on one H100 (benchmarks/results/sparse_decode.json, --tune, whose winners are the library
 defaults): at 128k, batch 1, density 0.10 dense SDPA takes 183 us (graph; 194 us eager). The
@@ -201,27 +201,14 @@ def sweep_configs(layout: str) -> list:
     """Launch configurations tried per (context, batch) point by --tune/--sweep."""
     cps = (2, 4, 8)
     if layout == "group":
-        base = [dict(block_n=32, num_warps=4, num_stages=2, prefetch_kv=False, fused_merge=False),  # the H100 default
-                dict(block_n=32, num_warps=4, num_stages=2, prefetch_kv=False, fused_merge=True),
-                dict(block_n=32, num_warps=4, num_stages=2, prefetch_kv=True, fused_merge=False),
-                dict(block_n=32, num_warps=4, num_stages=2, prefetch_kv=True, fused_merge=True),
-                dict(block_n=32, num_warps=4, num_stages=3, prefetch_kv=False, fused_merge=True),
-                dict(block_n=32, num_warps=2, num_stages=2, prefetch_kv=True, fused_merge=True),
-                dict(block_n=16, num_warps=2, num_stages=2, prefetch_kv=True, fused_merge=True),
-                dict(block_n=64, num_warps=4, num_stages=2, prefetch_kv=True, fused_merge=True),
-                dict(block_n=64, num_warps=8, num_stages=2, prefetch_kv=True, fused_merge=True),
-                dict(block_n=64, num_warps=4, num_stages=3, prefetch_kv=False, fused_merge=True)]
+        base = [dict(block_n=bn, num_warps=w, num_stages=st)
+                for bn, w, st in ((32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3))]
     else:
-        base = [dict(block_n=128, num_warps=2, num_stages=1, fused_merge=False),  # the H100 default
-                dict(block_n=128, num_warps=2, num_stages=1, fused_merge=True),
-                dict(block_n=64, num_warps=2, num_stages=1, fused_merge=True),
-                dict(block_n=128, num_warps=4, num_stages=1, fused_merge=True),
-                dict(block_n=64, num_warps=4, num_stages=2, fused_merge=True),
-                dict(block_n=256, num_warps=4, num_stages=1, fused_merge=True)]
+        base = [dict(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in ((128, 2, 1), (128, 4, 2), (64, 2, 2), (256, 4, 2))]
     return [dict(c, ctas_per_sm=k, early_v=True, prefetch=True) for c in base for k in cps]
 
 
-TUNE_KEYS = ("block_n", "num_warps", "num_stages", "ctas_per_sm", "early_v", "prefetch", "prefetch_kv", "fused_merge")
+TUNE_KEYS = ("block_n", "num_warps", "num_stages", "ctas_per_sm", "early_v", "prefetch")
 
 
 def sweep_point(q, k, v, T, b, gen, rep_ms, copy_bw, dense_s, layouts) -> list:

@@ -271,6 +271,9 @@ def _measure_record(
             # Selection-side work, not timed: the shared list, or the union of the group's lists.
             if lst.shared:
                 idx_kv, w_kv = idx.view(b, h_kv, group, -1)[:, :, 0].contiguous(), w
+                wg = w.view(b, h_kv, group, -1)
+                if bool((wg == wg[:, :, :1]).all()):  # one weight list per group too: read it once
+                    w_kv = wg[:, :, 0].contiguous()
             else:
                 idx_kv, w_kv = group_union(idx, w, h_kv, t)
             out_kv = torch.empty_like(out)
