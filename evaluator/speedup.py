@@ -402,15 +402,18 @@ class SpeedupOptions:
 
 def with_speedup(
     score: Callable[[Callable[[int, AttentionRecord, torch.Tensor], None] | None], ScoreReport],
-    workload: Any, options: SpeedupOptions,
+    workload: Any, options: SpeedupOptions | None,
 ) -> ScoreReport:
     """``score(on_selection)`` (the sandbox or the in-process scorer) plus, for a valid candidate, the
     measured decode speedup of the selections the scorer validated: ``report.speedup`` and
     ``report.speedup_info`` (how it was measured; or why nothing was, then ``speedup`` is None).
+    ``options=None``: just ``score(None)``.
 
     Only trusted code runs here: the kernel and SDPA are timed on selections the candidate returned
     through the sandbox, never on anything it computes itself.
     """
+    if options is None:
+        return score(None)
     records = list(getattr(workload, "records", workload))
     device = records[0].queries.device
     reason = unavailable_reason(device)
