@@ -27,7 +27,9 @@ CREATE TABLE IF NOT EXISTS candidates (
     summary        TEXT NOT NULL,
     created        REAL NOT NULL,
     llm_model      TEXT,
-    reject_reason  TEXT
+    reject_reason  TEXT,
+    kv_density     REAL,
+    speedup        REAL
 );
 CREATE INDEX IF NOT EXISTS candidates_rank ON candidates (status, combined_score DESC, iteration);
 CREATE INDEX IF NOT EXISTS candidates_island ON candidates (island, status, combined_score DESC);
@@ -40,7 +42,11 @@ _RANK = "ORDER BY combined_score DESC, iteration ASC"
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) the index; raises sqlite3.DatabaseError if the file is corrupt."""
+    """Open (creating if needed) the index; raises sqlite3.DatabaseError if the file is corrupt.
+
+    An index written before a column existed fails the touch below the same way ("no such
+    column"), so the caller rebuilds it from git, where every record keeps its numbers.
+    """
     conn = sqlite3.connect(path, timeout=30, isolation_level=None)  # explicit transactions only
     try:
         conn.execute("PRAGMA journal_mode=WAL")
