@@ -158,7 +158,8 @@ class Proposer:
         failures = [archive.record(cid) for cid in failed[-3:]]  # read only the records the prompt shows
         prompt = render_prompt(
             parent_code, archive.record(choice.parent_id), parent_id=choice.parent_id,
-            density_target=self.cfg.density_target, failures=failures, top=insp(choice.top_ids),
+            density_target=self.cfg.density_target, objective=self.cfg.objective,
+            speedup_target=self.cfg.speedup_target, failures=failures, top=insp(choice.top_ids),
             diverse=insp(choice.diverse_ids), notes=notes,
         )
         proposal = await propose(self.client, prompt.system, prompt.user, parent_code)
