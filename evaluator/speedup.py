@@ -1,9 +1,9 @@
 """Measured decode speedup of a candidate's selections: the sparse-decode kernel vs dense SDPA.
 
 The fast score says how accurate a selection is; this module says what it buys. For every
-decode query of every record, the validated weights ``[b, h, q, k]`` are packed into the
-kernel's list layout (per query head, since the contract selects per query head: indices
-``[b, h, n]`` padded with ``-1`` and weights ``[b, h, n]``), the Triton kernel of
+decode query of every record, the validated weights ``[b, h, q, k]`` (a per-KV-head selection
+already broadcast by the scorer) are packed into the kernel's per-query-head list layout
+(indices ``[b, h, n]`` padded with ``-1``, weights ``[b, h, n]``), the Triton kernel of
 ``evaluator.kernels`` is checked against the trusted scorer's ``sparse_attention`` on the same
 selection, and then it is timed against ``torch.nn.functional.scaled_dot_product_attention``
 over the same causal keys. Under GQA the group layout is timed too: one list per KV head with
