@@ -416,6 +416,8 @@ def with_speedup(
         return score(None)
     records = list(getattr(workload, "records", workload))
     device = records[0].queries.device
+    if device.type != "cuda" and torch.cuda.is_available():  # a CPU-held workload is timed on the current GPU
+        device = torch.device("cuda", torch.cuda.current_device())
     reason = unavailable_reason(device)
     if reason is not None:
         report = score(None)
