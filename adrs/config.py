@@ -50,6 +50,12 @@ class EvaluationConfig(BaseModel):
     max_attempts: int = Field(
         3, ge=1, description="tries per candidate when its evaluation worker or node is lost (a failing candidate is not retried)",
     )
+    speedup: bool = Field(
+        False, description="also time each valid candidate's selections with the sparse-decode kernel against dense "
+        "attention on the scoring GPU (its decode speedup goes into the archive); needs CUDA and Triton",
+    )
+    speedup_records: int = Field(8, ge=1, description="speedup: records timed per candidate, spread over the layers")
+    speedup_queries: int = Field(2, ge=1, description="speedup: decode queries timed per record")
 
 
 class ReviewConfig(BaseModel):
@@ -71,6 +77,11 @@ class RunConfig(BaseModel):
     seed: int = Field(0, description="seeds parent selection and the LLM-free mutators")
     iterations: int = Field(40, ge=0, description="candidates to add after the seed")
     density_target: float = Field(0.10, gt=0, le=1)
+    objective: Literal["density", "speedup"] = Field(
+        "density", description="density: combined = -(error + 100 * max(0, density - density_target)); speedup: "
+        "combined = -(error + 100 * max(0, 1/speedup - 1/speedup_target)) with the measured decode speedup",
+    )
+    speedup_target: float | None = Field(None, gt=1, description="objective speedup: the decode speedup aimed at, e.g. 4")
     seed_candidate: str = Field("seeds/sink_window.py", description="starting masker (path, relative to the config file or cwd)")
     workload: Union[str, WorkloadSpec] = Field("default", description="preset name or an inline spec")
     heldout_workload: Union[str, WorkloadSpec, None] = Field("heldout", description="for the cascade and rescore; null = off")
@@ -166,6 +177,17 @@ def _check_workload(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: unknown workload preset {value!r}{hint}; presets: {', '.join(PRESETS)}")
 
 
+def check_objective(cfg: RunConfig) -> None:
+    """A speedup objective needs its target and the measurement; a target needs the objective."""
+    if cfg.objective == "speedup":
+        if cfg.speedup_target is None:
+            raise ConfigError("objective: 'speedup' needs speedup_target (e.g. 4)")
+        if not cfg.evaluation.speedup:
+            raise ConfigError("objective: 'speedup' needs evaluation.speedup: true (the speedup is measured on a GPU)")
+    elif cfg.speedup_target is not None:
+        raise ConfigError("speedup_target: used only with objective: speedup")
+
+
 def parse_config(data: object) -> RunConfig:
     """Validate plain data (from YAML) into a RunConfig."""
     if data is None:
@@ -177,6 +199,7 @@ def parse_config(data: object) -> RunConfig:
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
     _check_workload(cfg)
+    check_objective(cfg)
     return cfg
 
 

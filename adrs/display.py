@@ -40,6 +40,8 @@ def candidate_line(event: Event) -> str:
     ref, rep = event["ref"], event["report"]
     if rep.valid:
         text = f"#{ref.iteration:<4} {ref.status:8} score {rep.combined_score:.5f} err {rep.error:.4f} dens {rep.density:.4f}"
+        if rep.speedup is not None:
+            text += f" x{rep.speedup:.2f}"
     else:
         text = f"#{ref.iteration:<4} failed   {rep.category}: {terminal_safe((rep.reason or '')[:70], markup=False)}"
     if event.get("rejection"):

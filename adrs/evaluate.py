@@ -8,9 +8,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from adrs.config import RunConfig
-from adrs.scheduler import Scheduler, Which, make_scheduler
+from adrs.objective import apply_objective
+from adrs.scheduler import Scheduler, Which, make_scheduler, speedup_options
 from evaluator.candidate import candidate_file
+from evaluator.errors import SpeedupUnavailable
 from evaluator.scoring import ScoreReport
+from evaluator.speedup import unavailable_reason, with_speedup
 from evaluator.workload import Workload, at_precision, load_workload
 
 if TYPE_CHECKING:
@@ -37,17 +40,25 @@ class CodeScorer:
     # Separate from _lock: scheduler slots load the held-out (and audit) workload from their own threads.
     _heldout_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def score(self, code: str, heldout: bool = False) -> ScoreReport:
-        """Fast score of ``code`` on the search (or held-out) workload."""
+    def score(self, code: str, heldout: bool = False, speedup: float | None = None) -> ScoreReport:
+        """Fast score of ``code`` on the search (or held-out) workload, ranked by the run's objective.
+
+        On the search workload the decode speedup is measured when ``evaluation.speedup`` is on; a
+        held-out score is ranked with ``speedup``, the candidate's search measurement (see adrs.objective).
+        """
         if self.config.evaluation.in_process:
             from evaluator.inprocess import score_file
 
             wl = self.heldout_workload() if heldout else self.workload
+            options = None if heldout else speedup_options(self.config)
             with candidate_file(code) as path:
-                return score_file(path, wl, self.config.density_target)
-        if heldout and self.config.heldout_spec() is None:
-            raise ValueError("this run has no held-out workload (heldout_workload: null)")
-        return self.scheduler().submit(code, "heldout" if heldout else "search").result()
+                report = with_speedup(lambda hook: score_file(path, wl, self.config.density_target, on_selection=hook),
+                                      wl, options)
+        else:
+            if heldout and self.config.heldout_spec() is None:
+                raise ValueError("this run has no held-out workload (heldout_workload: null)")
+            report = self.scheduler().submit(code, "heldout" if heldout else "search").result()
+        return apply_objective(report, self.config, speedup if heldout else report.speedup)
 
     def faithful(self, code: str, preset: str) -> "FaithfulReport":
         """Faithful score of ``code`` (the model decodes with its selections in every layer), sandboxed unless in_process."""
@@ -70,14 +81,17 @@ class CodeScorer:
                 self._scheduler = make_scheduler(self.config, self._workload_for)
             return self._scheduler
 
-    def audit_score(self, code: str) -> ScoreReport:
-        """The numerics audit: ``code`` scored on the search workload with the trusted scorer in float64."""
+    def audit_score(self, code: str, speedup: float | None = None) -> ScoreReport:
+        """The numerics audit: ``code`` scored on the search workload with the trusted scorer in float64
+        (ranked with ``speedup``, the candidate's search measurement, under a speedup objective)."""
         if self.config.evaluation.in_process:
             from evaluator.inprocess import score_file
 
             with candidate_file(code) as path:
-                return score_file(path, self.audit_workload(), self.config.density_target)
-        return self.scheduler().submit(code, "audit").result()
+                report = score_file(path, self.audit_workload(), self.config.density_target)
+        else:
+            report = self.scheduler().submit(code, "audit").result()
+        return apply_objective(report, self.config, speedup)
 
     def audit_workload(self) -> Workload:
         """The search workload with float64 dense references and float64 scoring, made on first use."""
@@ -98,10 +112,10 @@ class CodeScorer:
         if scheduler is not None:
             scheduler.close()
 
-    def heldout_score(self, candidate_id: str, code: str) -> ScoreReport:
-        """Held-out score of an archived candidate, computed once per scorer."""
+    def heldout_score(self, candidate_id: str, code: str, speedup: float | None = None) -> ScoreReport:
+        """Held-out score of an archived candidate, computed once per scorer (``speedup`` as in ``score``)."""
         if candidate_id not in self._heldout_reports:
-            self._heldout_reports[candidate_id] = self.score(code, heldout=True)
+            self._heldout_reports[candidate_id] = self.score(code, heldout=True, speedup=speedup)
         return self._heldout_reports[candidate_id]
 
     def heldout_workload(self) -> Workload:
@@ -114,6 +128,24 @@ class CodeScorer:
         return self._heldout
 
 
+def speedup_note(config: RunConfig) -> str | None:
+    """Why ``evaluation.speedup`` will record no numbers on this machine (shown once at start), or None.
+
+    Local evaluation needs CUDA and Triton here; a Ray cluster's GPUs are its own, so nothing is
+    checked for it. Without them, ``objective: speedup`` raises SpeedupUnavailable (the run cannot
+    rank anything), while ``evaluation.speedup`` alone scores as usual and records why it measured nothing.
+    """
+    if not config.evaluation.speedup or config.evaluation.executor == "ray":
+        return None
+    reason = unavailable_reason()
+    if reason is None:
+        return None
+    if config.objective == "speedup":
+        raise SpeedupUnavailable(f"objective: speedup needs a measured decode speedup, but {reason}")
+    return f"evaluation.speedup: no decode speedup is recorded on this machine ({reason})"
+
+
 def make_scorer(config: RunConfig, progress: bool = True) -> CodeScorer:
-    """Load (capturing if needed) the search workload."""
+    """Load (capturing if needed) the search workload; SpeedupUnavailable first if the objective cannot be measured."""
+    speedup_note(config)
     return CodeScorer(config, load_workload(config.workload_spec(), progress=progress))

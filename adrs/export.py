@@ -13,7 +13,7 @@ from typing import Any
 import evaluator.contract as contract
 
 FUTURE = "from __future__ import annotations"
-SCORE_KEYS = ("combined_score", "error", "density", "density_penalty", "workload")
+SCORE_KEYS = ("combined_score", "error", "density", "kv_density", "density_penalty", "speedup", "workload")
 
 DEMO = '''
 

@@ -168,7 +168,8 @@ class Proposer:
         failures = [archive.record(cid) for cid in failed[-3:]]  # read only the records the prompt shows
         prompt = render_prompt(
             parent_code, archive.record(choice.parent_id), parent_id=choice.parent_id,
-            density_target=self.cfg.density_target, failures=failures, top=insp(choice.top_ids),
+            density_target=self.cfg.density_target, objective=self.cfg.objective,
+            speedup_target=self.cfg.speedup_target, failures=failures, top=insp(choice.top_ids),
             diverse=insp(choice.diverse_ids), notes=notes,
         )
         proposal = await propose(self.client, prompt.system, prompt.user, parent_code)
@@ -227,11 +228,11 @@ def _cascade(archive: Archive, scorer: CodeScorer, child: Child, record: dict[st
         return None
     if child.report.combined_score <= best.combined_score + margin:
         return None
-    held = scorer.score(child.code, heldout=True)
+    held = scorer.score(child.code, heldout=True, speedup=child.report.speedup)
     record["heldout"] = held.to_dict()
     best_held = heldout_of(archive, best.id, scorer.heldout_workload().hash)
     if best_held is None:
-        best_held = scorer.heldout_score(best.id, archive.code(best.id)).to_dict()
+        best_held = scorer.heldout_score(best.id, archive.code(best.id), _speedup_of(archive, best.id)).to_dict()
         archive.add_rescore(best.id, rescore_entry(best_held, scorer.heldout_workload().hash, "cascade"))
     if not held.valid:
         return f"held-out evaluation failed ({held.category}: {held.reason})"
@@ -252,12 +253,12 @@ def _audit(archive: Archive, scorer: CodeScorer, child: Child, record: dict[str,
         return None
     if child.report.combined_score <= best.combined_score:
         return None
-    audited = scorer.audit_score(child.code)
+    audited = scorer.audit_score(child.code, child.report.speedup)
     record["audit"] = audited.to_dict()
     key = audit_key(scorer)
     best_audit = report_of(archive, best.id, key, "audit")
     if best_audit is None:
-        best_audit = scorer.audit_score(archive.code(best.id)).to_dict()
+        best_audit = scorer.audit_score(archive.code(best.id), _speedup_of(archive, best.id)).to_dict()
         archive.add_rescore(best.id, rescore_entry(best_audit, key, "audit"))
     if not audited.valid:
         return f"numerics audit: the float64 re-score failed ({audited.category}: {audited.reason})"
@@ -265,6 +266,12 @@ def _audit(archive: Archive, scorer: CodeScorer, child: Child, record: dict[str,
         return (f"numerics audit: the gain disappears in float64 ({audited.combined_score:.10f} vs the best's "
                 f"{best_audit['combined_score']:.10f}; float32: {child.report.combined_score:.10f} vs {best.combined_score:.10f})")
     return None
+
+
+def _speedup_of(archive: Archive, candidate_id: str) -> float | None:
+    """A candidate's decode speedup measured on the search workload (None if not measured)."""
+    value = archive.record(candidate_id).get("speedup")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def audit_key(scorer: CodeScorer) -> str:

@@ -59,7 +59,10 @@ def format_score(score: Any) -> str:
     lines = [
         f"combined_score = {_num(s.get('combined_score'))}, error = {_num(s.get('error'))}, "
         f"density = {_num(s.get('density'))} (target {_num(s.get('density_target'))}, "
-        f"penalty {_num(s.get('density_penalty'))})",
+        f"penalty {_num(s.get('density_penalty'))})"
+        + (f", kv_density = {_num(s.get('kv_density'))}" if s.get("kv_density") is not None else "")
+        + (f", decode speedup = {_num(s.get('speedup'))}x" if s.get("speedup") is not None else "")
+        + (f" (speedup penalty {_num(s.get('speedup_penalty'))})" if s.get("speedup_penalty") is not None else ""),
     ]
     worst = s.get("worst")
     if worst:
@@ -107,7 +110,9 @@ def format_inspirations(items: Sequence[Any]) -> str:
     for item in items:
         d = _as_dict(item)
         head = (f"### {d.get('id', '?')}: combined_score {_num(d.get('combined_score'))}, "
-                f"error {_num(d.get('error'))}, density {_num(d.get('density'))}")
+                f"error {_num(d.get('error'))}, density {_num(d.get('density'))}"
+                + (f", kv_density {_num(d.get('kv_density'))}" if d.get("kv_density") is not None else "")
+                + (f", speedup {_num(d.get('speedup'))}x" if d.get("speedup") is not None else ""))
         if d.get("summary"):
             head += f"\n{d['summary']}"
         out.append(f"{head}\n```python\n{_evolve_block(str(d.get('code', ''))).strip()}\n```")
@@ -128,12 +133,25 @@ def _substitute(template: string.Template, name: str, values: Mapping[str, str])
         raise ValueError(f"template {name}: {exc} (write $$ for a literal $)") from None
 
 
+def objective_text(objective: str, speedup_target: float | None) -> str:
+    """What the run ranks by, for the system prompt (``$objective``)."""
+    if objective == "speedup":
+        return (f"- THIS RUN RANKS BY DECODE SPEED instead of density: combined_score = `-(error + speedup_penalty)`, "
+                f"speedup_penalty = `100 * max(0, 1/speedup - 1/{format(speedup_target, 'g')})`, where speedup is the "
+                "measured decode speedup of your selections (sparse-decode kernel vs dense attention). The density "
+                "penalty does not apply; the density target still sizes `budget(inp)`. Fewer distinct KV rows per "
+                "GQA group (low kv_density) is what makes decoding faster.")
+    return "- This run ranks by density; kv_density (below) is reported, not scored."
+
+
 def render_prompt(
     parent_code: str,
     parent_score: Any = None,
     *,
     parent_id: str = "",
     density_target: float = 0.10,
+    objective: str = "density",
+    speedup_target: float | None = None,
     failures: Sequence[Any] = (),
     top: Sequence[Any] = (),
     diverse: Sequence[Any] = (),
@@ -146,7 +164,8 @@ def render_prompt(
     dicts with summary/category/reason/details; ``top``/``diverse`` are dicts with id, code,
     combined_score, error, density and optional summary; ``notes`` are human review notes.
     """
-    system_values = {"density_target": format(density_target, "g"), "entry_point": ENTRY_POINT}
+    system_values = {"density_target": format(density_target, "g"), "entry_point": ENTRY_POINT,
+                     "objective": objective_text(objective, speedup_target)}
     user_values = {
         "parent_id": parent_id,
         "parent_code": parent_code.strip("\n"),

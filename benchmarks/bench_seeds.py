@@ -35,13 +35,14 @@ def main() -> None:
     rows = []
     for path in sorted((ROOT / "seeds").glob("*.py")):
         rep = score_file(path, wl, args.target)
-        rows.append({"seed": path.stem, **{k: getattr(rep, k) for k in ("valid", "combined_score", "error", "density", "wall_s", "reason")}})
+        rows.append({"seed": path.stem, **{k: getattr(rep, k) for k in ("valid", "combined_score", "error", "density", "kv_density", "wall_s", "reason")}})
     table = Table(title=f"seeds on {wl.label} (target {args.target}, {args.device})")
-    for col in ("seed", "combined score", "error", "density", "wall s"):
+    for col in ("seed", "combined score", "error", "density", "kv_density", "wall s"):
         table.add_column(col)
     for r in sorted(rows, key=lambda r: -(r["combined_score"] or -1e9)):
         table.add_row(r["seed"], f"{r['combined_score']:.4f}" if r["valid"] else f"INVALID: {r['reason']}",
-                      f"{r['error']:.4f}" if r["valid"] else "", f"{r['density']:.4f}" if r["valid"] else "", f"{r['wall_s']:.2f}")
+                      f"{r['error']:.4f}" if r["valid"] else "", f"{r['density']:.4f}" if r["valid"] else "",
+                      f"{r['kv_density']:.4f}" if r["valid"] else "", f"{r['wall_s']:.2f}")
     Console().print(table)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"seeds_{args.workload}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

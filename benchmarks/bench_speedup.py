@@ -7,11 +7,12 @@ same on synthetic records at longer contexts (random fp16 q/k/v, the seed's mask
 where the KV cache no longer fits in L2 and the kernel's byte savings can show.
 
 Each decode query is one CUDA-graph call with the L2 cache overwritten before it (see
-``evaluator/speedup.py``); the per-query-head column is the contract's layout, the per-KV-head
-column appears only for seeds whose heads of a GQA group list the same keys.
+``evaluator/speedup.py``); the per-query-head column is one list per query head, the group
+column one list per KV head (the shared list of a per-KV-head selection, else the union of the
+group's lists, whose length follows kv_density); "x best" is dense over the faster of the two.
 
-    python benchmarks/bench_speedup.py --workload tiny --contexts 8192 32768 \\
-        --out benchmarks/results/speedup_h100.json
+    python benchmarks/bench_speedup.py --workload '' --shapes llama8b --contexts 32768 131072 \\
+        --records 2 --queries 2 --out benchmarks/results/speedup_h200.json
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluator.candidate import load_masker, masker_input  # noqa: E402
-from evaluator.scoring import InvalidSelection, dense_weights, score_record  # noqa: E402
+from evaluator.scoring import InvalidSelection, dense_weights, record_scores  # noqa: E402
 from evaluator.speedup import SpeedupReport, measure_speedup, score_with_speedup, synthetic_record  # noqa: E402
 
 SEEDS = sorted((Path(__file__).resolve().parents[1] / "seeds").glob("*.py"))
@@ -37,7 +38,7 @@ SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 
 def summary(speed: SpeedupReport) -> dict[str, Any]:
     """The report without its per-record rows, plus per-query means (the table's columns)."""
-    out = {k: v for k, v in speed.to_dict().items() if k != "records"}
+    out = speed.summary()
     n = sum(r.queries for r in speed.records) or 1
     for key in ("dense_us", "sparse_us", "kv_sparse_us"):
         out[key.replace("_us", "_us_per_query")] = None if out.get(key) is None else out[key] / n
@@ -63,9 +64,12 @@ def synthetic_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                     row["error"] = f"invalid selection: {exc}"
                     rows.append(row)
                     continue
-                row["error_vs_dense"] = sum(score_record(r, weights[i])[0] for i, r in enumerate(recs)) / len(recs)
+                scores = [record_scores(r, weights[i]) for i, r in enumerate(recs)]
+                row["error_vs_dense"] = sum(x[0] for x in scores) / len(recs)
                 speed = measure_speedup(recs, weights, reps=args.reps)
                 row.update(summary(speed), wall_s=time.perf_counter() - t0)
+                for j, key in ((1, "density"), (2, "kv_density")):  # also where nothing was timed
+                    row[key] = sum(x[j] for x in scores) / len(recs) if row.get(key) is None else row[key]
                 rows.append(row)
                 print_row(row)
                 del weights
@@ -85,7 +89,8 @@ def workload_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                                           max_queries=args.max_queries)
         row = dict(source=f"workload {wl.label}", seed=path.stem, context=int(wl.records[0].keys.shape[2]),
                    records=len(wl.records), queries=int(wl.records[0].queries.shape[2]),
-                   score_valid=score.valid, error_vs_dense=score.error, combined_score=score.combined_score)
+                   score_valid=score.valid, error_vs_dense=score.error, combined_score=score.combined_score,
+                   score_density=score.density, score_kv_density=score.kv_density)
         row.update(summary(speed), wall_s=time.perf_counter() - t0)
         rows.append(row)
         print_row(row)
@@ -97,10 +102,11 @@ def fmt(x: Any, spec: str) -> str:
 
 
 def print_row(r: dict[str, Any]) -> None:
-    print(f"| {r['source']} | {r['seed']} | {fmt(r.get('density'), '.3f')} | {fmt(r.get('error_vs_dense'), '.4f')} | "
+    print(f"| {r['source']} | {r['seed']} | {fmt(r.get('density'), '.3f')} | {fmt(r.get('kv_density'), '.3f')} | "
+          f"{fmt(r.get('error_vs_dense'), '.4f')} | "
           f"{fmt(r.get('dense_us_per_query'), '.2f')} | {fmt(r.get('sparse_us_per_query'), '.2f')} | "
           f"{fmt(r.get('overall_speedup'), '.2f')} | {fmt(r.get('kv_sparse_us_per_query'), '.2f')} | "
-          f"{fmt(r.get('overall_kv_speedup'), '.2f')} | {fmt(r.get('max_rel_err'), '.1e')} | "
+          f"{fmt(r.get('overall_kv_speedup'), '.2f')} | {fmt(r.get('speedup'), '.2f')} | {fmt(r.get('max_rel_err'), '.1e')} | "
           f"{r.get('error') or r.get('reason') or ''} |", flush=True)
 
 
@@ -129,9 +135,9 @@ def main() -> None:
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print("| source | seed | density | error | dense us/query | sparse us/query | x dense | per-KV-head us/query "
-          "| x dense (KV) | kernel rel err | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| source | seed | density | kv_density | error | dense us/query | per-head us/query | x dense | group us/query "
+          "| x dense (group) | x best | kernel rel err | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     if args.workload:
         result["rows"] += workload_rows(args)
         out.write_text(json.dumps(result, indent=1))  # keep what is done if a later part is cut off

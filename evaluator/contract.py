@@ -8,6 +8,14 @@ estimator weight: 0 means "not attended", ``w >= 1`` means "attended with weight
 (``w = 1/p`` for a token sampled with probability p, 1 for a deterministic pick). The
 trusted scorer computes ``O = sum_i w_i exp(s_i) v_i / sum_i w_i exp(s_i)`` over the
 selected keys; values are never shown to the masker.
+
+A selection is given per query head (leading shape ``[b, h, q]``) or per KV head (``[b, h_kv, q]``,
+dense ``[b, h_kv, q, k]`` or a ``SparseSelection`` of that leading shape): a per-KV-head selection
+is shared by the ``h // h_kv`` query heads of its GQA group (query head ``j`` uses KV head
+``j // (h // h_kv)``), and the scorer broadcasts it. That is what makes decoding fast: a kernel
+reads each selected KV row once per group instead of once per query head (the report's
+``kv_density`` counts those rows). Without GQA (``h == h_kv``) the two shapes coincide and a
+selection is simply per head.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ __all__ = [
     "num_causal",
     "budget",
     "top_per_query",
+    "per_query_heads",
     "ENTRY_POINT",
     "EVOLVE_START",
     "EVOLVE_END",
@@ -123,6 +132,27 @@ def attention_logits(inp: MaskerInput) -> torch.Tensor:
     keys = expand_kv(inp.keys, inp.num_heads).float()
     logits = torch.matmul(inp.queries.float(), keys.transpose(-1, -2)) * inp.scaling
     return logits.masked_fill(~causal_mask(inp), float("-inf"))
+
+
+def per_query_heads(selection: Selection, num_heads: int, num_kv_heads: int) -> Selection:
+    """A per-KV-head selection (leading shape ``[b, h_kv, q]``) repeated for each query head of its
+    GQA group, giving ``[b, h, q, ...]``; anything else is returned unchanged (the scorer judges it)."""
+    if num_kv_heads == num_heads or num_heads % num_kv_heads != 0:
+        return selection
+    groups = num_heads // num_kv_heads
+
+    def expand(t: Any) -> Any:
+        return t.repeat_interleave(groups, dim=1)
+
+    if type(selection) is SparseSelection:
+        idx, w = selection.indices, selection.weights
+        if (type(idx) is torch.Tensor and type(w) is torch.Tensor and idx.dim() == 4 and idx.shape == w.shape
+                and idx.shape[1] == num_kv_heads):
+            return SparseSelection(expand(idx), expand(w))
+        return selection
+    if type(selection) is torch.Tensor and selection.dim() == 4 and selection.shape[1] == num_kv_heads:
+        return expand(selection)
+    return selection
 
 
 def top_per_query(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

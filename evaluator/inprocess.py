@@ -13,7 +13,7 @@ import torch
 
 from evaluator.candidate import format_traceback, load_masker, masker_input
 from evaluator.records import AttentionRecord
-from evaluator.scoring import InvalidSelection, ScoreReport, aggregate, dense_weights, score_weights
+from evaluator.scoring import InvalidSelection, ScoreReport, aggregate, dense_weights, record_scores
 from evaluator.workload import Workload
 
 
@@ -41,7 +41,7 @@ def score_masker(
             weights = dense_weights(selection, rec)
         except InvalidSelection as exc:
             return ScoreReport.failure("invalid", f"sample {rec.sample}, layer {rec.layer}: {exc}", workload=workload.label)
-        rows.append((rec.sample, rec.layer, *score_weights(rec, weights)))
+        rows.append((rec.sample, rec.layer, *record_scores(rec, weights)))
         if on_selection is not None:
             on_selection(i, rec, weights)
     report = aggregate(rows, density_target)

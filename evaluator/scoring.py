@@ -4,6 +4,12 @@ Numbers follow the published evolve_masker evaluator so that results are compara
 density = selected / causal tokens per record, error = ||O_dense - O_sparse||_F / ||O_dense||_F
 per record, both averaged over records; penalty = 100 * max(0, density - target);
 combined = -(error + penalty). Every number is computed here, never by the candidate.
+
+kv_density = distinct KV rows read per (batch, KV head, query) / causal tokens, averaged like
+density: a KV row counts once for a GQA group however many of its query heads select it, which
+is what a decode kernel that shares one gather per group reads. It equals density when every
+head of a group selects the same keys (or without GQA) and is up to ``G`` times density when
+the group's heads pick disjoint keys.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
-from evaluator.contract import SparseSelection, expand_kv
+from evaluator.contract import SparseSelection, expand_kv, per_query_heads
 from evaluator.records import AttentionRecord
 
 # Estimator weights are 1/p with p <= 1; allow float rounding of 1/p just below 1.
@@ -34,6 +40,7 @@ class LayerScore:
     layer: int
     error: float
     density: float
+    kv_density: float | None = None
 
 
 class ReportCodec:
@@ -75,6 +82,12 @@ class ScoreReport(ReportCodec):
     details: str | None = None
     workload: str | None = None
     isolation: str | None = None  # how the candidate was contained (sandbox level), or None in-process
+    kv_density: float | None = None  # distinct KV rows read per query and KV head / causal tokens
+    # Measured decode speedup of the selections (the trusted kernel vs dense SDPA, on a GPU), when asked for;
+    # speedup_info says how it was measured, or why not. speedup_penalty: set under a speedup objective.
+    speedup: float | None = None
+    speedup_penalty: float | None = None
+    speedup_info: dict[str, Any] | None = None
 
 
 def _check_plain_tensor(x: Any, what: str) -> torch.Tensor:
@@ -90,14 +103,15 @@ def dense_weights(selection: Any, record: AttentionRecord) -> torch.Tensor:
     """
     shape = record.weights_shape
     device = record.queries.device
+    selection = per_query_heads(selection, shape[1], record.keys.shape[1])
     if type(selection) is SparseSelection:
-        weights = _sparse_to_dense(selection, shape, device)
+        weights = _sparse_to_dense(selection, shape, device, record)
     elif isinstance(selection, SparseSelection):
         raise InvalidSelection("selection must be evaluator.contract.SparseSelection itself, not a subclass")
     else:
         weights = _check_plain_tensor(selection, "selection")
         if tuple(weights.shape) != shape:
-            raise InvalidSelection(f"selection has shape {tuple(weights.shape)}, expected [b, h, q, k] = {shape}")
+            raise InvalidSelection(f"selection has shape {tuple(weights.shape)}, expected {expected_shapes(record)}")
         if weights.device != device:
             raise InvalidSelection(f"selection is on {weights.device}, inputs are on {device}")
         if not (weights.dtype.is_floating_point or weights.dtype == torch.bool):
@@ -107,12 +121,28 @@ def dense_weights(selection: Any, record: AttentionRecord) -> torch.Tensor:
     return weights
 
 
-def _sparse_to_dense(sel: SparseSelection, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
+def expected_shapes(record: AttentionRecord, sparse: bool = False) -> str:
+    """The shapes a selection of ``record`` may have, in words: per query head, or per KV head under GQA."""
+    b, h, q, k = record.weights_shape
+    h_kv = record.keys.shape[1]
+    if sparse:
+        per_head = f"[b, h, q, n] with [b, h, q] = {(b, h, q)}"
+        per_kv = f"[b, h_kv, q, n] with [b, h_kv, q] = {(b, h_kv, q)}"
+    else:
+        per_head, per_kv = f"[b, h, q, k] = {(b, h, q, k)}", f"[b, h_kv, q, k] = {(b, h_kv, q, k)}"
+    if h_kv == h:
+        return per_head
+    return f"{per_head} (per query head) or {per_kv} (per KV head, shared by its GQA group)"
+
+
+def _sparse_to_dense(sel: SparseSelection, shape: tuple[int, int, int, int], device: torch.device,
+                     record: AttentionRecord) -> torch.Tensor:
     idx = _check_plain_tensor(sel.indices, "SparseSelection.indices")
     w = _check_plain_tensor(sel.weights, "SparseSelection.weights")
     if idx.dim() != 4 or tuple(idx.shape[:3]) != shape[:3] or idx.shape != w.shape:
         raise InvalidSelection(
-            f"SparseSelection indices {tuple(idx.shape)} and weights {tuple(w.shape)} must both be [b, h, q, n] with [b, h, q] = {shape[:3]}"
+            f"SparseSelection indices {tuple(idx.shape)} and weights {tuple(w.shape)} must both be "
+            f"{expected_shapes(record, sparse=True)}"
         )
     if idx.device != device or w.device != device:
         raise InvalidSelection(f"SparseSelection is on {idx.device}/{w.device}, inputs are on {device}")
@@ -226,27 +256,47 @@ def score_weights(record: AttentionRecord, w: torch.Tensor, dtype: torch.dtype |
     return relative_error(record.dense_out, out), selected / causal
 
 
-def aggregate(results: Iterable[tuple[int, int, float, float]], density_target: float) -> ScoreReport:
-    """Combine per-record ``(sample, layer, error, density)`` into a report."""
-    rows = list(results)
+def kv_density(record: AttentionRecord, w: torch.Tensor) -> float:
+    """Distinct KV rows read per (batch, KV head, query) / causal tokens, for validated weights ``[b, h, q, k]``:
+    a key counts once for a GQA group however many of the group's query heads select it."""
+    b, h, q, k = w.shape
+    h_kv = record.keys.shape[1]
+    rows = float(w.ne(0).view(b, h_kv, h // h_kv, q, k).any(dim=2).sum())
+    causal = float((record.positions.to(torch.float64) + 1).clamp(max=k).sum()) * b * h_kv
+    return rows / causal
+
+
+def record_scores(record: AttentionRecord, w: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[float, float, float]:
+    """(relative error, density, kv_density) of validated weights: ``score_weights`` plus ``kv_density``."""
+    return (*score_weights(record, w, dtype), kv_density(record, w))
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)  # type: ignore[arg-type]
+
+
+def aggregate(results: Iterable[tuple], density_target: float) -> ScoreReport:
+    """Combine per-record ``(sample, layer, error, density[, kv_density])`` into a report."""
+    rows = [tuple(r) + (None,) * (5 - len(r)) for r in results]
     if not rows:
         return ScoreReport.failure("harness", "no records were scored")
     error = sum(r[2] for r in rows) / len(rows)
     density = sum(r[3] for r in rows) / len(rows)
+    kv = _mean([r[4] for r in rows])
     penalty = 100.0 * max(0.0, density - density_target)
-    by_layer: dict[int, list[tuple[float, float]]] = {}
-    for _, layer, err, dens in rows:
-        by_layer.setdefault(layer, []).append((err, dens))
+    by_layer: dict[int, list[tuple]] = {}
+    for row in rows:
+        by_layer.setdefault(row[1], []).append(row)
     per_layer = [
-        LayerScore(layer, sum(e for e, _ in v) / len(v), sum(d for _, d in v) / len(v))
+        LayerScore(layer, sum(r[2] for r in v) / len(v), sum(r[3] for r in v) / len(v), _mean([r[4] for r in v]))
         for layer, v in sorted(by_layer.items())
     ]
     worst = max(rows, key=lambda r: r[2])
-    if not all(math.isfinite(x) for x in (error, density)):
+    if not all(math.isfinite(x) for x in (error, density, 0.0 if kv is None else kv)):
         return ScoreReport.failure("harness", "scorer produced a non-finite number")
     return ScoreReport(
         valid=True, combined_score=-(error + penalty), error=error, density=density,
         density_penalty=penalty, density_target=density_target, per_layer=per_layer,
         worst={"sample": worst[0], "layer": worst[1], "error": worst[2], "density": worst[3]},
-        n_records=len(rows),
+        n_records=len(rows), kv_density=kv,
     )

@@ -1,15 +1,17 @@
 """Measured decode speedup of a candidate's selections: the sparse-decode kernel vs dense SDPA.
 
 The fast score says how accurate a selection is; this module says what it buys. For every
-decode query of every record, the validated weights ``[b, h, q, k]`` are packed into the
-kernel's list layout (per query head, since the contract selects per query head: indices
-``[b, h, n]`` padded with ``-1`` and weights ``[b, h, n]``), the Triton kernel of
+decode query of every record, the validated weights ``[b, h, q, k]`` (a per-KV-head selection
+already broadcast by the scorer) are packed into the kernel's per-query-head list layout
+(indices ``[b, h, n]`` padded with ``-1``, weights ``[b, h, n]``), the Triton kernel of
 ``evaluator.kernels`` is checked against the trusted scorer's ``sparse_attention`` on the same
 selection, and then it is timed against ``torch.nn.functional.scaled_dot_product_attention``
-over the same causal keys. When every head of a GQA group lists the same keys (page and window
-maskers do), the per-KV-head layout (one list per KV head, per-head weights) is timed too:
-that is the layout a serving system would use for such a masker, and it reads ``G`` times
-fewer bytes.
+over the same causal keys. Under GQA the group layout is timed too: one list per KV head with
+per-query-head weights, which reads each selected KV row once per group. When every head of a
+group lists the same keys (per-KV-head selections, page and window maskers) that list is the
+shared one; otherwise it is the union of the group's lists (``group_union``; weight 0 where a
+head did not pick a key), exact either way, and its bytes follow ``kv_density``. The headline
+``speedup`` is dense time over the faster of the two layouts, as a serving system would choose.
 
 Timing (CUDA only): one CUDA graph per call, so the Python launch path of ``sparse_decode``
 (tens of microseconds, more than the kernel itself at short contexts) is not counted; before
@@ -31,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from evaluator.kernels import sparse_decode, triton_available
+from evaluator.kernels import group_union, sparse_decode, triton_available
 from evaluator.records import AttentionRecord
 from evaluator.scoring import ScoreReport, dense_attention, sparse_attention
 
@@ -63,6 +65,7 @@ class PackedSelection:
 
     lists: tuple[DecodeList, ...]
     density: float
+    kv_density: float | None = None
 
     def dense(self, query: int, num_keys: int) -> torch.Tensor:
         """Float32 weights ``[b, h, num_keys]`` of one query, rebuilt from its list."""
@@ -83,6 +86,7 @@ def pack_selection(record: AttentionRecord, weights: torch.Tensor) -> PackedSele
     lists = []
     selected = 0
     causal = 0
+    kv_rows = 0
     for qi in range(nq):
         t = min(int(record.positions[qi]) + 1, k)
         w = weights[:, :, qi, :t].float()
@@ -99,19 +103,23 @@ def pack_selection(record: AttentionRecord, weights: torch.Tensor) -> PackedSele
         shared = bool((grouped == grouped[:, :, :1]).all())
         lists.append(DecodeList(idx.to(torch.int32), wl, t, shared))
         selected += int(counts.sum())
+        kv_rows += int(grouped.any(dim=2).sum())
         causal += t * b * h
-    return PackedSelection(tuple(lists), selected / max(causal, 1))
+    return PackedSelection(tuple(lists), selected / max(causal, 1), kv_rows * group / max(causal, 1))
 
 
 class SelectionCollector:
     """An ``on_selection`` hook that keeps each record's selection packed (about ``8 * density``
-    of the dense weights' bytes, so a whole 8k workload fits in host memory)."""
+    of the dense weights' bytes, so a whole 8k workload fits in host memory); ``keep``: only
+    these record indices (None: all)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: Sequence[int] | None = None) -> None:
         self.packed: dict[int, PackedSelection] = {}
+        self.keep = None if keep is None else set(keep)
 
     def __call__(self, index: int, record: AttentionRecord, weights: torch.Tensor) -> None:
-        self.packed[index] = pack_selection(record, weights)
+        if self.keep is None or index in self.keep:
+            self.packed[index] = pack_selection(record, weights)
 
 
 @dataclass
@@ -125,6 +133,8 @@ class RecordSpeedup:
     density: float
     mean_keys: float
     mean_selected: float
+    kv_density: float | None = None
+    shared: bool = False
     dense_us: float | None = None
     sparse_us: float | None = None
     speedup: float | None = None
@@ -147,6 +157,9 @@ class SpeedupReport:
     timing: str | None = None
     n_records: int = 0
     density: float | None = None
+    kv_density: float | None = None
+    speedup: float | None = None  # dense time over the faster layout (per-query-head lists or the group layout)
+    layout: str | None = None  # which layout that was
     mean_speedup: float | None = None
     overall_speedup: float | None = None
     kv_records: int = 0
@@ -160,6 +173,11 @@ class SpeedupReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        """The report without its per-record rows (what an archive record keeps)."""
+        return {k: v for k, v in self.to_dict().items() if k != "records"} | {
+            "queries": sum(r.queries for r in self.records)}
 
 
 def unavailable_reason(device: torch.device | str | None = None) -> str | None:
@@ -233,6 +251,7 @@ def _measure_record(
         record=i, sample=rec.sample, layer=rec.layer, queries=len(lists), density=packed.density,
         mean_keys=sum(x.num_keys for x in lists) / len(lists),
         mean_selected=sum(float(x.weights.ne(0).sum()) for x in lists) / (len(lists) * b * h),
+        kv_density=packed.kv_density, shared=all(x.shared for x in lists),
     )
     dense_t, sparse_t, kv_t = [], [], []
     worst = 0.0
@@ -248,16 +267,23 @@ def _measure_record(
         ref = sparse_attention(q[:, :, None].float(), k.float(), v.float(),
                                packed.dense(qi, t).to(device)[:, :, None], rec.scaling)[:, :, 0]
         calls = {"sparse": lambda: sparse_decode(q, k, v, idx, w, rec.scaling, out=out, backend="triton")}
-        if lst.shared and group > 1:
-            idx_kv = idx.view(b, h_kv, group, -1)[:, :, 0].contiguous()
+        if group > 1:
+            # Selection-side work, not timed: the shared list, or the union of the group's lists.
+            if lst.shared:
+                idx_kv, w_kv = idx.view(b, h_kv, group, -1)[:, :, 0].contiguous(), w
+                wg = w.view(b, h_kv, group, -1)
+                if bool((wg == wg[:, :, :1]).all()):  # one weight list per group too: read it once
+                    w_kv = wg[:, :, 0].contiguous()
+            else:
+                idx_kv, w_kv = group_union(idx, w, h_kv, t)
             out_kv = torch.empty_like(out)
-            calls["kv"] = lambda: sparse_decode(q, k, v, idx_kv, w, rec.scaling, out=out_kv, backend="triton")
+            calls["kv"] = lambda: sparse_decode(q, k, v, idx_kv, w_kv, rec.scaling, out=out_kv, backend="triton")
         for name, fn in calls.items():
             err = _rel_err(fn(), ref)
             worst = max(worst, err)
             if not err <= tol:  # also catches NaN
                 row.max_rel_err = worst
-                row.error = (f"kernel ({'per-KV-head' if name == 'kv' else 'per-query-head'} lists) disagrees with the "
+                row.error = (f"kernel ({'group' if name == 'kv' else 'per-query-head'} lists) disagrees with the "
                              f"scorer on query {qi}: relative error {err:.3g} > {tol:g}")
                 return row
         q4 = q[:, :, None]  # [b, h, 1, d]
@@ -333,6 +359,8 @@ def measure_speedup(
     report.measured = True
     report.n_records = len(rows)
     report.density = sum(r.density for r in rows) / len(rows)
+    kvd = [r.kv_density for r in rows]
+    report.kv_density = None if any(x is None for x in kvd) else sum(kvd) / len(kvd)
     report.dense_us = sum(r.dense_us for r in rows)
     report.sparse_us = sum(r.sparse_us for r in rows)
     report.mean_speedup = sum(r.speedup for r in rows) / len(rows)
@@ -343,9 +371,68 @@ def measure_speedup(
         report.kv_sparse_us = sum(r.kv_sparse_us for r in kv)
         report.mean_kv_speedup = sum(r.kv_speedup for r in kv) / len(kv)
         report.overall_kv_speedup = report.dense_us / report.kv_sparse_us
+    report.speedup, report.layout = report.overall_speedup, "per-query-head lists"
+    if report.overall_kv_speedup is not None and report.overall_kv_speedup > report.overall_speedup:
+        shared = all(r.shared for r in rows)
+        report.speedup = report.overall_kv_speedup
+        report.layout = "per-KV-head lists" if shared else "group-union lists"
     if not all(math.isfinite(x) and x > 0 for x in (report.dense_us, report.sparse_us)):
         report.measured = False
+        report.speedup = None
         report.error = "a timing was not a positive finite number"
+    return report
+
+
+@dataclass(frozen=True)
+class SpeedupOptions:
+    """How much of a workload is timed per candidate (the loop's ``evaluation.speedup``): ``records``
+    records spread evenly over the workload (so over its layers), the first ``queries`` decode
+    queries of each, ``reps`` timed replays per call, the KV cache in ``dtype``."""
+
+    records: int = 8
+    queries: int = 2
+    reps: int = 10
+    dtype: torch.dtype = torch.float16
+
+    def pick(self, n: int) -> list[int]:
+        """Indices of the records to time among ``n``."""
+        k = max(1, min(self.records, n))
+        return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+def with_speedup(
+    score: Callable[[Callable[[int, AttentionRecord, torch.Tensor], None] | None], ScoreReport],
+    workload: Any, options: SpeedupOptions | None,
+) -> ScoreReport:
+    """``score(on_selection)`` (the sandbox or the in-process scorer) plus, for a valid candidate, the
+    measured decode speedup of the selections the scorer validated: ``report.speedup`` and
+    ``report.speedup_info`` (how it was measured; or why nothing was, then ``speedup`` is None).
+    ``options=None``: just ``score(None)``.
+
+    Only trusted code runs here: the kernel and SDPA are timed on selections the candidate returned
+    through the sandbox, never on anything it computes itself.
+    """
+    if options is None:
+        return score(None)
+    records = list(getattr(workload, "records", workload))
+    device = records[0].queries.device
+    if device.type != "cuda" and torch.cuda.is_available():  # a CPU-held workload is timed on the current GPU
+        device = torch.device("cuda", torch.cuda.current_device())
+    reason = unavailable_reason(device)
+    if reason is not None:
+        report = score(None)
+        if report.valid:
+            report.speedup_info = {"measured": False, "reason": reason}
+        return report
+    keep = options.pick(len(records))
+    collector = SelectionCollector(keep)
+    report = score(collector)
+    if not report.valid:
+        return report
+    speed = measure_speedup(records, collector.packed, device=device, dtype=options.dtype, reps=options.reps,
+                            max_queries=options.queries)
+    report.speedup = speed.speedup if speed.measured else None
+    report.speedup_info = speed.summary() | {"records_timed": keep}
     return report
 
 

@@ -68,3 +68,15 @@ def test_archive_shaped_records():
     assert "add top-k: exception: RuntimeError: shape mismatch" in u and "Traceback" in u
     insp = u.split("## Top candidates")[1]
     assert "SINK_TOKENS = 7" in insp and "import torch" not in insp  # only the EVOLVE block is shown
+
+
+def test_prompt_explains_kv_density_and_the_objective():
+    from adrs.prompts import render_prompt
+
+    rep = {"valid": True, "combined_score": -0.2, "error": 0.2, "density": 0.1, "density_target": 0.1,
+           "density_penalty": 0.0, "kv_density": 0.25, "speedup": 2.5, "speedup_penalty": 15.0}
+    p = render_prompt("x = 1", rep, top=[dict(rep, id="c000003", code="x = 2")])
+    assert "kv_density" in p.system and "[b, h_kv, q, k]" in p.system and "This run ranks by density" in p.system
+    assert "kv_density = 0.25" in p.user and "decode speedup = 2.5" in p.user and "kv_density 0.25" in p.user
+    fast = render_prompt("x = 1", rep, objective="speedup", speedup_target=4.0)
+    assert "RANKS BY DECODE SPEED" in fast.system and "1/4)" in fast.system

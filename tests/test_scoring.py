@@ -123,3 +123,80 @@ def test_aggregate_penalty_and_breakdown():
     assert rep.combined_score == pytest.approx(-2.25)
     assert [(l.layer, round(l.error, 6)) for l in rep.per_layer] == [(0, 0.15), (1, 0.35)]
     assert rep.worst == {"sample": 0, "layer": 1, "error": 0.4, "density": 0.12}
+
+
+# ---------------------------------------------------------------- per-KV-head selections and kv_density
+def test_per_kv_head_selection_is_broadcast_to_its_group():
+    rec = make_record(h=6, h_kv=2)  # groups of 3 query heads
+    g = torch.Generator().manual_seed(3)
+    per_kv = random_weights(rec, 7)[:, ::3].clone()  # [1, 2, q, k]: one selection per KV head
+    assert per_kv.shape == (1, 2, 5, 40)
+    w = dense_weights(per_kv, rec)
+    assert w.shape == rec.weights_shape
+    for head in range(6):
+        assert torch.equal(w[:, head], per_kv[:, head // 3])
+    assert score_record(rec, per_kv) == score_record(rec, per_kv.repeat_interleave(3, dim=1))
+    # The sparse form of that leading shape gives the same scores.
+    n = 12
+    idx = torch.stack([torch.randperm(30, generator=g)[:n] for _ in range(2 * 5)]).view(1, 2, 5, n)
+    wts = 1.0 + torch.rand(1, 2, 5, n, generator=g) * 3
+    sparse = SparseSelection(idx, wts)
+    dense = torch.zeros(1, 2, 5, 40).scatter_(3, idx, wts)
+    assert score_record(rec, sparse) == score_record(rec, dense)
+    assert torch.equal(dense_weights(sparse, rec), dense.repeat_interleave(3, dim=1))
+
+
+def test_kv_density_counts_each_groups_rows_once():
+    from evaluator.scoring import kv_density, record_scores
+
+    rec = make_record(h=4, h_kv=2, q=2, k=10, d=8)
+    rec = AttentionRecord(0, 0, 1, rec.queries, rec.keys, rec.values, torch.tensor([4, 9]), rec.scaling,
+                          dense_attention(rec.queries, rec.keys, rec.values, torch.tensor([4, 9]), rec.scaling))
+    w = torch.zeros(1, 4, 2, 10)
+    # group 0 (heads 0, 1): the same two keys for query 0; disjoint keys {0, 1} and {2, 3} for query 1
+    w[0, 0, 0, [0, 4]] = 1.0
+    w[0, 1, 0, [0, 4]] = 1.0
+    w[0, 0, 1, [0, 1]] = 1.0
+    w[0, 1, 1, [2, 3]] = 1.0
+    # group 1 (heads 2, 3): head 2 picks one key, head 3 a superset of it
+    w[0, 2, :, 1] = 1.0
+    w[0, 3, :, [1, 2]] = 1.0
+    causal = 5 + 10  # per (batch, head): query 0 sees 5 keys, query 1 sees 10
+    assert kv_density(rec, w) == pytest.approx((2 + 4 + 2 + 2) / (causal * 2))
+    err, dens, kvd = record_scores(rec, w)
+    assert dens == pytest.approx((2 + 2 + 2 + 2 + 1 + 1 + 2 + 2) / (causal * 4))
+    assert kvd == pytest.approx(kv_density(rec, w)) and kvd >= dens
+    # A selection shared by every head of a group reads as many rows as it selects.
+    shared = w[:, ::2].repeat_interleave(2, dim=1)
+    assert kv_density(rec, shared) == pytest.approx(score_record(rec, shared)[1])
+    # Without GQA each head is its own group: kv_density is density.
+    solo = make_record(h=3, h_kv=3)
+    ws = random_weights(solo, 1)
+    assert kv_density(solo, ws) == pytest.approx(score_record(solo, ws)[1])
+
+
+def test_aggregate_averages_kv_density_like_density():
+    rows = [(0, 0, 0.2, 0.10, 0.20), (0, 1, 0.4, 0.10, 0.30), (1, 0, 0.1, 0.10, 0.10), (1, 1, 0.3, 0.10, 0.20)]
+    rep = aggregate(rows, 0.10)
+    assert rep.kv_density == pytest.approx(0.2)
+    assert [(l.layer, round(l.kv_density, 6)) for l in rep.per_layer] == [(0, 0.15), (1, 0.25)]
+    assert rep.to_dict()["kv_density"] == pytest.approx(0.2)
+    old = aggregate([r[:4] for r in rows], 0.10)  # rows without it (older callers): no number, same score
+    assert old.kv_density is None and old.combined_score == rep.combined_score
+
+
+@pytest.mark.parametrize("h_kv", [2, 6])
+def test_wrong_shapes_name_the_accepted_ones(h_kv):
+    rec = make_record(h=6, h_kv=h_kv)
+    with pytest.raises(InvalidSelection) as info:
+        dense_weights(torch.ones(1, 4, 5, 40), rec)
+    msg = str(info.value)
+    assert "(1, 4, 5, 40)" in msg and "[b, h, q, k] = (1, 6, 5, 40)" in msg
+    if h_kv == 2:
+        assert "[b, h_kv, q, k] = (1, 2, 5, 40) (per KV head" in msg
+    else:  # no GQA: one shape, nothing about KV heads
+        assert "h_kv" not in msg
+    with pytest.raises(InvalidSelection) as info:
+        dense_weights(SparseSelection(torch.zeros(1, 4, 5, 3, dtype=torch.long), torch.ones(1, 4, 5, 3)), rec)
+    assert "[b, h, q, n] with [b, h, q] = (1, 6, 5)" in str(info.value)
+    assert ("[b, h_kv, q, n] with [b, h_kv, q] = (1, 2, 5)" in str(info.value)) == (h_kv == 2)

@@ -22,7 +22,8 @@ def seed_scores(tiny_workload):
 
 
 def test_seeds_are_candidates():
-    assert {p.stem for p in SEEDS} >= {"sink_window", "oracle_topk", "hybrid_sampling", "vattention", "quest_pages"}
+    assert {p.stem for p in SEEDS} >= {"sink_window", "oracle_topk", "hybrid_sampling", "vattention", "quest_pages",
+                                     "group_hybrid"}
     for p in SEEDS:
         parts = split_candidate(p.read_text())
         assert "def masker" in parts.block
@@ -33,6 +34,7 @@ def test_every_seed_is_valid_within_target(seed_scores):
         assert rep.valid, (name, rep.reason)
         assert rep.density <= 0.10, name
         assert rep.density > 0.05 or name == "quest_pages", name
+        assert rep.kv_density >= rep.density - 1e-12, name
 
 
 def test_acceptance_ordering(seed_scores):
@@ -94,3 +96,29 @@ def test_cli_score_goes_through_the_sandbox(tiny_workload):
     assert proc.returncode == 1, proc.stderr
     data = json.loads(proc.stdout)
     assert data["valid"] is False and data["category"] == "timeout" and data["combined_score"] is None
+
+
+def test_group_hybrid_shares_its_selection_per_kv_head(tiny_workload, seed_scores):
+    """The GQA-shared seed returns [b, h_kv, q, k]; each group reads as many KV rows as it selects."""
+    from evaluator.candidate import load_masker, masker_input
+
+    rec = tiny_workload.records[5]
+    raw = load_masker(ROOT / "seeds" / "group_hybrid.py")(masker_input(rec, 0.10, tiny_workload.spec.seed))
+    b, h, q, k = rec.weights_shape
+    assert tuple(raw.shape) == (b, rec.keys.shape[1], q, k)
+    rep = seed_scores["group_hybrid"]
+    assert rep.kv_density == pytest.approx(rep.density)
+    # Per-head maskers at the same density read more KV rows per group.
+    for name in ("hybrid_sampling", "oracle_topk"):
+        assert seed_scores[name].kv_density > 1.3 * seed_scores[name].density
+        assert seed_scores[name].density == pytest.approx(rep.density)
+
+
+def test_group_hybrid_in_the_sandbox_matches_in_process(tiny_workload, seed_scores):
+    from evaluator.sandbox import evaluate_in_sandbox
+
+    boxed = evaluate_in_sandbox(ROOT / "seeds" / "group_hybrid.py", tiny_workload, 0.10)
+    ref = seed_scores["group_hybrid"]
+    assert boxed.valid, boxed.reason
+    assert (boxed.combined_score, boxed.error, boxed.density, boxed.kv_density) == \
+        (ref.combined_score, ref.error, ref.density, ref.kv_density)

@@ -107,7 +107,7 @@ gpu = pytest.mark.skipif(not CUDA or unavailable_reason() is not None, reason="n
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("seed", ["sink_window", "oracle_topk", "quest_pages", "vattention"])
+@pytest.mark.parametrize("seed", ["sink_window", "oracle_topk", "quest_pages", "vattention", "group_hybrid"])
 def test_kernel_matches_scorer_and_speedup_is_positive(seed):
     recs = [synthetic_record(context=2048, n_queries=3, seed=s, layer=s, device="cuda") for s in range(2)]
     sel = {i: seed_weights(seed, r) for i, r in enumerate(recs)}
@@ -119,10 +119,11 @@ def test_kernel_matches_scorer_and_speedup_is_positive(seed):
         assert row.dense_us > 0 and row.sparse_us > 0 and row.speedup > 0
     assert report.mean_speedup > 0 and report.overall_speedup > 0
     assert 0 < report.density < 0.2
-    if seed == "sink_window":  # every head of a group lists the same keys
-        assert report.kv_records == 2 and report.overall_kv_speedup > 0
-    else:  # per-head picks: no per-KV-head figure is claimed for them
-        assert report.kv_records == 0 and report.overall_kv_speedup is None
+    # The group layout is timed for every GQA selection: the shared list, or the union of the group's lists.
+    assert report.kv_records == 2 and report.overall_kv_speedup > 0
+    assert all(row.shared == (seed in ("sink_window", "group_hybrid")) for row in report.records)
+    assert report.kv_density >= report.density - 1e-12
+    assert report.speedup == max(report.overall_speedup, report.overall_kv_speedup)
     json.dumps(report.to_dict())
 
 
@@ -152,3 +153,76 @@ def test_score_with_speedup_on_cuda_workload(tiny4):
     assert speed.measured, speed.error or speed.reason
     assert speed.n_records == len(wl.records) and speed.overall_speedup > 0
     assert math.isclose(speed.density, score.density, rel_tol=1e-9)
+
+
+def _synthetic_workload(recs: list[AttentionRecord]):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(records=tuple(recs), spec=SimpleNamespace(seed=0), label="synthetic")
+
+
+def test_pack_counts_kv_rows_like_the_scorer():
+    from evaluator.scoring import kv_density
+
+    rec = synthetic_record(context=300, n_queries=3)
+    for seed in ("oracle_topk", "group_hybrid", "sink_window"):
+        w = seed_weights(seed, rec)
+        packed = pack_selection(rec, w)
+        assert packed.kv_density == pytest.approx(kv_density(rec, w), rel=1e-12)
+        assert packed.kv_density >= packed.density - 1e-12
+
+
+def test_speedup_options_pick_spreads_records():
+    from evaluator.speedup import SpeedupOptions
+
+    assert SpeedupOptions(records=4).pick(120) == [0, 40, 79, 119]
+    assert SpeedupOptions(records=8).pick(3) == [0, 1, 2]
+    assert SpeedupOptions(records=1).pick(10) == [0]
+
+
+@pytest.mark.skipif(CUDA, reason="checks the report of a machine without CUDA")
+def test_with_speedup_without_cuda_says_why_and_scores_as_usual():
+    from evaluator.inprocess import score_masker
+    from evaluator.speedup import SpeedupOptions, with_speedup
+
+    recs = [synthetic_record(context=256, n_queries=2, seed=s, layer=s, num_layers=2) for s in range(2)]
+    wl = _synthetic_workload(recs)
+    hooks = []
+
+    def score(hook):
+        hooks.append(hook)
+        return score_masker(load_masker(SEEDS / "group_hybrid.py"), wl, 0.10, on_selection=hook)
+
+    report = with_speedup(score, wl, SpeedupOptions())
+    assert hooks == [None]  # nothing is collected when nothing can be timed
+    assert report.valid and report.speedup is None
+    assert report.speedup_info == {"measured": False, "reason": unavailable_reason()}
+    assert report.kv_density == pytest.approx(report.density)
+
+
+@pytest.mark.gpu
+@gpu
+def test_with_speedup_times_the_validated_selections():
+    from evaluator.inprocess import score_masker
+    from evaluator.speedup import SpeedupOptions, with_speedup
+
+    recs = [synthetic_record(context=4096, heads=32, kv_heads=8, head_dim=128, n_queries=2, seed=s, layer=s,
+                             num_layers=3, device="cuda") for s in range(3)]
+    wl = _synthetic_workload(recs)
+    out = {}
+    for seed in ("group_hybrid", "oracle_topk"):
+        masker = load_masker(SEEDS / f"{seed}.py")
+        out[seed] = with_speedup(lambda hook: score_masker(masker, wl, 0.10, on_selection=hook), wl,
+                                 SpeedupOptions(records=2, queries=1, reps=5))
+        rep = out[seed]
+        assert rep.valid and rep.speedup is not None and rep.speedup > 0, rep.speedup_info
+        info = rep.speedup_info
+        assert info["measured"] and info["records_timed"] == [0, 2] and info["n_records"] == 2 and info["queries"] == 2
+        assert info["speedup"] == rep.speedup and info["kv_density"] >= info["density"] - 1e-12
+        json.dumps(info)
+    assert out["group_hybrid"].speedup_info["layout"] in ("per-KV-head lists", "per-query-head lists")
+    assert out["oracle_topk"].speedup_info["layout"] in ("group-union lists", "per-query-head lists")
+    # An invalid candidate gets no timing at all.
+    bad = with_speedup(lambda hook: score_masker(load_masker(Path(__file__).parent / "candidates" / "select_nothing.py"),
+                                                 wl, 0.10, on_selection=hook), wl, SpeedupOptions())
+    assert not bad.valid and bad.speedup is None and bad.speedup_info is None

@@ -348,6 +348,13 @@ def test_leaderboard_filters_sorts_and_searches(browser, server, finished_run):
     with open_run_readonly(run_dir) as archive:
         board = [r.id for r in archive.leaderboard(50)]  # what `adrs leaderboard` lists, in its order
     assert ids("tr.status-valid") == board
+    # kv_density beside density (distinct KV rows per GQA group); speedup is '-' when not measured.
+    headers = page.evaluate("[...document.querySelectorAll('#board th')].map(t => t.textContent)")
+    assert headers[headers.index("density") + 1: headers.index("density") + 3] == ["kv dens", "speedup"]
+    cells = page.evaluate("[...document.querySelectorAll('#board tbody tr.status-valid')].map(r => "
+                          "[...r.children].map(c => c.textContent))")
+    col = headers.index("kv dens")
+    assert all(float(c[col]) >= float(c[col - 1]) > 0 and c[col + 1] == "-" for c in cells)
     page.uncheck('input[name=status][value=valid]')
     page.uncheck('input[name=status][value=rejected]')
     assert ids() == [hostile]  # only the failed one

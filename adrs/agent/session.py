@@ -53,7 +53,8 @@ def opening_messages(archive: Archive, cfg: RunConfig, max_turns: int) -> list[d
     """The system prompt (the loop's, for the task and contract) and the agent's task statement."""
     seed = archive.get(0)
     code, record = archive.code(seed.id), archive.record(seed.id)
-    system = render_prompt(code, record, parent_id=seed.id, density_target=cfg.density_target).system
+    system = render_prompt(code, record, parent_id=seed.id, density_target=cfg.density_target, objective=cfg.objective,
+                           speedup_target=cfg.speedup_target).system
     template = string.Template((DEFAULT_TEMPLATE_DIR / AGENT_TEMPLATE).read_text())
     task = template.substitute(max_turns=max_turns, seed_id=seed.id, seed_block=split_candidate(code).block.strip("\n"),
                                seed_score=format_score(record))

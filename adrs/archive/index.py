@@ -27,7 +27,9 @@ CREATE TABLE IF NOT EXISTS candidates (
     summary        TEXT NOT NULL,
     created        REAL NOT NULL,
     llm_model      TEXT,
-    reject_reason  TEXT
+    reject_reason  TEXT,
+    kv_density     REAL,
+    speedup        REAL
 );
 CREATE INDEX IF NOT EXISTS candidates_rank ON candidates (status, combined_score DESC, iteration);
 CREATE INDEX IF NOT EXISTS candidates_island ON candidates (island, status, combined_score DESC);
@@ -40,13 +42,21 @@ _RANK = "ORDER BY combined_score DESC, iteration ASC"
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) the index; raises sqlite3.DatabaseError if the file is corrupt."""
+    """Open (creating if needed) the index; raises sqlite3.DatabaseError if the file is corrupt.
+
+    An index written before a column existed is refused the same way, so the caller rebuilds it
+    from git, where every record keeps its numbers. (It must be checked: SQLite reads a
+    double-quoted name that is no column as a string literal, so the SELECT alone would pass.)
+    """
     conn = sqlite3.connect(path, timeout=30, isolation_level=None)  # explicit transactions only
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives process kills
         conn.executescript(SCHEMA)
         conn.execute(f"{_SELECT} LIMIT 1").fetchall()  # touch the table: corrupt pages fail here
+        have = tuple(row[1] for row in conn.execute("PRAGMA table_info(candidates)"))
+        if have != COLUMNS:
+            raise sqlite3.DatabaseError(f"index columns {have} are not {COLUMNS}: written by another version")
     except sqlite3.DatabaseError:
         conn.close()
         raise

@@ -77,6 +77,8 @@ class CandidateRef:
     created: float
     llm_model: str | None = None
     reject_reason: str | None = None
+    kv_density: float | None = None  # absent from records made before it existed
+    speedup: float | None = None  # measured decode speedup (evaluation.speedup), when measured
 
     @property
     def valid(self) -> bool:
@@ -136,6 +138,7 @@ def row_from(meta: Meta, record: Mapping[str, Any], commit: str, reject_reason: 
         category=None if valid else str(record.get("category") or "unknown"),
         author=meta.author, summary=meta.summary, created=meta.created,
         llm_model=llm_model(record), reject_reason=reject_reason,
+        kv_density=_num(record.get("kv_density")), speedup=_num(record.get("speedup")),
     )
 
 
@@ -162,9 +165,10 @@ def commit_message(meta: Meta, record: Mapping[str, Any], parent_commit: str | N
     """
     head = f"iter {meta.iteration} [island {meta.island}]"
     if is_valid(record):
-        err, dens = _num(record.get("error")), _num(record.get("density"))
+        err, dens, speed = _num(record.get("error")), _num(record.get("density")), _num(record.get("speedup"))
         detail = ", ".join(p for p in (
-            f"err {err:.4f}" if err is not None else "", f"density {dens:.3f}" if dens is not None else "") if p)
+            f"err {err:.4f}" if err is not None else "", f"density {dens:.3f}" if dens is not None else "",
+            f"speedup {speed:.2f}x" if speed is not None else "") if p)
         subject = f"{head} score {float(record['combined_score']):.4f}" + (f" ({detail})" if detail else "")
     else:
         subject = f"{head} FAILED ({record.get('category') or 'unknown'})"

@@ -20,7 +20,7 @@ import typer
 from adrs.cli import score, run, inspect, edit, review, serve  # noqa: F401,I001
 from adrs.cli.common import Interrupted, UserError, app, console
 from adrs.safetext import terminal_safe
-from evaluator.errors import IsolationUnavailable
+from evaluator.errors import IsolationUnavailable, SpeedupUnavailable
 
 ISOLATION_HINT = (
     "Candidates are untrusted code (an LLM wrote them). Fix: allow unprivileged user namespaces "
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:  # usage errors: click's own one-line message
         exc.show()
         sys.exit(exc.exit_code)
-    except (UserError, FileNotFoundError, ModuleNotFoundError, NotADirectoryError) as exc:
+    except (UserError, SpeedupUnavailable, FileNotFoundError, ModuleNotFoundError, NotADirectoryError) as exc:
         if debug:
             raise
         console.print(f"[red]error:[/red] {terminal_safe(exc)}", soft_wrap=True)

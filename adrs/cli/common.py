@@ -62,8 +62,8 @@ def cell(value: object) -> str:
     return f"{value:.6g}" if isinstance(value, float) else terminal_safe(value)
 
 
-FAST_KEYS = ("valid", "combined_score", "error", "density", "density_penalty", "wall_s", "category", "reason", "workload",
-             "isolation")
+FAST_KEYS = ("valid", "combined_score", "error", "density", "kv_density", "density_penalty", "speedup", "speedup_penalty",
+             "wall_s", "category", "reason", "workload", "isolation")
 
 
 def report_table(report: dict, keys: tuple[str, ...] = FAST_KEYS, title: str | None = None) -> Table:
@@ -79,7 +79,7 @@ def report_table(report: dict, keys: tuple[str, ...] = FAST_KEYS, title: str | N
 
 def compare_table(old: dict, new: dict, old_label: str, new_label: str) -> Table:
     table = Table("", old_label, new_label)
-    for key in ("valid", "combined_score", "error", "density", "category", "reason", "workload"):
+    for key in ("valid", "combined_score", "error", "density", "kv_density", "speedup", "category", "reason", "workload"):
         if old.get(key) is None and new.get(key) is None:
             continue
         table.add_row(key, *(cell(d.get(key, "-")) for d in (old, new)))

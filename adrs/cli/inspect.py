@@ -91,19 +91,23 @@ def leaderboard(
         spend = run_spend(archive)
     if json_out:
         print(json.dumps([{**{k: getattr(r, k) for k in ("id", "iteration", "island", "status", "combined_score", "error",
-                                                          "density", "author", "parent_id", "commit", "category")},
+                                                          "density", "kv_density", "speedup", "author", "parent_id",
+                                                          "commit", "category")},
                            "reason": why[r.id] or None, "summary": r.summary,
                            "heldout_score": held[r.id][0], "replicates": held[r.id][1]} for r in rows]))
         return
     show_why = every or failed
-    headers = ["id", "iter", "isl", "score", "held-out", "error", "density", "author",
-               *(["status", "reason / summary"] if show_why else ["summary"])]
+    # The speedup column appears once some candidate has a measured one (evaluation.speedup).
+    timed = any(r.speedup is not None for r in rows)
+    headers = ["id", "iter", "isl", "score", "held-out", "error", "density", "kv dens", *(["speedup"] if timed else []),
+               "author", *(["status", "reason / summary"] if show_why else ["summary"])]
     table = []
     for r in rows:
         score, replicates = held[r.id]
         held_text = _num(score, ".5f") + (" NO" if replicates is False else "")
         cells = [r.id, str(r.iteration), str(r.island), _num(r.combined_score, ".5f"), held_text, _num(r.error, ".4f"),
-                 _num(r.density, ".4f"), r.author]
+                 _num(r.density, ".4f"), _num(r.kv_density, ".4f"),
+                 *([_num(r.speedup, ".2f") + ("x" if r.speedup is not None else "")] if timed else []), r.author]
         text = terminal_safe(why[r.id] or r.summary or "", markup=False)
         cells += [r.status, text] if show_why else [text]
         table.append(cells)
@@ -113,7 +117,8 @@ def leaderboard(
     if not rows:
         print("(no candidates)")
     width = out.width if out.is_terminal else None
-    for line in format_columns(headers, table, width, right=("iter", "isl", "score", "held-out", "error", "density")):
+    for line in format_columns(headers, table, width,
+                               right=("iter", "isl", "score", "held-out", "error", "density", "kv dens", "speedup")):
         print(line)
     print(HELD_CAPTION)
     if flagged:

@@ -44,11 +44,12 @@ def evolve_with_view(run_dir: Path, cfg, base: Path) -> None:
     from rich.live import Live
 
     from adrs.display import candidate_line, render
-    from adrs.evaluate import make_scorer
+    from adrs.evaluate import make_scorer, speedup_note
     from adrs.loop import LoopStats, evolve
 
     total = 1 + cfg.iterations
-    lines: list[str] = []
+    note = speedup_note(cfg)  # objective: speedup without a GPU stops here, before anything is captured
+    lines: list[str] = [note] if note else []
     view: dict[str, Any] = {"stats": LoopStats(), "done": 0}
     scorer = None
     try:

@@ -95,10 +95,11 @@ def print_faithful(report, json_out: bool) -> None:
 def _speedup_line(speed) -> str:
     if not speed.measured:
         return f"decode speedup: not measured ({speed.error or speed.reason})"
-    text = (f"decode speedup vs dense SDPA ({speed.device}, {speed.dtype}): {speed.overall_speedup:.2f}x overall, "
+    text = (f"decode speedup vs dense SDPA ({speed.device}, {speed.dtype}): {speed.speedup:.2f}x with {speed.layout} "
+            f"(kv_density {speed.kv_density:.4f}); per-query-head lists {speed.overall_speedup:.2f}x overall, "
             f"{speed.mean_speedup:.2f}x mean over {speed.n_records} records ({speed.dense_us:.1f} us -> {speed.sparse_us:.1f} us)")
     if speed.overall_kv_speedup is not None:
-        text += f"; {speed.overall_kv_speedup:.2f}x with one index list per KV head"
+        text += f"; one list per KV head (shared or the group's union) {speed.overall_kv_speedup:.2f}x"
     return text
 
 

@@ -12,9 +12,10 @@ from adrs.config import RunConfig
 from adrs.scheduler.base import Scheduler, SchedulerClosed, Which, WorkerLost
 from adrs.scheduler.local import LocalScheduler, WorkloadSource, local_devices
 from evaluator.sandbox import SandboxLimits
+from evaluator.speedup import SpeedupOptions
 
 __all__ = ["Scheduler", "SchedulerClosed", "Which", "WorkerLost", "LocalScheduler", "WorkloadSource",
-           "local_devices", "make_scheduler", "sandbox_limits"]
+           "local_devices", "make_scheduler", "sandbox_limits", "speedup_options"]
 
 
 def sandbox_limits(config: RunConfig) -> SandboxLimits:
@@ -22,6 +23,12 @@ def sandbox_limits(config: RunConfig) -> SandboxLimits:
     ev = config.evaluation
     return SandboxLimits(wall_s=ev.timeout_s, memory_mb=ev.memory_mb, scratch_bytes=ev.scratch_mb << 20,
                          unsafe_allow_unisolated=ev.unsafe_allow_unisolated)
+
+
+def speedup_options(config: RunConfig) -> SpeedupOptions | None:
+    """What ``evaluation.speedup`` asks to time per candidate, or None when it is off."""
+    ev = config.evaluation
+    return SpeedupOptions(records=ev.speedup_records, queries=ev.speedup_queries) if ev.speedup else None
 
 
 def make_scheduler(config: RunConfig, workloads: WorkloadSource) -> Scheduler:
@@ -41,6 +48,6 @@ def make_scheduler(config: RunConfig, workloads: WorkloadSource) -> Scheduler:
 
         specs = {"search": config.workload_spec(), "heldout": config.heldout_spec()}
         return RayScheduler(specs, config.density_target, sandbox_limits(config), address=ev.ray_address,
-                            workers=ev.workers, max_attempts=ev.max_attempts)
+                            workers=ev.workers, max_attempts=ev.max_attempts, speedup=speedup_options(config))
     return LocalScheduler(workloads, config.density_target, sandbox_limits(config),
-                          devices=local_devices(ev.workers), max_attempts=ev.max_attempts)
+                          devices=local_devices(ev.workers), max_attempts=ev.max_attempts, speedup=speedup_options(config))

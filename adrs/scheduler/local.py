@@ -10,6 +10,7 @@ from adrs.scheduler.base import Slot, SlotScheduler, Which, WorkerLost
 from evaluator.candidate import candidate_file
 from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
 from evaluator.scoring import ScoreReport
+from evaluator.speedup import SpeedupOptions, with_speedup
 from evaluator.workload import Workload
 
 WorkloadSource = Callable[[Which], Workload]
@@ -38,8 +39,9 @@ class LocalSlot(Slot):
     """A device with its own warm sandbox pool; workloads are copied onto the device once."""
 
     def __init__(self, index: int, device: str, workloads: WorkloadSource, density_target: float,
-                 limits: SandboxLimits) -> None:
+                 limits: SandboxLimits, speedup: SpeedupOptions | None = None) -> None:
         self.name = f"local-{index}-{device}"
+        self._speedup = speedup
         self.device = device
         self._source = workloads
         self._density_target = density_target
@@ -59,11 +61,14 @@ class LocalSlot(Slot):
     def evaluate(self, code: str, which: Which) -> ScoreReport:
         wl = self.workload(which)
         with candidate_file(code) as path:
-            run = run_candidate(path, wl, self._density_target, pool=self._pool)
-        if run.report.category == "harness":
+            # The decode speedup (search workload only) times the trusted kernel on the validated selections.
+            report = with_speedup(lambda hook: run_candidate(path, wl, self._density_target, pool=self._pool,
+                                                             on_selection=hook).report,
+                                  wl, self._speedup if which == "search" else None)
+        if report.category == "harness":
             # The worker died or hung before it took the job: no candidate code ran, try again.
-            raise WorkerLost(run.report.reason or "the sandbox worker failed to start")
-        return run.report
+            raise WorkerLost(report.reason or "the sandbox worker failed to start")
+        return report
 
     def recover(self) -> bool:
         return True  # every evaluation gets a fresh worker from the pool anyway
@@ -78,7 +83,7 @@ class LocalScheduler(SlotScheduler):
     """Evaluations spread over local devices, one at a time on each."""
 
     def __init__(self, workloads: WorkloadSource, density_target: float, limits: SandboxLimits,
-                 devices: Sequence[str] | None = None, max_attempts: int = 3) -> None:
+                 devices: Sequence[str] | None = None, max_attempts: int = 3, speedup: SpeedupOptions | None = None) -> None:
         self.devices = list(devices) if devices is not None else local_devices()
-        slots = [LocalSlot(i, d, workloads, density_target, limits) for i, d in enumerate(self.devices)]
+        slots = [LocalSlot(i, d, workloads, density_target, limits, speedup) for i, d in enumerate(self.devices)]
         super().__init__(slots, max_attempts)

@@ -30,6 +30,7 @@ from evaluator.candidate import candidate_file
 from evaluator.sandbox import SandboxLimits, Worker, WorkerPool, run_candidate
 from evaluator.sandbox.isolation import kill_tree
 from evaluator.scoring import ScoreReport
+from evaluator.speedup import SpeedupOptions, with_speedup
 from evaluator.workload import Workload, WorkloadSpec, at_precision, load_workload
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,10 @@ class EvalActor:
     """Runs in a Ray worker process: workloads in memory, one sandboxed evaluation at a time."""
 
     def __init__(self, specs: dict[str, WorkloadSpec | None], density_target: float, limits: SandboxLimits,
-                 use_gpu: bool) -> None:
+                 use_gpu: bool, speedup: SpeedupOptions | None = None) -> None:
         sweep_orphans(os.getpid())
         self._specs = specs
+        self._speedup = speedup
         self._density_target = density_target
         self._device = "cuda:0" if use_gpu else "cpu"
         self._workloads: dict[str, Workload] = {}
@@ -118,7 +120,10 @@ class EvalActor:
         self.load(which)
         with candidate_file(code) as path:
             try:
-                return run_candidate(path, self._workloads[which], self._density_target, pool=self._pool).report
+                wl = self._workloads[which]
+                return with_speedup(lambda hook: run_candidate(path, wl, self._density_target, pool=self._pool,
+                                                               on_selection=hook).report,
+                                    wl, self._speedup if which == "search" else None)
             finally:
                 (_inflight_dir() / f"{os.getpid()}.json").unlink(missing_ok=True)
 
@@ -218,7 +223,8 @@ class RayScheduler(SlotScheduler):
 
     def __init__(self, specs: dict[str, WorkloadSpec | None], density_target: float, limits: SandboxLimits,
                  address: str | None = None, workers: int | None = None, max_attempts: int = 3,
-                 start_timeout_s: float = 300.0, load_timeout_s: float = 3600.0) -> None:
+                 start_timeout_s: float = 300.0, load_timeout_s: float = 3600.0,
+                 speedup: SpeedupOptions | None = None) -> None:
         import ray
 
         unknown = set(specs) - set(WHICH)
@@ -234,7 +240,7 @@ class RayScheduler(SlotScheduler):
         actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=-1, max_task_retries=0,
                                scheduling_strategy="SPREAD")(EvalActor)
         guard = limits.startup_s + limits.wall_s + GUARD_MARGIN_S
-        args = (specs, density_target, limits, use_gpu)
+        args = (specs, density_target, limits, use_gpu, speedup)
         self.use_gpu = use_gpu
         self._ray_slots = [RaySlot(i, actor_cls, args, guard, start_timeout_s, load_timeout_s) for i in range(count)]
         super().__init__(self._ray_slots, max_attempts)

@@ -51,7 +51,8 @@ def _row(view: RunView, ref: CandidateRef, notes: dict[str, list[dict[str, Any]]
     faithful = _latest(entries, why="faithful")
     return {
         "id": ref.id, "iteration": ref.iteration, "island": ref.island, "status": ref.status,
-        "score": ref.combined_score, "error": ref.error, "density": ref.density, "author": ref.author,
+        "score": ref.combined_score, "error": ref.error, "density": ref.density, "kv_density": ref.kv_density,
+        "speedup": ref.speedup, "author": ref.author,
         "parent": ref.parent_id, "summary": ref.summary, "category": ref.category, "created": ref.created,
         "reason": ref.reject_reason if ref.status == "rejected" else record.get("reason"),
         "flag": flag_of(ref), "heldout": _score(heldout), "faithful": _score(faithful),

@@ -12,6 +12,13 @@ Two split-K kernels and one merge kernel:
   are multiplied, so P carries about 16 significant bits instead of 8 (bf16), float32 accumulation.
 - ``_merge``: combines the chunks' (max, sum, acc) of each query head and writes the output.
 
+Two variants were measured on an H200 and dropped (benchmarks/results/sparse_decode_h200_sweep.json):
+a merge fused into the split kernel (the last program of a row, elected by an atomic counter,
+merges the row: 28.1 us instead of 23.9 at 128k / batch 1 / density 0.10, per-KV-head lists,
+since that last program merges its group's rows serially after everything else) and a manual
+register prefetch of the next K/V tile (29.8-33.2 us instead of 23.9: Triton's own pipelining
+with ``num_stages=2`` already overlaps the gathers feeding ``tl.dot``).
+
 Logits are kept in base 2 (``s * scaling * log2(e) + log2(w)``), so ``exp2`` replaces ``exp``.
 """
 from __future__ import annotations
@@ -61,7 +68,7 @@ def _split_head(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     offs_first = start + tl.arange(0, BLOCK_N)
     idx_next = tl.load(i_base + offs_first, mask=offs_first < end, other=-1)
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(start, start + CHUNK, BLOCK_N):  # the last chunk may run past N: masked
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
         if PREFETCH:  # indices of this block were loaded during the previous one
@@ -138,7 +145,7 @@ def _split_group(
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     offs_first = start + tl.arange(0, BLOCK_N)
     idx_next = tl.load(i_base + offs_first, mask=offs_first < end, other=-1)
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(start, start + CHUNK, BLOCK_N):  # the last chunk may run past N: masked
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
         if PREFETCH:  # indices of this block were loaded during the previous one
@@ -192,47 +199,57 @@ def _split_group(
 
 
 @triton.jit
-def _merge(
-    OUT, M_PART, L_PART, ACC_PART, stride_ob, stride_oh, H, NUM_SPLITS,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    offs_s = tl.arange(0, BLOCK_S)
-    smask = offs_s < NUM_SPLITS
+def _merge_row(OUT_ROW, M_PART, L_PART, ACC_PART, row, NUM_SPLITS,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr):
+    """Combine the NUM_SPLITS chunks (max, sum, acc) of one query-head row and store its output,
+    in one pass with a running max (the loads of a chunk of splits are independent)."""
     offs_d = tl.arange(0, BLOCK_D)
-    m = tl.load(M_PART + pid * NUM_SPLITS + offs_s, mask=smask, other=-float("inf"))
-    l = tl.load(L_PART + pid * NUM_SPLITS + offs_s, mask=smask, other=0.0)
-    m_max = tl.max(m, axis=0)
-    m_safe = tl.where(m_max == -float("inf"), 0.0, m_max)
-    scale = tl.exp2(m - m_safe)
-    l_tot = tl.sum(l * scale, axis=0)
+    base = row.to(tl.int64) * NUM_SPLITS
+    m_run = tl.zeros([], dtype=tl.float32) - float("inf")
+    l_run = tl.zeros([], dtype=tl.float32)
     o = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s0 in range(0, NUM_SPLITS, CHUNK_S):
         offs_c = s0 + tl.arange(0, CHUNK_S)
         cmask = offs_c < NUM_SPLITS
-        mc = tl.load(M_PART + pid * NUM_SPLITS + offs_c, mask=cmask, other=-float("inf"))
+        mc = tl.load(M_PART + base + offs_c, mask=cmask, other=-float("inf"))
+        lc = tl.load(L_PART + base + offs_c, mask=cmask, other=0.0)
+        acc = tl.load(ACC_PART + (base + offs_c[:, None]) * BLOCK_D + offs_d[None, :], mask=cmask[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(mc, axis=0))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - m_safe)
         sc = tl.exp2(mc - m_safe)
-        acc = tl.load(ACC_PART + (pid.to(tl.int64) * NUM_SPLITS + offs_c[:, None]) * BLOCK_D + offs_d[None, :],
-                      mask=cmask[:, None], other=0.0)
-        o += tl.sum(acc * sc[:, None], axis=0)
-    o = tl.where(l_tot > 0, o / tl.where(l_tot > 0, l_tot, 1.0), 0.0)
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, o.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+        l_run = l_run * alpha + tl.sum(lc * sc, axis=0)
+        o = o * alpha + tl.sum(acc * sc[:, None], axis=0)
+        m_run = m_new
+    o = tl.where(l_run > 0, o / tl.where(l_run > 0, l_run, 1.0), 0.0)
+    tl.store(OUT_ROW + offs_d, o.to(OUT_ROW.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _merge(
+    OUT, M_PART, L_PART, ACC_PART, stride_ob, stride_oh, H, NUM_SPLITS,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    _merge_row(OUT + b * stride_ob + h * stride_oh, M_PART, L_PART, ACC_PART, pid, NUM_SPLITS, HEAD_DIM, BLOCK_D, CHUNK_S)
 
 
 _SM_COUNT: dict = {}
 
 
 def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1) runs on CPU tensors
+        return 132
     key = device.index if device.index is not None else torch.cuda.current_device()
     if key not in _SM_COUNT:
         _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
     return _SM_COUNT[key]
 
 
-# Launch defaults per kernel, tuned on an H100 at Llama-3.1-8B shapes (128k context, batch 1,
-# density 0.10; see benchmarks/bench_sparse_decode.py --tune and benchmarks/results/).
+# Launch defaults per kernel, tuned on an H100 at Llama-3.1-8B shapes (128k context, batch 1, density 0.10) and
+# confirmed on an H200 at 32k and 128k, batch 1 (benchmarks/bench_sparse_decode.py --tune; benchmarks/results/).
 DEFAULTS = {
     "head": dict(block_n=128, num_warps=2, num_stages=1, ctas_per_sm=4, early_v=True, prefetch=True),
     "group": dict(block_n=32, num_warps=4, num_stages=2, ctas_per_sm=4, early_v=True, prefetch=True),
@@ -354,6 +371,6 @@ def sparse_decode_triton(
     if not normalize:
         _merge[(b * h,)](
             out, m_part, l_part, acc_part, out.stride(0), out.stride(1), h, splits,
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)), CHUNK_S=min(64, max(2, triton.next_power_of_2(splits))), num_warps=4,
+            HEAD_DIM=d, BLOCK_D=block_d, CHUNK_S=min(64, max(2, triton.next_power_of_2(splits))), num_warps=4,
         )
     return out

@@ -26,7 +26,7 @@ from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok
 from evaluator.sandbox.transport import ProtocolError, decode_selection, workload_inputs
 from evaluator.errors import IsolationUnavailable
 from evaluator.records import AttentionRecord
-from evaluator.scoring import InvalidSelection, ScoreReport, aggregate, dense_weights, score_weights
+from evaluator.scoring import InvalidSelection, ScoreReport, aggregate, dense_weights, record_scores
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 _LAUNCHER = str(Path(__file__).resolve().with_name("launcher.py"))
@@ -512,7 +512,7 @@ def _score(status: dict[str, Any], workload: Any, density_target: float, scratch
             else:
                 selection = decode_selection(None, meta, rec, tensors=load(data))
             weights = dense_weights(selection, rec)
-            rows.append((rec.sample, rec.layer, *score_weights(rec, weights)))
+            rows.append((rec.sample, rec.layer, *record_scores(rec, weights)))
         except InvalidSelection as exc:
             return ScoreReport.failure("invalid", f"{where}: {exc}")
         except ProtocolError as exc:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from evaluator.contract import MaskerInput
+from evaluator.contract import MaskerInput, per_query_heads
 from evaluator.records import record_seed
 from evaluator.sandbox.channel import pack, read_blocking, write_blocking
 from evaluator.sandbox.devicepack import encode_selection_on_device
@@ -58,7 +58,7 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
         )
         shape = (queries.shape[0], queries.shape[1], queries.shape[2], end)
         try:
-            selection = masker(inp)
+            selection = per_query_heads(masker(inp), shape[1], inp.num_kv_heads)  # a per-KV-head one, broadcast
             tensors, meta = encode_selection_on_device(selection, shape, device)
         except BaseException as exc:  # noqa: BLE001 - anything raised here is the candidate's
             category = "memory" if is_memory_error(exc) else "exception"

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from evaluator.contract import SparseSelection
 from evaluator.records import AttentionRecord
-from evaluator.scoring import InvalidSelection
+from evaluator.scoring import InvalidSelection, expected_shapes
 
 PLAIN = "torch.Tensor"
 SPARSE = "evaluator.contract.SparseSelection"
@@ -240,7 +240,7 @@ def decode_selection(path: Path | None, meta: dict[str, Any], record: AttentionR
         ishape, wshape = tuple(mi.get("shape", ())), tuple(mw.get("shape", ()))
         if len(ishape) != 4 or ishape[:3] != shape[:3] or ishape != wshape:
             raise InvalidSelection(
-                f"SparseSelection indices {ishape} and weights {wshape} must both be [b, h, q, n] with [b, h, q] = {shape[:3]}")
+                f"SparseSelection indices {ishape} and weights {wshape} must both be {expected_shapes(record, sparse=True)}")
         if mi.get("device") != str(device) or mw.get("device") != str(device):
             raise InvalidSelection(f"SparseSelection is on {mi.get('device')}/{mw.get('device')}, inputs are on {device}")
         if mi.get("dtype") not in ("torch.int32", "torch.int64") or not _is_float(mw.get("dtype")):
@@ -256,7 +256,7 @@ def decode_selection(path: Path | None, meta: dict[str, Any], record: AttentionR
     _reject_meta(meta, "selection", record)
     got = tuple(meta.get("shape", ()))
     if got != shape:
-        raise InvalidSelection(f"selection has shape {got}, expected [b, h, q, k] = {shape}")
+        raise InvalidSelection(f"selection has shape {got}, expected {expected_shapes(record)}")
     if meta.get("device") != str(device):
         raise InvalidSelection(f"selection is on {meta.get('device')}, inputs are on {device}")
     dtype = meta.get("dtype")

@@ -58,6 +58,7 @@ def main() -> None:
     import torch
 
     from evaluator import contract  # noqa: F401
+    from evaluator.contract import per_query_heads
     from evaluator.candidate import load_masker, masker_input
     from evaluator.sandbox.devicepack import encode_selection_on_device
     from evaluator.sandbox.transport import InputReader
@@ -134,6 +135,7 @@ def main() -> None:
         where = f"sample {rec.sample}, layer {rec.layer}"
         try:
             selection = masker(masker_input(rec, job["density_target"], job["base_seed"], state={}))
+            selection = per_query_heads(selection, rec.weights_shape[1], rec.keys.shape[1])  # a per-KV-head one, broadcast
             # Packed where the selection lives: only bits and non-unit values cross to the host.
             tensors, meta = encode_selection_on_device(selection, rec.weights_shape, str(rec.queries.device))
         except BaseException as exc:  # noqa: BLE001

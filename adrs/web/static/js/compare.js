@@ -35,7 +35,8 @@
     const details = await Promise.all(parsed.map((p) => getJSON(apiUrl(p.run, `candidate/${enc(p.cand)}`))));
     const rowsOf = [["run", (d) => d.run], ["status", (d) => d.row.status + (d.row.flag ? ` (${d.row.flag})` : "")],
       ["score", (d) => fmt(d.row.score)], ["held-out", (d) => fmt(d.row.heldout)], ["faithful", (d) => fmt(d.row.faithful)],
-      ["error", (d) => fmt(d.row.error, 4)], ["density", (d) => fmt(d.row.density, 4)], ["author", (d) => d.row.author],
+      ["error", (d) => fmt(d.row.error, 4)], ["density", (d) => fmt(d.row.density, 4)],
+      ["kv density", (d) => fmt(d.row.kv_density, 4)], ["speedup", (d) => fmt(d.row.speedup, 2)], ["author", (d) => d.row.author],
       ["parent", (d) => d.row.parent || "-"], ["summary", (d) => d.row.summary], ["failure / rejection", (d) => d.row.reason || ""]];
     root.append(el("table", {class: "grid kvwide"},
       el("thead", {}, el("tr", {}, el("th", {}, ""), details.map((d) => el("th", {}, el("a", {href: candUrl(d.run, d.row.id)}, `${d.run}:${d.row.id}`))))),

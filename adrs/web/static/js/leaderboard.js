@@ -38,7 +38,8 @@
       el("td", {}, r.flag ? `${r.status} (${r.flag})` : r.status),
       el("td", {class: "num"}, fmt(r.score)), el("td", {class: "num"}, fmt(r.heldout)),
       el("td", {class: "num"}, fmt(r.faithful)), el("td", {class: "num"}, fmt(r.error, 4)),
-      el("td", {class: "num"}, fmt(r.density, 4)), el("td", {}, r.author),
+      el("td", {class: "num"}, fmt(r.density, 4)), el("td", {class: "num"}, fmt(r.kv_density, 4)),
+      el("td", {class: "num"}, fmt(r.speedup, 2)), el("td", {}, r.author),
       el("td", {class: "text"}, why(r)))));
     document.getElementById("count").textContent = `${rows.length} of ${state.rows.length}`;
     for (const th of document.querySelectorAll("#board th[data-key]")) {
@@ -75,7 +76,7 @@
       options(form.author, [...new Set(data.rows.map((r) => r.author))].sort());
       render();
     } catch (err) {
-      clear(tbody).append(el("tr", {}, el("td", {colspan: 12, class: "error"}, `error: ${err.message}`)));
+      clear(tbody).append(el("tr", {}, el("td", {colspan: 14, class: "error"}, `error: ${err.message}`)));
     }
   });
 })();
