@@ -15,7 +15,6 @@ as they land (an LLM is not deterministic anyway).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Callable
 from adrs import review
 from adrs.archive import open_run
 from adrs.archive.store import Archive
+from adrs.commit import Child, archived_hashes, code_hash, commit_child, ensure_seed, maybe_checkpoint
 from adrs.config import RunConfig, dump_config
 from adrs.evaluate import CodeScorer
 from adrs.llm.budget import BudgetExceeded
@@ -37,21 +37,6 @@ from evaluator.scoring import ScoreReport
 Event = dict[str, Any]
 MAX_CONSECUTIVE_LLM_FAILURES = 5
 OFFLINE_DRAWS = 8  # tries for an offline child whose code is not archived yet
-
-
-@dataclass(frozen=True)
-class Child:
-    """A scored proposal, ready to commit."""
-
-    parent_id: str
-    island: int
-    code: str
-    report: ScoreReport
-    mutation: MutationResult
-    llm: dict[str, Any] | None = None
-    prompt: str | None = None
-    response: str | None = None
-    transcript: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass
@@ -93,33 +78,6 @@ def _parent_record(row: Any) -> ParentRecord:
         id=row.id, island=row.island, combined_score=row.combined_score, error=row.error,
         density=row.density, valid=row.status == "valid",
     )
-
-
-def _record(child: Child, scorer: CodeScorer) -> dict[str, Any]:
-    data = child.report.to_dict()
-    data["mutation"] = {"kind": child.mutation.kind, "summary": child.mutation.summary, "error": child.mutation.error}
-    data["workload_hash"] = scorer.workload.hash
-    if child.llm:
-        data["llm"] = child.llm
-    if child.prompt is not None:
-        data["prompt"] = child.prompt
-        data["response"] = child.response
-    if child.transcript:
-        data["transcript"] = list(child.transcript)
-    return data
-
-
-def ensure_seed(archive: Archive, cfg: RunConfig, scorer: CodeScorer, base: Path) -> None:
-    """Commit the seed candidate as iteration 0 if the archive is empty."""
-    if archive.next_iteration() > 0:
-        return
-    path = Path(cfg.seed_candidate)
-    if not path.is_absolute() and not path.exists():
-        path = base / path
-    code = path.read_text()
-    report = scorer.score(code)
-    record = report.to_dict() | {"workload_hash": scorer.workload.hash, "mutation": {"kind": "seed", "summary": path.name}}
-    archive.add_candidate(code, record, parent=None, iteration=0, island=0, author="seed", summary=f"seed: {path.name}")
 
 
 class Proposer:
@@ -180,15 +138,6 @@ class Proposer:
                 proposal.messages)
 
 
-def code_hash(code: str) -> str:
-    """Identity of a candidate's code, to skip re-evaluating what the archive already holds."""
-    return hashlib.sha256(code.encode()).hexdigest()
-
-
-def archived_hashes(archive: Archive) -> set[str]:
-    return {code_hash(archive.code(r.id)) for r in archive.all()}
-
-
 def _choose(archive: Archive, cfg: RunConfig, slot: int, horizon: int | None) -> Any:
     """The parent (and inspirations) of the child for ``slot``, from the rows up to iteration ``horizon`` (None: all)."""
     rows = [r for r in archive.all() if horizon is None or r.iteration <= horizon]
@@ -218,84 +167,6 @@ async def _score_child(scorer: CodeScorer, choice: Any, parent_code: str, mutati
         code = mutation.code
         report = await asyncio.to_thread(scorer.score, code)
     return Child(choice.parent_id, choice.island, code, report, mutation, llm, prompt, response, transcript)
-
-
-def _cascade(archive: Archive, scorer: CodeScorer, child: Child, record: dict[str, Any]) -> str | None:
-    """Re-score a candidate that beats the best on the held-out workload; the reason if it fails to confirm."""
-    best = archive.best()
-    margin = scorer.config.evaluation.heldout_margin
-    if scorer.config.heldout_spec() is None or not child.report.valid or best is None:
-        return None
-    if child.report.combined_score <= best.combined_score + margin:
-        return None
-    held = scorer.score(child.code, heldout=True, speedup=child.report.speedup)
-    record["heldout"] = held.to_dict()
-    best_held = heldout_of(archive, best.id, scorer.heldout_workload().hash)
-    if best_held is None:
-        best_held = scorer.heldout_score(best.id, archive.code(best.id), _speedup_of(archive, best.id)).to_dict()
-        archive.add_rescore(best.id, rescore_entry(best_held, scorer.heldout_workload().hash, "cascade"))
-    if not held.valid:
-        return f"held-out evaluation failed ({held.category}: {held.reason})"
-    if best_held.get("valid") and held.combined_score < best_held["combined_score"]:
-        return (f"gain does not replicate on held-out: {held.combined_score:.4f} < best's {best_held['combined_score']:.4f}")
-    return None
-
-
-def _audit(archive: Archive, scorer: CodeScorer, child: Child, record: dict[str, Any]) -> str | None:
-    """Numerics audit: re-score a candidate that beats the best in float64; the reason if its gain disappears there.
-
-    A gain that exists only in float32 (the estimator's rounding, not the selection) must not
-    make a candidate the best or a parent, however small it is.
-    """
-    ev = scorer.config.evaluation
-    best = archive.best()
-    if not ev.numerics_audit or not child.report.valid or best is None:
-        return None
-    if child.report.combined_score <= best.combined_score:
-        return None
-    audited = scorer.audit_score(child.code, child.report.speedup)
-    record["audit"] = audited.to_dict()
-    key = audit_key(scorer)
-    best_audit = report_of(archive, best.id, key, "audit")
-    if best_audit is None:
-        best_audit = scorer.audit_score(archive.code(best.id), _speedup_of(archive, best.id)).to_dict()
-        archive.add_rescore(best.id, rescore_entry(best_audit, key, "audit"))
-    if not audited.valid:
-        return f"numerics audit: the float64 re-score failed ({audited.category}: {audited.reason})"
-    if best_audit.get("valid") and audited.combined_score <= best_audit["combined_score"] + ev.audit_tolerance:
-        return (f"numerics audit: the gain disappears in float64 ({audited.combined_score:.10f} vs the best's "
-                f"{best_audit['combined_score']:.10f}; float32: {child.report.combined_score:.10f} vs {best.combined_score:.10f})")
-    return None
-
-
-def _speedup_of(archive: Archive, candidate_id: str) -> float | None:
-    """A candidate's decode speedup measured on the search workload (None if not measured)."""
-    value = archive.record(candidate_id).get("speedup")
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def audit_key(scorer: CodeScorer) -> str:
-    """What audit notes are keyed by: the search workload, scored in float64."""
-    return f"{scorer.workload.hash}/float64"
-
-
-def rescore_entry(report: dict[str, Any], workload_hash: str, why: str) -> dict[str, Any]:
-    """What a re-score note keeps: the report, on which workload, and why it was made."""
-    return {"workload_hash": workload_hash, "why": why, "report": report}
-
-
-def heldout_of(archive: Archive, candidate_id: str, workload_hash: str) -> dict[str, Any] | None:
-    """A candidate's held-out report: from its record (cascade) or its newest re-score note."""
-    return report_of(archive, candidate_id, workload_hash, "heldout")
-
-
-def report_of(archive: Archive, candidate_id: str, workload_hash: str, field: str) -> dict[str, Any] | None:
-    """A candidate's ``field`` report ("heldout", "audit"): from its record or its newest re-score note."""
-    record = archive.record(candidate_id)
-    if record.get(field):
-        return record[field]
-    notes = [n for n in archive.rescores(candidate_id) if n.get("workload_hash") == workload_hash]
-    return notes[-1]["report"] if notes else None
 
 
 async def evolve(
@@ -435,15 +306,6 @@ async def _wait_for_review(archive: Archive, run_dir: Path, emit: Callable[[Even
         emit({"kind": "resumed", "message": "review decided; continuing"})
 
 
-def maybe_checkpoint(archive: Archive, cfg: RunConfig, ref: Any, became_best: bool) -> review.Checkpoint | None:
-    reason = review.checkpoint_reason(ref.iteration, became_best, cfg.review.every, cfg.review.on_new_best)
-    if reason is None:
-        return None
-    # An every-N checkpoint reviews the best so far; a new-best one reviews the newcomer.
-    subject = ref if became_best or archive.best() is None else archive.best()
-    return review.make_checkpoint(archive, ref.iteration, subject, reason)
-
-
 def _backfill_checkpoint(archive: Archive, cfg: RunConfig) -> None:
     """Make the checkpoint a run killed between commit and tag would have made."""
     last = archive.next_iteration() - 1
@@ -452,18 +314,6 @@ def _backfill_checkpoint(archive: Archive, cfg: RunConfig) -> None:
     ref = archive.get(last)
     best = archive.best()
     maybe_checkpoint(archive, cfg, ref, best is not None and best.id == ref.id)
-
-
-def commit_child(archive: Archive, scorer: CodeScorer, child: Child, author: str = "model",
-                 summary: str | None = None) -> tuple[Any, str | None]:
-    """Numerics audit and held-out cascade, then commit ``child``; returns its row and why it was flagged, if it was."""
-    record = _record(child, scorer)
-    rejection = _audit(archive, scorer, child, record) or _cascade(archive, scorer, child, record)
-    ref = archive.add_candidate(child.code, record, parent=child.parent_id, island=child.island, author=author,
-                                summary=summary or child.mutation.summary or child.mutation.error or "")
-    if rejection:
-        ref = archive.mark_rejected(ref, rejection)
-    return ref, rejection
 
 
 def _commit(archive: Archive, scorer: CodeScorer, child: Child, stats: LoopStats,

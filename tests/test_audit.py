@@ -12,7 +12,8 @@ import torch
 from adrs.archive import open_run
 from adrs.config import parse_config
 from adrs.evaluate import CodeScorer
-from adrs.loop import Child, commit_child, ensure_seed, island_view
+from adrs.commit import Child, commit_child, ensure_seed
+from adrs.loop import island_view
 from adrs.mutation import MutationResult
 from conftest import ROOT
 from evaluator.candidate import candidate_file

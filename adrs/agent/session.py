@@ -24,7 +24,7 @@ from adrs.config import RunConfig, dump_config
 from adrs.evaluate import CodeScorer
 from adrs.llm.budget import Usage
 from adrs.llm.client import Completion, LLMClient, LLMError
-from adrs.loop import ensure_seed
+from adrs.commit import ensure_seed
 from adrs.prompts import DEFAULT_TEMPLATE_DIR, format_score, render_prompt
 from evaluator.candidate import split_candidate
 

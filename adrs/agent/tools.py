@@ -22,7 +22,7 @@ from adrs.archive.store import Archive
 from adrs.config import RunConfig
 from adrs.evaluate import CodeScorer
 from adrs.llm.client import ToolCall
-from adrs.loop import Child, code_hash, commit_child, maybe_checkpoint, rescore_entry
+from adrs.commit import Child, code_hash, commit_child, maybe_checkpoint, rescore_entry
 from adrs.mutation import MutationResult, apply_edits, apply_rewrite, extract_rewrite, parse_edit_blocks
 from adrs.prompts import format_score
 from evaluator.candidate import CandidateFormatError, split_candidate

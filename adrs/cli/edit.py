@@ -63,7 +63,7 @@ def patch(
     2 bad input (nothing committed), 3 committed but rejected by the held-out check.
     """
     from adrs.evaluate import make_scorer
-    from adrs.loop import Child, commit_child
+    from adrs.commit import Child, commit_child
     from adrs.mutation import MutationResult
 
     cfg = run_config(run_dir)
@@ -109,7 +109,7 @@ def rescore(
 ) -> None:
     """Score an archived candidate again (sandboxed, by default on the held-out workload) and keep the result."""
     from adrs.evaluate import CodeScorer
-    from adrs.loop import rescore_entry
+    from adrs.commit import rescore_entry
     from evaluator.workload import load_workload
     from evaluator.workload.spec import resolve_spec
 
@@ -141,7 +141,7 @@ def rescore(
 
 
 def _rescore_faithful(run_dir: Path, cand: str, cfg, workload: Optional[str], json_out: bool) -> None:
-    from adrs.loop import rescore_entry
+    from adrs.commit import rescore_entry
     from adrs.scheduler import sandbox_limits
     from evaluator.candidate import candidate_file
     from evaluator.faithful.spec import resolve_faithful_spec

@@ -23,7 +23,7 @@ HELD_CAPTION = "held-out: '-' not scored there (adrs rescore); NO: beats the see
 
 def _heldout_column(archive, rows: list, cfg) -> dict[str, tuple[float | None, bool | None]]:
     """Per row: held-out score, and whether its gain over the seed replicates there (None: unknown)."""
-    from adrs.loop import heldout_of
+    from adrs.commit import heldout_of
 
     spec = cfg.heldout_spec() if cfg is not None else None
     if spec is None or not rows:
