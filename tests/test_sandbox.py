@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from evaluator.candidate import load_masker, masker_input
+from evaluator.inprocess import score_masker
 from evaluator.sandbox import SandboxLimits, WorkerPool, evaluate_in_sandbox, run_candidate
 from evaluator.sandbox.isolation import live_descendants, scrubbed_env
 from evaluator.scoring import FAILURE_CATEGORIES, aggregate, score_record
@@ -195,12 +196,18 @@ def test_scrubbed_env_drops_secrets():
 
 
 def _in_process(path: Path, workload, density_target: float):
-    masker = load_masker(path)
-    rows = []
-    for rec in workload.records:
-        sel = masker(masker_input(rec, density_target, workload.spec.seed))
-        rows.append((rec.sample, rec.layer, *score_record(rec, sel)))
-    return aggregate(rows, density_target)
+    return score_masker(load_masker(path), workload, density_target)
+
+
+def test_batched_scorer_matches_record_by_record(tiny):
+    """The chunked scorer gives score_record's numbers (to rounding) for every record."""
+    masker = load_masker(SEEDS / "oracle_topk.py")
+    rows = [(r.sample, r.layer, *score_record(r, masker(masker_input(r, 0.1, tiny.spec.seed)))) for r in tiny.records]
+    one_by_one = aggregate(rows, 0.1)
+    batched = _in_process(SEEDS / "oracle_topk.py", tiny, 0.1)
+    assert batched.density == one_by_one.density
+    assert batched.error == pytest.approx(one_by_one.error, rel=1e-9)
+    assert [x.error for x in batched.per_layer] == pytest.approx([x.error for x in one_by_one.per_layer], rel=1e-9)
 
 
 SINK_WINDOW = '''import torch

@@ -11,6 +11,7 @@ import json
 import os
 import select
 import struct
+import time
 from typing import Any, Callable
 
 import torch
@@ -75,10 +76,12 @@ class DeadlineIO:
     worker died, it printed too much). Every length the worker declares is capped.
     """
 
-    def __init__(self, read_fd: int, write_fd: int, check: Callable[[], None], max_payload: int) -> None:
+    def __init__(self, read_fd: int, write_fd: int | None, check: Callable[[], None], max_payload: int) -> None:
+        """``write_fd`` None: a read-only channel (the fast score's result stream)."""
         self.read_fd, self.write_fd, self.check, self.max_payload = read_fd, write_fd, check, max_payload
         for fd in (read_fd, write_fd):
-            os.set_blocking(fd, False)
+            if fd is not None:
+                os.set_blocking(fd, False)
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -106,6 +109,8 @@ class DeadlineIO:
             if chunk:
                 buf += chunk
                 continue
+            if chunk == b"":
+                time.sleep(0.002)  # end of file: the peer is exiting; let check() see it go without spinning
             self.check()
         return bytes(buf)
 

@@ -201,7 +201,7 @@ class SandboxSession:
             status = None  # a session only ends "ok" when we close it: this is a mid-session exit
         outcome = WorkerOutcome(worker.proc.returncode, timed_out, log_exceeded or worker._reader.exceeded.is_set(),
                                 worker._reader.text(), status, self.candidate_s, job_sent)
-        report = _interpret(outcome, self.limits, None, self.density_target, worker.scratch)
+        report = _interpret(outcome, self.limits)
         if report.category == "timeout":
             report.reason = f"the candidate used more than {self.limits.wall_s:g} s over its masker calls and was killed"
         return report

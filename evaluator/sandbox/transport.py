@@ -158,6 +158,10 @@ class InputReader:
         host tensor converts on the host first and ships twice the bytes. Exact either way."""
         return self._file.get_tensor(name).to(self.device).to(torch.float32)
 
+    def records(self) -> list[AttentionRecord]:
+        """Every record, loaded now (a warm spare does this before its job arrives)."""
+        return [self.record(i) for i in range(len(self))]
+
     def record(self, i: int) -> AttentionRecord:
         """An AttentionRecord without values or dense output (empty tensors stand in)."""
         sample, layer, num_layers, scaling = self.meta[i]
