@@ -56,6 +56,15 @@ def plain_weights(selection: Any, record: AttentionRecord) -> torch.Tensor:
     return dense_weights(selection, record)
 
 
+def validated_weights(selection: Any, record: AttentionRecord) -> torch.Tensor:
+    """``scoring.dense_weights`` with its value checks in one host sync (the same rules and wording)."""
+    weights = plain_weights(selection, record)
+    if bool(_invalid_flags(weights, record.positions.to(weights.device)[None], weights.shape[0]).any()):
+        _check_values(weights, record.positions)
+        raise InvalidSelection("selection failed validation")  # the batched check is stricter: never expected
+    return weights
+
+
 class RecordScorer:
     """Validates and scores records' weights chunk by chunk; ``rows()`` gives (sample, layer, error, density)."""
 
