@@ -2,6 +2,7 @@
 and evaluations per minute on 1..N GPUs, for this tree and, optionally, an older one.
 
     python benchmarks/bench_throughput.py --before /path/to/old/checkout [--slots 1 2] [--repeat 3]
+    python benchmarks/bench_throughput.py --before OLD --workload synthetic --parts fast,scale   # no model needed
 
 Each tree is measured in its own child process (``PYTHONPATH`` = that tree), with the same
 calls both trees have: ``score_file``, ``run_candidate`` with a warm ``WorkerPool`` (the
@@ -52,12 +53,37 @@ def _median(fn: Callable[[], Any], repeat: int, before: Callable[[], Any] | None
     return statistics.median(times), out
 
 
+def _workload(name: str, device: str) -> Any:
+    """A captured workload, or ``synthetic``: random float16-exact records of ``default``'s shapes
+    (4 samples x 30 layers x 32 queries at 8192 keys, SmolLM2's 9 query and 3 KV heads), for a
+    machine without the model; the same on every run and tree."""
+    import torch
+
+    from evaluator.workload import load_workload
+
+    if name != "synthetic":
+        return load_workload(name, device=device, progress=False)
+    from evaluator.records import AttentionRecord
+    from evaluator.scoring import dense_attention
+    from evaluator.workload import Workload
+    from evaluator.workload.spec import WorkloadSpec
+
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for sample in range(4):
+        for layer in range(30):
+            q, k, v = (torch.randn(1, h, n, 64, generator=gen).half().float().to(device)
+                       for h, n in ((9, 32), (3, 8192), (3, 8192)))
+            pos = torch.arange(8192 - 32, 8192, device=device)
+            records.append(AttentionRecord(sample, layer, 30, q, k, v, pos, 0.125, dense_attention(q, k, v, pos, 0.125)))
+    return Workload(WorkloadSpec(name="synthetic"), "synthetic", Path("/nonexistent"), tuple(records), 30)
+
+
 def part_fast(args: argparse.Namespace) -> dict[str, Any]:
     from evaluator.inprocess import score_file
     from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
-    from evaluator.workload import load_workload
 
-    workload = load_workload(args.workload, device=args.device, progress=False)
+    workload = _workload(args.workload, args.device)
     limits = SandboxLimits(wall_s=300)
     rows = {}
     with WorkerPool(limits, cuda=args.device.startswith("cuda")) as pool:
@@ -137,10 +163,9 @@ class _BusySampler:
 def part_scale(args: argparse.Namespace) -> dict[str, Any]:
     from adrs.scheduler import LocalScheduler, local_devices
     from evaluator.sandbox import SandboxLimits
-    from evaluator.workload import load_workload
 
     code = (REPO / "seeds" / "sink_window.py").read_text()
-    workload = load_workload(args.workload, progress=False)
+    workload = _workload(args.workload, "cpu")
     rows = {}
     for slots in args.slots:
         devices = local_devices(slots)
@@ -173,7 +198,7 @@ def _run_child(tree: Path, part: str, args: argparse.Namespace, timeout: float) 
     env = dict(os.environ)
     others = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() not in (REPO, tree)]
     env["PYTHONPATH"] = os.pathsep.join([str(tree), *others])  # that tree's packages, nothing of the other
-    out = Path(args.out).with_suffix(f".{tree.name}.{part}.json")
+    out = Path(args.out).with_suffix(f".{tree.name}.{part.replace(',', '-')}.json")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", part, "--child-out", str(out),
            "--device", args.device, "--workload", args.workload, "--faithful", args.faithful,
            "--repeat", str(args.repeat), "--faithful-repeat", str(args.faithful_repeat),
@@ -182,7 +207,8 @@ def _run_child(tree: Path, part: str, args: argparse.Namespace, timeout: float) 
     try:
         subprocess.run(cmd, env=env, cwd=str(tree), timeout=timeout, check=True)
     except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as exc:
-        return {"failed": f"{type(exc).__name__}", "wall_s": time.perf_counter() - t0}
+        done = json.loads(out.read_text()) if out.is_file() else {}
+        return {**done, "failed": f"{type(exc).__name__}", "wall_s": time.perf_counter() - t0}
     return {**json.loads(out.read_text()), "wall_s": time.perf_counter() - t0}
 
 
@@ -209,20 +235,26 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         sys.path.insert(0, os.getcwd())
-        Path(args.child_out).write_text(json.dumps(PARTS[args.child](args)))
+        done: dict[str, Any] = {}
+        for part in args.child.split(","):
+            done[part] = PARTS[part](args)
+            Path(args.child_out).write_text(json.dumps(done))  # what is done survives a timeout
         return
 
     trees = {"after": REPO, **({"before": args.before.resolve()} if args.before else {})}
     results: dict[str, dict[str, Any]] = {label: {} for label in trees}
     t_start = time.perf_counter()
-    for part in args.parts:
+    # One child per tree and group of parts (each child pays for torch and CUDA once); groups in priority order.
+    groups = [[p for p in args.parts if p != "faithful"], [p for p in args.parts if p == "faithful"]]
+    for group in filter(None, groups):
         for label, tree in trees.items():
             left = args.budget_s - (time.perf_counter() - t_start)
             if left < 20:
-                results[label][part] = {"skipped": "time budget spent"}
+                results[label].update({part: {"skipped": "time budget spent"} for part in group})
                 continue
-            results[label][part] = _run_child(tree, part, args, left)
-            print(f"{label} {part}: {results[label][part].get('wall_s', 0):.1f} s", flush=True)
+            got = _run_child(tree, ",".join(group), args, left)
+            results[label].update({part: got.get(part, {"skipped": got.get("failed", "not reached")}) for part in group})
+            print(f"{label} {'+'.join(group)}: {got.get('wall_s', 0):.1f} s", flush=True)
             Path(args.out).write_text(json.dumps({"results": results}, indent=1))
 
     labels = list(trees)

@@ -1,4 +1,4 @@
-"""The sandbox worker: ``python -m evaluator.sandbox.worker CONTROL_FD LIMITS_JSON``.
+"""The sandbox worker: ``python -m evaluator.sandbox.worker CONTROL_FD LIMITS_JSON [PREP_JSON]``.
 
 Started by ``evaluator.sandbox.launcher``, already inside its namespaces (or, under the explicit
 opt-out, without them). Runs exactly one candidate, then exits. Order matters, and everything
@@ -7,12 +7,17 @@ before step 5 is trusted code:
 1. rlimits: file size, no core dumps, task count (address space: in step 4, on top of what
    the prologue mapped);
 2. import torch and friends (this is the slow part, done before the candidate's clock starts,
-   so a warm spare worker can do it ahead of time);
-3. say "R" on the control socket; receive the job's files as fds there (the workload's inputs,
-   or a session's pipes), then the job (JSON line, with the candidate's source) on stdin;
+   so a warm spare worker can do it ahead of time), on the slot's GPU (``PREP_JSON``'s device);
+   a spare told to (``preload``) then loads the workload's inputs, sent as an fd on the
+   control socket, onto that device;
+3. say "R" on the control socket; receive the job's files as fds there (the workload's inputs
+   unless preloaded, the result pipe, or a session's pipes), then the job (JSON line, with the
+   candidate's source) on stdin;
 4. write the candidate into scratch (the cwd), drop to ``nobody`` (root only), audit hook;
-5. load the candidate, run ``masker`` on every record, write each selection to ``out/``;
-6. write ``status.json`` (success or a categorised failure) and exit.
+5. load the candidate, run ``masker`` on every record, send each selection down the result
+   pipe as soon as it is encoded (the parent scores while the next one is computed);
+6. send the status (success or a categorised failure) last and exit; a session's worker
+   writes ``status.json`` instead.
 
 The parent trusts none of what this process writes: a candidate can rewrite any of it.
 """
