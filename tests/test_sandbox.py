@@ -45,6 +45,8 @@ CASES = {
     "memory_blowup": ("memory_blowup", LIMITS, "memory", ""),
     "segfault": ("segfault", LIMITS, "crash", "SIGSEGV"),
     "os_exit": ("os_exit", LIMITS, "crash", "exited with code 0"),
+    "forge_status": ("forge_status", LIMITS, "crash", "wrong number of selections"),
+    "garbage_stream": ("garbage_stream", LIMITS, "crash", "malformed"),
     "read_secrets": ("read_secrets", NO_AUDIT, None, ""),
     "open_socket_audit": ("open_socket", LIMITS, None, ""),
     "open_socket_netns": ("open_socket", NO_AUDIT, None, ""),
@@ -391,6 +393,25 @@ def test_pool_starts_the_replacement_after_the_job(tiny):
             again = pool.take()
         assert pool._spare is not None and pool._spare is not again
         again.close()
+
+
+def test_spare_preloads_the_workload_and_scores_the_same(tiny):
+    """After one candidate the pool's spares load the workload's inputs before their job; the
+    job then carries no inputs, and the numbers do not change. A spare preloaded with another
+    workload's inputs is sent this one's."""
+    from evaluator.sandbox.transport import workload_inputs
+
+    seed = SEEDS / "oracle_topk.py"
+    with WorkerPool(SandboxLimits(wall_s=60), device="cpu") as pool:
+        assert pool._spare.preloaded is None
+        cold = run_candidate(seed, tiny, 0.1, pool=pool)
+        assert pool._spare is not None and pool._spare.preloaded == workload_inputs(tiny)
+        warm = run_candidate(seed, tiny, 0.1, pool=pool)
+        other = replace(tiny, records=tiny.records[:2])
+        mixed = run_candidate(seed, other, 0.1, pool=pool)  # this spare holds tiny's inputs, not other's
+    assert cold.report.valid and warm.report.valid and mixed.report.valid, (warm.report.reason, mixed.report.reason)
+    assert warm.report.combined_score == cold.report.combined_score == score_masker(load_masker(seed), tiny, 0.1).combined_score
+    assert mixed.report.n_records == 2 and mixed.report.combined_score == score_masker(load_masker(seed), other, 0.1).combined_score
 
 
 # ---------------------------------------------------------------- isolation level and the opt-out
