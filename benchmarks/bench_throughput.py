@@ -24,35 +24,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, whichever tree is measured
+
+from timing import median_time as _median, saturate  # noqa: E402
+
 SEEDS = ("sink_window", "oracle_topk", "vattention")
 
 
 # ---------------------------------------------------------------- child: one tree, one part
-def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
-
-
-def _median(fn: Callable[[], Any], repeat: int, before: Callable[[], Any] | None = None) -> tuple[float, Any]:
-    times, out = [], None
-    for _ in range(repeat):
-        if before is not None:
-            before()
-        t, out = _timed(fn)
-        times.append(t)
-    return statistics.median(times), out
-
-
 def _workload(name: str, device: str) -> Any:
     """A captured workload, or ``synthetic``: random float16-exact records of ``default``'s shapes
     (4 samples x 30 layers x 32 queries at 8192 keys, SmolLM2's 9 query and 3 KV heads), for a
@@ -173,19 +155,12 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
             rows[str(slots)] = {"skipped": f"{len(devices)} GPU(s) here"}
             continue
         sched = LocalScheduler(lambda which: workload, 0.10, SandboxLimits(wall_s=600), devices=devices)
+        sampler = _BusySampler(slots)
         try:
-            for f in [sched.submit(code) for _ in range(2 * slots)]:  # every slot warm, its pool told the workload
-                assert f.result().valid
-            n = args.per_slot * slots
-            with _BusySampler(slots) as sampler:
-                t0 = time.perf_counter()
-                reports = [f.result() for f in [sched.submit(code) for _ in range(n)]]
-                elapsed = time.perf_counter() - t0
+            rows[str(slots)] = saturate(sched, code, slots, args.per_slot, during=sampler)
         finally:
             sched.close()
-        assert all(r.valid for r in reports)
-        rows[str(slots)] = {"evaluations": n, "elapsed_s": elapsed, "per_minute": 60 * n / elapsed,
-                            "mean_eval_s": sum(r.wall_s for r in reports) / n, "gpu_busy": sampler.busy()}
+        rows[str(slots)]["gpu_busy"] = sampler.busy()
         print(slots, rows[str(slots)], flush=True)
     return rows
 
