@@ -42,6 +42,10 @@ class EvaluationConfig(BaseModel):
     workers: int | None = Field(
         None, gt=0, description="evaluations at once; null = one per visible GPU, or 1 on CPU (ray: one actor per cluster GPU, or 1)",
     )
+    in_flight: int | None = Field(
+        None, gt=0, description="LLM-free mutators: proposals being scored at once (null = one per evaluation worker); "
+        "a run replays exactly for the same value, which is recorded in the run's config",
+    )
     ray_address: str | None = Field(None, description="executor ray: the cluster to join, e.g. 'ray://head:10001' or 'head:6379'")
     max_attempts: int = Field(
         3, ge=1, description="tries per candidate when its evaluation worker or node is lost (a failing candidate is not retried)",

@@ -59,6 +59,10 @@ class CodeScorer:
             return faithful_score(path, preset, self.config.density_target, limits=limits,
                                   in_process=self.config.evaluation.in_process)
 
+    def slots(self) -> int:
+        """How many evaluations run at once (1 in process)."""
+        return 1 if self.config.evaluation.in_process else self.scheduler().slots
+
     def scheduler(self) -> Scheduler:
         """The evaluation scheduler, started on first use."""
         with self._lock:

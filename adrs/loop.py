@@ -2,9 +2,15 @@
 
 Every candidate is committed to the archive as soon as it is scored, so a killed run loses
 only work in flight, and `resume` continues from what was committed. Iteration numbers are
-assigned at commit time under the archive's lock: no gaps, no duplicates. With one proposal
-in flight (always so for the offline mutator) the run is a deterministic function of its
-seed and config, so a replay produces the same archive.
+assigned at commit time under the archive's lock: no gaps, no duplicates.
+
+The LLM-free mutators (offline, structural) keep ``W = evaluation.in_flight`` proposals in
+flight and still replay exactly: the child that becomes iteration ``i`` picks its parent
+from the archive as it stood at iteration ``i - W`` (which is always committed by then),
+avoids the code of every earlier iteration (committed or in flight), and children are
+committed in iteration order, whatever order their scores arrive in. So the archive is a
+deterministic function of seed, config and ``W``, across resumes too. LLM proposals commit
+as they land (an LLM is not deterministic anyway).
 """
 from __future__ import annotations
 
@@ -130,24 +136,28 @@ class Proposer:
 
             self.client = LLMClient(cfg.llm, seed=cfg.seed)
 
-    @property
-    def max_in_flight(self) -> int:
-        return 1 if self.client is None else self.cfg.llm.max_in_flight
+    def max_in_flight(self, window: int) -> int:
+        return window if self.client is None else self.cfg.llm.max_in_flight
+
+    def propose_offline(self, archive: Archive, choice: Any, key: int, seen: set[str]) -> MutationResult:
+        """An LLM-free child of ``choice``: a function of the seed, ``key`` and the archived code it reads."""
+        parent_code = archive.code(choice.parent_id)
+        partner = archive.code(choice.top_ids[0]) if choice.top_ids else None
+        # Random perturbations often land on code already archived; other draws (still a
+        # function of seed and key, so replays match), with ever wider steps once the
+        # neighbourhood is used up, are cheaper than a re-evaluation.
+        for attempt in range(OFFLINE_DRAWS):
+            result = self.offline.propose(parent_code, partner, key=f"{key}/{attempt}" if attempt else key,
+                                          step_scale=1.0 + attempt)
+            if result.code is None or code_hash(result.code) not in seen:
+                break
+        return result
 
     async def propose(self, archive: Archive, choice: Any, key: int, notes: list[str],
                       seen: set[str]) -> tuple[MutationResult, dict | None, str | None, str | None, tuple[dict[str, Any], ...]]:
-        parent_code = archive.code(choice.parent_id)
         if self.client is None:
-            partner = archive.code(choice.top_ids[0]) if choice.top_ids else None
-            # Random perturbations often land on code already archived; other draws (still a
-            # function of seed and key, so replays match), with ever wider steps once the
-            # neighbourhood is used up, are cheaper than a re-evaluation.
-            for attempt in range(OFFLINE_DRAWS):
-                result = self.offline.propose(parent_code, partner, key=f"{key}/{attempt}" if attempt else key,
-                                              step_scale=1.0 + attempt)
-                if result.code is None or code_hash(result.code) not in seen:
-                    break
-            return result, None, None, None, ()
+            return self.propose_offline(archive, choice, key, seen), None, None, None, ()
+        parent_code = archive.code(choice.parent_id)
         from adrs.llm.proposal import propose
         from adrs.prompts import render_prompt
 
@@ -178,14 +188,27 @@ def archived_hashes(archive: Archive) -> set[str]:
     return {code_hash(archive.code(r.id)) for r in archive.all()}
 
 
+def _choose(archive: Archive, cfg: RunConfig, slot: int, horizon: int | None) -> Any:
+    """The parent (and inspirations) of the child for ``slot``, from the rows up to iteration ``horizon`` (None: all)."""
+    rows = [r for r in archive.all() if horizon is None or r.iteration <= horizon]
+    return select_parent(island_view(rows, slot, cfg), slot, cfg.selection, cfg.seed)
+
+
 async def _make_child(archive: Archive, cfg: RunConfig, scorer: CodeScorer, proposer: Proposer, slot: int,
                       notes: list[str], seen: set[str]) -> Child:
-    rows = archive.all()
-    choice = select_parent(island_view(rows, slot, cfg), slot, cfg.selection, cfg.seed)
+    """An LLM child: proposed against the archive as it is now, then scored."""
+    choice = _choose(archive, cfg, slot, None)
     mutation, llm, prompt, response, transcript = await proposer.propose(archive, choice, slot, notes, seen)
+    return await _score_child(scorer, choice, archive.code(choice.parent_id), mutation, seen,
+                              llm, prompt, response, transcript)
+
+
+async def _score_child(scorer: CodeScorer, choice: Any, parent_code: str, mutation: MutationResult, seen: set[str],
+                       llm: dict | None = None, prompt: str | None = None, response: str | None = None,
+                       transcript: tuple[dict[str, Any], ...] = ()) -> Child:
     if mutation.code is None:
         report = ScoreReport.failure("mutation", mutation.error or "the reply could not be applied")
-        code = archive.code(choice.parent_id)
+        code = parent_code
     elif code_hash(mutation.code) in seen:
         # Recorded (so the model's history shows it) but not evaluated: its score is known.
         report = ScoreReport.failure("mutation", "duplicate: this exact code is already in the archive; not evaluated")
@@ -276,17 +299,24 @@ async def evolve(
     emit = on_event or (lambda e: None)
     stats = LoopStats()
     with open_run(run_dir, create=True) as archive:
+        if cfg.evaluation.in_flight is None:  # fixed once, in the run's config, so resumes replay alike
+            window = scorer.slots()
+            cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"in_flight": window})})
         if not archive.config_path.exists():
             archive.config_path.write_text(dump_config(cfg))
         archive.recover()
         ensure_seed(archive, cfg, scorer, base)
         proposer = Proposer(cfg)
+        window = proposer.max_in_flight(cfg.evaluation.in_flight)
+        ordered = proposer.client is None  # LLM-free: commit in iteration order, see the module docstring
         total = 1 + (cfg.iterations if iterations is None else iterations)
         notes = review.prompt_notes(archive)
         _backfill_checkpoint(archive, cfg)
         paused = cfg.review.mode == "pause" and bool(review.pending(archive))
-        pending: set[asyncio.Task] = set()
+        pending: dict[asyncio.Task, int] = {}  # task -> the iteration its child will get
+        ready: dict[int, Child] = {}  # LLM-free children scored out of order, waiting for their turn
         seen = archived_hashes(archive)
+        in_flight_codes: dict[int, str] = {}  # LLM-free: code hashes of proposals not yet committed
         llm_failures = 0
         best = archive.best()
         if best is not None:  # a resumed run starts from what is archived, not from "no best yet"
@@ -299,23 +329,26 @@ async def evolve(
                     await _wait_for_review(archive, run_dir, emit)
                     notes = review.prompt_notes(archive)
                     paused = False
-                # The slot keys the random streams; with one proposal in flight it equals the
-                # iteration the child will get, which makes offline runs replay exactly.
-                while not paused and len(pending) < proposer.max_in_flight and not _budget_done(proposer):
-                    slot = archive.next_iteration() + len(pending)
+                # The slot keys the random streams and is the iteration the child will get.
+                while not paused and len(pending) + len(ready) < window and not _budget_done(proposer):
+                    slot = archive.next_iteration() + len(pending) + len(ready)
                     if slot >= total:
                         break
-                    pending.add(asyncio.create_task(_make_child(archive, cfg, scorer, proposer, slot, notes, seen)))
+                    if ordered:
+                        task = _launch_offline(archive, cfg, scorer, proposer, slot, window, seen, in_flight_codes)
+                    else:
+                        task = asyncio.create_task(_make_child(archive, cfg, scorer, proposer, slot, notes, seen))
+                    pending[task] = slot
                 if not pending:
                     break
-                stats.in_flight = len(pending)
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                stats.in_flight = len(pending)
+                stats.in_flight = len(pending) + len(ready)
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 # Every finished task's outcome is read before acting on any: an exception left
                 # unread is logged when the task is garbage-collected, and on CPython 3.11 that
                 # traceback formatting inside the collector can break a concurrent ast.parse.
-                outcomes = [(task, task.exception()) for task in done]
-                for task, exc in outcomes:
+                outcomes = [(task, pending.pop(task), task.exception()) for task in done]
+                stats.in_flight = len(pending) + len(ready)
+                for task, slot, exc in outcomes:
                     if isinstance(exc, BudgetExceeded):
                         emit({"kind": "budget", "message": f"budget reached: {exc}; finishing in-flight work"})
                     elif isinstance(exc, LLMError):
@@ -330,11 +363,16 @@ async def evolve(
                         raise exc
                     else:
                         llm_failures = 0
-                        child = task.result()
-                        seen.add(code_hash(child.code))
-                        checkpoint = _commit(archive, scorer, child, stats, emit)
-                        if checkpoint and cfg.review.mode == "pause" and archive.next_iteration() < total:
-                            paused = True
+                        ready[slot] = task.result()
+                # LLM children commit as they land; LLM-free ones in iteration order.
+                for slot in sorted(ready) if not ordered else _next_in_order(ready, archive.next_iteration()):
+                    child = ready.pop(slot)
+                    in_flight_codes.pop(slot, None)
+                    seen.add(code_hash(child.code))
+                    checkpoint = _commit(archive, scorer, child, stats, emit)
+                    if checkpoint and cfg.review.mode == "pause" and archive.next_iteration() < total:
+                        paused = True
+                stats.in_flight = len(pending) + len(ready)
         finally:
             for task in pending:
                 task.cancel()
@@ -343,6 +381,30 @@ async def evolve(
     stats.in_flight = 0
     emit({"kind": "finished", "stats": stats})
     return stats
+
+
+def _launch_offline(archive: Archive, cfg: RunConfig, scorer: CodeScorer, proposer: Proposer, slot: int,
+                    window: int, seen: set[str], in_flight_codes: dict[int, str]) -> asyncio.Task:
+    """Propose the LLM-free child that becomes iteration ``slot`` now, and start scoring it.
+
+    It reads only what is certain by now whatever the timing: the archive up to iteration
+    ``slot - window`` for its parent, and every earlier iteration's code (archived or in
+    flight) to avoid duplicates. That makes it a function of seed, config and window alone.
+    """
+    choice = _choose(archive, cfg, slot, max(0, slot - window))
+    earlier = seen | set(in_flight_codes.values())
+    mutation = proposer.propose_offline(archive, choice, slot, earlier)
+    if mutation.code is not None:
+        in_flight_codes[slot] = code_hash(mutation.code)
+    return asyncio.create_task(_score_child(scorer, choice, archive.code(choice.parent_id), mutation, earlier))
+
+
+def _next_in_order(ready: dict[int, Child], next_iteration: int) -> list[int]:
+    """The run of consecutive iterations, from the next one to commit, that are ready."""
+    run = []
+    while next_iteration + len(run) in ready:
+        run.append(next_iteration + len(run))
+    return run
 
 
 def _budget_done(proposer: Proposer) -> bool:

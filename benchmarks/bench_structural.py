@@ -1,11 +1,15 @@
 """Structural search from sink+window: best error against evaluations, beside the five seeds.
 
     python benchmarks/bench_structural.py [--workload small] [--heldout small-heldout] [--evaluations 100]
+        [--in-flight N] [--max-search-s S] [--faithful faithful]
 
 The search runs as `adrs run` does with `llm: structural` (candidates sandboxed); the seeds
 are trusted and scored in process. The final best is re-scored (sandboxed) on the held-out
-workload beside the seeds' held-out scores. Prints tables and writes
-benchmarks/results/structural_<workload>.json.
+workload beside the seeds' held-out scores; with ``--faithful`` the best and the two
+strongest seeds are also scored faithfully (the model decodes with their selections in every
+layer; all sandboxed) and their top-1 agreement with dense decoding is compared. The search
+runs in chunks of resumed runs (exact: resume replays), so ``--max-search-s`` stops it cleanly
+with what was reached. Prints tables and writes benchmarks/results/structural_<workload>.json.
 """
 from __future__ import annotations
 
@@ -60,6 +64,22 @@ def best_curve(rows: list) -> list[dict]:
     return curve
 
 
+def faithful_rows(best_code: str, preset: str, target: float, seeds: dict[str, float | None]) -> dict[str, dict]:
+    """Faithful reports (sandboxed, one model load) of the best and the two seeds with the lowest error."""
+    from evaluator.candidate import candidate_file
+    from evaluator.faithful.score import FaithfulContext
+
+    strongest = [n for n, e in sorted(seeds.items(), key=lambda kv: kv[1] if kv[1] is not None else 9)][:2]
+    ctx = FaithfulContext(preset, "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        out = {name: ctx.score(ROOT / "seeds" / f"{name}.py", target).to_dict() for name in strongest}
+        with candidate_file(best_code) as path:
+            out["structural best"] = ctx.score(path, target).to_dict()
+    finally:
+        ctx.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", default="small")
@@ -68,6 +88,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", type=float, default=0.10)
     parser.add_argument("--run-dir", default=None, help="keep the run here (default: a temporary directory)")
+    parser.add_argument("--in-flight", type=int, default=None, help="proposals scored at once (default: one per worker)")
+    parser.add_argument("--max-search-s", type=float, default=None, help="stop the search after this long (whole chunks)")
+    parser.add_argument("--chunk", type=int, default=25, help="iterations per resumed chunk")
+    parser.add_argument("--faithful", default=None, help="faithful preset to compare the best with the seeds on")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     console = Console()
@@ -79,11 +103,18 @@ def main() -> None:
         "name": "bench-structural", "seed": args.seed, "iterations": args.evaluations, "density_target": args.target,
         "seed_candidate": str(ROOT / "seeds" / "sink_window.py"), "workload": args.workload,
         "heldout_workload": args.heldout, "llm": "structural", "review": {"every": 0},
+        "evaluation": {"in_flight": args.in_flight},
     })
     scorer = make_scorer(cfg, progress=False)
     t0 = time.perf_counter()
     try:
-        asyncio.run(evolve(run_dir, cfg, scorer))
+        done = 0
+        while done < args.evaluations:
+            done = min(args.evaluations, done + args.chunk)
+            asyncio.run(evolve(run_dir, cfg, scorer, iterations=done))
+            console.print(f"{done} iterations, {time.perf_counter() - t0:.0f} s", highlight=False)
+            if args.max_search_s is not None and time.perf_counter() - t0 > args.max_search_s:
+                break
         search_s = time.perf_counter() - t0
         with open_run(run_dir) as archive:
             rows = sorted(archive.all(), key=lambda r: r.iteration)
@@ -94,8 +125,9 @@ def main() -> None:
     finally:
         scorer.close()
     curve = best_curve(rows)
+    faithful = faithful_rows(best_code, args.faithful, args.target, seeds) if args.faithful else None
 
-    table = Table(title=f"structural search from sink_window on {args.workload} (sandboxed, {platform.machine()} CPU)")
+    table = Table(title=f"structural search from sink_window on {args.workload} (sandboxed, {'cuda' if torch.cuda.is_available() else platform.machine() + ' CPU'})")
     for col in ("evaluations", "best error", "best iteration"):
         table.add_column(col)
     for point in curve:
@@ -116,6 +148,15 @@ def main() -> None:
     console.print(f"search {search_s:.0f} s; best error <= 0.06 first reached at evaluation {reached}; "
                   f"{len(flagged)} flagged (held-out or numerics audit)")
 
+    if faithful:
+        ft = Table(title=f"faithful ({args.faithful}, sandboxed): agreement with dense decoding")
+        for col in ("masker", "agreement", "faithful error", "density", "KL"):
+            ft.add_column(col)
+        for name, rep in faithful.items():
+            ft.add_row(name, *(f"{rep.get(k):.4f}" if rep.get(k) is not None else "-"
+                               for k in ("agreement", "error", "density", "kl")))
+        console.print(ft)
+
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"structural_{args.workload}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
@@ -125,7 +166,8 @@ def main() -> None:
         "best": {"id": best.id, "iteration": best.iteration, "error": best.error, "density": best.density,
                  "summary": best.summary, "heldout_error": held.error if held.valid else None,
                  "heldout_density": held.density if held.valid else None, "code": best_code},
-        "first_evaluation_at_or_below_0.06": reached, "flagged": flagged,
+        "first_evaluation_at_or_below_0.06": reached, "flagged": flagged, "faithful": faithful,
+        "evaluations_done": len(curve),
     }, indent=2))
     console.print(f"wrote {out}")
 

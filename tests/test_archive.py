@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from pathlib import Path
 
 import git
 import pytest
 
-from adrs.archive import ArchiveError, Identity, open_run, reindex
+from adrs.archive import ArchiveError, Identity, open_run, reindex, run_lock
 from adrs.archive import gitstore, index
 from adrs.archive.model import Meta, candidate_id, commit_message
 
@@ -261,3 +262,31 @@ def test_human_identity_falls_back_to_user(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("USER", "grace")
     assert human_identity(None, None) == Identity("grace", "grace@localhost")
     assert human_identity("Grace Hopper", "g@example.org") == Identity("Grace Hopper", "g@example.org")
+
+
+def test_readonly_handle_follows_a_writer_without_its_lock(run: Path) -> None:
+    """A reader (the web view) syncs from git alone while another handle writes; no lock is taken."""
+    from adrs.archive import open_run_readonly, sync_readonly
+
+    with open_run(run, create=True) as writer:
+        seed = writer.add_candidate(SEED_CODE, rec(-0.3), author="seed", summary="seed")
+        reader = open_run_readonly(run)
+        assert [r.id for r in reader.all()] == [seed.id] and not sync_readonly(reader)
+        child = writer.add_candidate("a\n", rec(-0.1), parent=seed.id, summary="better")
+        writer.add_candidate("b\n", rec(None), parent=seed.id, summary="failed")
+        assert sync_readonly(reader)
+        assert [(r.id, r.status) for r in reader.all()] == [(seed.id, "valid"), (child.id, "valid"), ("c000002", "failed")]
+        assert reader.best().id == child.id
+        writer.mark_rejected(child, "overfits")
+        assert sync_readonly(reader) and not sync_readonly(reader)
+        assert reader.get(child.id).status == "rejected" and reader.get(child.id).reject_reason == "overfits"
+        assert reader.best().id == seed.id
+        # While a writer holds the lock, the reader still syncs (flock would block it: run_lock is not re-entrant).
+        writer.add_candidate("c\n", rec(-0.2), parent=seed.id, summary="third")
+        done = []
+        with run_lock(run):
+            thread = threading.Thread(target=lambda: done.append(sync_readonly(reader)))
+            thread.start()
+            thread.join(20)
+        assert done == [True] and len(reader.all()) == 4
+        reader.close()

@@ -59,6 +59,25 @@ def test_resume_continues_without_gaps(tmp_path, tiny_workload):
     assert rows == run(tmp_path / "one", cfg, tiny_workload, iterations=6)
 
 
+@pytest.mark.parametrize("llm", ["offline", "structural"])
+def test_several_in_flight_replay_exactly_and_resume_alike(tmp_path, tiny_workload, llm):
+    # Three children are scored at once (threads, so they finish in varying order); the
+    # archive must not depend on that order, nor on where a resume cut the run.
+    cfg = tiny_config(llm=llm, iterations=8, evaluation={"in_process": True, "in_flight": 3})
+    first = run(tmp_path / "a", cfg, tiny_workload)
+    assert [r[0] for r in first] == list(range(9))
+    assert first == run(tmp_path / "b", cfg, tiny_workload)
+    run(tmp_path / "c", cfg, tiny_workload, iterations=4)
+    assert run(tmp_path / "c", cfg, tiny_workload) == first
+    with open_run(tmp_path / "a") as archive:
+        rows = {r.id: r for r in archive.all()}
+        # Each child's parent was committed at least `in_flight` iterations before it.
+        assert all(rows[r.parent_id].iteration <= max(0, r.iteration - 3) for r in rows.values() if r.parent_id)
+        evaluated = [archive.code(r.id) for r in rows.values() if r.status != "failed"]
+    assert len(evaluated) == len(set(evaluated)), "an in-flight sibling's code was evaluated twice"
+    assert "in_flight: 3" in (tmp_path / "a" / "config.yaml").read_text()
+
+
 def test_cascade_rejects_gains_that_do_not_replicate(tmp_path, tiny_workload):
     rows = run(tmp_path, tiny_config(iterations=12), tiny_workload)
     with open_run(tmp_path) as archive:

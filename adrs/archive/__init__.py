@@ -12,9 +12,11 @@ from adrs.archive.model import (
 )
 from adrs.archive.store import (
     Archive, ArchiveError, Checkpoint, RecoverReport, open_run, open_run_readonly, reindex, run_lock,
+    sync_readonly,
 )
 
 __all__ = [
     "ARCHIVE_IDENTITY", "MODEL_IDENTITY", "SEED_IDENTITY", "Archive", "ArchiveError", "CandidateRef",
     "Checkpoint", "Identity", "RecoverReport", "human_identity", "open_run", "open_run_readonly", "reindex", "run_lock",
+    "sync_readonly",
 ]

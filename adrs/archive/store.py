@@ -367,9 +367,11 @@ def open_run_readonly(run_dir: str | os.PathLike[str]) -> Archive:
     """Open a run for reading only (a colleague's run, a read-only mount): no lock, no writes.
 
     The index is rebuilt in memory from git, so a stale or missing ``index.sqlite`` does not
-    matter. Git refuses by default to read a repository another user owns ("dubious
-    ownership"); this handle's git commands trust this one repository, and the commands used
-    to read (for-each-ref, notes, cat-file, diff --no-ext-diff) run nothing it configures.
+    matter; :func:`sync_readonly` brings it up to date later (a run another process is writing).
+    Git refuses by default to read a repository another user owns ("dubious ownership"); this
+    handle's git commands trust this one repository, and the commands used to read
+    (for-each-ref, notes, cat-file, diff --no-ext-diff) run nothing it configures. The in-memory
+    index may be used from several threads, one at a time (the caller serialises them).
     """
     run_dir = Path(run_dir)
     if not (run_dir / "repo").is_dir():
@@ -377,15 +379,34 @@ def open_run_readonly(run_dir: str | os.PathLike[str]) -> Archive:
     repo = git.Repo(run_dir / "repo")
     repo.git.update_environment(GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="safe.directory",
                                 GIT_CONFIG_VALUE_0=str((run_dir / "repo").resolve()))
-    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
     conn.executescript(index.SCHEMA)
-    refs, _ = gitstore.refs_snapshot(repo)
-    notes = gitstore.rejections(repo)
-    for cid, commit in refs.items():
-        meta, record, _ = gitstore.read_candidate(repo, commit)
-        note = notes.get(commit)
-        index.insert(conn, row_from(meta, record, commit, gitstore.reject_reason(repo, note) if note else None))
-    return Archive(run_dir, repo, conn)
+    archive = Archive(run_dir, repo, conn)
+    sync_readonly(archive)
+    return archive
+
+
+def sync_readonly(archive: Archive) -> bool:
+    """Make a read-only handle's in-memory index agree with git; True if any row changed.
+
+    Reads git only, so it is safe while another process writes the run: a candidate's ref is
+    written after its objects, so a candidate is seen whole or not at all. Rows are re-read only
+    for new candidates and for those whose rejection state changed.
+    """
+    refs, _ = gitstore.refs_snapshot(archive.repo)
+    notes = gitstore.rejections(archive.repo)
+    rows = {r.id: r for r in index.all_rows(archive.conn)}
+    stale = [cid for cid, r in rows.items() if refs.get(cid) != r.commit
+             or (r.status == "rejected") != (r.commit in notes)]
+    fresh = [cid for cid in refs if cid not in rows or cid in stale]
+    for cid in stale:
+        index.delete(archive.conn, cid)
+    for cid in fresh:
+        meta, record, _ = gitstore.read_candidate(archive.repo, refs[cid])
+        note = notes.get(refs[cid])
+        reason = gitstore.reject_reason(archive.repo, note) if note else None
+        index.insert(archive.conn, row_from(meta, record, refs[cid], reason))
+    return bool(stale or fresh)
 
 
 def reindex(run_dir: str | os.PathLike[str]) -> int:

@@ -5,6 +5,7 @@
 - :mod:`adrs.cli.inspect`: ``leaderboard``, ``show``, ``diff``, ``plot``, ``export``, ``reindex`` (read-only but reindex)
 - :mod:`adrs.cli.edit`: ``patch``, ``rescore``
 - :mod:`adrs.cli.review`: ``review``
+- :mod:`adrs.cli.serve`: ``serve`` (the web view)
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import click
 import typer
 
 # Importing registers the commands, in this order in the help.
-from adrs.cli import score, run, inspect, edit, review  # noqa: F401,I001
+from adrs.cli import score, run, inspect, edit, review, serve  # noqa: F401,I001
 from adrs.cli.common import Interrupted, UserError, app, console
 from adrs.safetext import terminal_safe
 from evaluator.errors import IsolationUnavailable
