@@ -18,7 +18,9 @@ import torch
 from evaluator.records import AttentionRecord
 from evaluator.scoring import WEIGHT_TOLERANCE, InvalidSelection, _check_values, dense_weights, record_precision, sparse_attention
 
-CHUNK_BYTES = 1 << 30  # float32 weights + logits of one chunk stay near this; only the chunk size depends on it
+# Float32 weights + logits of one chunk stay near this; only the chunk size depends on it. On the
+# host, batching saves little (no launches to amortise) and big chunks fall out of cache.
+CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
 MAX_CHUNK = 32
 
 Hook = Callable[[int, AttentionRecord, torch.Tensor], None]
@@ -37,10 +39,11 @@ class RecordInvalid(InvalidSelection):
 
 
 def chunk_size(record: AttentionRecord) -> int:
-    """Records per chunk, from the first record's shape only (so every path chunks alike)."""
+    """Records per chunk, from the first record's shape and device only (so every path chunks alike)."""
     b, h, q, k = record.weights_shape
     per_record = 4 * b * h * q * k * 4  # weights, log-weights, logits, probabilities (float32)
-    return max(1, min(MAX_CHUNK, CHUNK_BYTES // max(1, per_record)))
+    budget = CHUNK_BYTES.get(record.queries.device.type, CHUNK_BYTES["cpu"])
+    return max(1, min(MAX_CHUNK, budget // max(1, per_record)))
 
 
 def plain_weights(selection: Any, record: AttentionRecord) -> torch.Tensor:
