@@ -29,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, whichever tree is measured
 
-from timing import median_time as _median, saturate  # noqa: E402
+from timing import median_time as _median, saturate, timed  # noqa: E402
 
 SEEDS = ("sink_window", "oracle_topk", "vattention")
 
@@ -82,6 +82,69 @@ def part_fast(args: argparse.Namespace) -> dict[str, Any]:
                           "error": ref.error}
             print(name, rows[name], flush=True)
     return rows
+
+
+def serve_fast(args: argparse.Namespace) -> None:
+    """``--interleave``'s child: after warming every seed, answer ``inproc NAME`` / ``sandbox NAME``
+    lines on stdin with one timed fast score each (a JSON line on stdout)."""
+    from evaluator.inprocess import score_file
+    from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
+
+    workload = _workload(args.workload, args.device)
+    limits = SandboxLimits(wall_s=300)
+    with WorkerPool(limits, cuda=args.device.startswith("cuda")) as pool:
+        for name in args.seeds:
+            seed = REPO / "seeds" / f"{name}.py"
+            score_file(seed, workload, 0.1)
+            run_candidate(seed, workload, 0.1, pool=pool)
+        print("ready", flush=True)
+        for line in sys.stdin:
+            kind, name = line.split()
+            seed = REPO / "seeds" / f"{name}.py"
+            if kind == "inproc":
+                t, rep = timed(lambda: score_file(seed, workload, 0.1))
+                worker_s = None
+            else:
+                pool.wait_ready(limits.startup_s)
+                t, run = timed(lambda: run_candidate(seed, workload, 0.1, pool=pool))
+                rep, worker_s = run.report, run.outcome.elapsed_s if run.outcome else None
+            print(json.dumps({"s": t, "worker_s": worker_s, "score": rep.combined_score}), flush=True)
+
+
+def interleaved_fast(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The fast part with every tree's child alive at once and their candidates alternated, so that
+    a machine whose load drifts (a shared CPU box) weighs on both trees alike."""
+    children = {}
+    for label, tree in trees.items():
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "serve-fast", "--device", args.device,
+               "--workload", args.workload, "--seeds", ",".join(args.seeds)]
+        children[label] = subprocess.Popen(cmd, env=_tree_env(tree), cwd=str(tree), stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True)
+    try:
+        for child in children.values():
+            while (line := child.stdout.readline()) and line.strip() != "ready":
+                pass
+        times: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for _ in range(args.repeat):
+            for name in args.seeds:
+                for kind in ("inproc", "sandbox"):
+                    for label, child in children.items():
+                        child.stdin.write(f"{kind} {name}\n")
+                        child.stdin.flush()
+                        times.setdefault((label, name, kind), []).append(json.loads(child.stdout.readline()))
+    finally:
+        for child in children.values():
+            child.stdin.close()
+            child.wait(60)
+    out: dict[str, dict[str, Any]] = {label: {} for label in trees}
+    for label in trees:
+        for name in args.seeds:
+            inproc, sandbox = times[(label, name, "inproc")], times[(label, name, "sandbox")]
+            out[label][name] = {"fast_in_process_s": statistics.median(x["s"] for x in inproc),
+                                "fast_sandbox_s": statistics.median(x["s"] for x in sandbox),
+                                "fast_worker_s": statistics.median(x["worker_s"] for x in sandbox),
+                                "exact": all(x["score"] == inproc[0]["score"] for x in inproc + sandbox)}
+    return out
 
 
 def part_faithful(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,10 +232,16 @@ PARTS = {"fast": part_fast, "faithful": part_faithful, "scale": part_scale}
 
 
 # ---------------------------------------------------------------- parent: trees x parts, table
-def _run_child(tree: Path, part: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
+def _tree_env(tree: Path) -> dict[str, str]:
+    """Our environment with ``tree`` first on PYTHONPATH and nothing of the other tree."""
     env = dict(os.environ)
     others = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() not in (REPO, tree)]
-    env["PYTHONPATH"] = os.pathsep.join([str(tree), *others])  # that tree's packages, nothing of the other
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), *others])
+    return env
+
+
+def _run_child(tree: Path, part: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
+    env = _tree_env(tree)
     out = Path(args.out).with_suffix(f".{tree.name}.{part.replace(',', '-')}.json")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", part, "--child-out", str(out),
            "--device", args.device, "--workload", args.workload, "--faithful", args.faithful,
@@ -203,6 +272,8 @@ def main() -> None:
     ap.add_argument("--slots", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--per-slot", type=int, default=8)
     ap.add_argument("--parts", type=lambda s: s.split(","), default=["fast", "scale", "faithful"])
+    ap.add_argument("--interleave", action="store_true",
+                    help="fast part: both trees' children alive at once, candidates alternated (fair on a busy machine)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip parts once this much time is spent")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "throughput.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -210,6 +281,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         sys.path.insert(0, os.getcwd())
+        if args.child == "serve-fast":
+            serve_fast(args)
+            return
         done: dict[str, Any] = {}
         for part in args.child.split(","):
             done[part] = PARTS[part](args)
@@ -219,6 +293,10 @@ def main() -> None:
     trees = {"after": REPO, **({"before": args.before.resolve()} if args.before else {})}
     results: dict[str, dict[str, Any]] = {label: {} for label in trees}
     t_start = time.perf_counter()
+    if args.interleave and "fast" in args.parts:
+        for label, rows in interleaved_fast(trees, args).items():
+            results[label]["fast"] = rows
+        args.parts = [p for p in args.parts if p != "fast"]
     # One child per tree and group of parts (each child pays for torch and CUDA once); groups in priority order.
     groups = [[p for p in args.parts if p != "faithful"], [p for p in args.parts if p == "faithful"]]
     for group in filter(None, groups):
