@@ -47,6 +47,7 @@ CASES = {
     "os_exit": ("os_exit", LIMITS, "crash", "exited with code 0"),
     "forge_status": ("forge_status", LIMITS, "crash", "wrong number of selections"),
     "garbage_stream": ("garbage_stream", LIMITS, "crash", "malformed"),
+    "trickle_stream": ("trickle_stream", LIMITS, "timeout", "longer than"),
     "read_secrets": ("read_secrets", NO_AUDIT, None, ""),
     "open_socket_audit": ("open_socket", LIMITS, None, ""),
     "open_socket_netns": ("open_socket", NO_AUDIT, None, ""),

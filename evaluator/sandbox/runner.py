@@ -246,24 +246,30 @@ class Worker:
         status = None
         channel_error = None
         res_r, res_w = os.pipe()
+        deadline = t0 + self.limits.wall_s
+
+        def pulse() -> None:  # also while bytes flow: a trickle must not outrun the limits
+            if self._reader.exceeded.is_set():
+                raise _StreamEnded()
+            if time.monotonic() > deadline:
+                raise _StreamEnded(timed_out=True)
+
+        def check() -> None:  # nothing to read: also notice the worker's death
+            pulse()
+            if not self.alive():
+                raise _StreamEnded()
+
         try:
-            if not self.wait_ready(self.limits.startup_s):
-                raise _StartupFailed()
             try:
+                if not self.wait_ready(self.limits.startup_s):
+                    raise _StartupFailed()
                 self.send_job(job, {**fds, "results": res_w})
             finally:
-                os.close(res_w)
+                os.close(res_w)  # the worker holds its own copy: its death reads as end of file here
             job_sent = True
             t0 = time.monotonic()
             deadline = t0 + self.limits.wall_s
-
-            def check() -> None:
-                if self._reader.exceeded.is_set() or not self.alive():
-                    raise _StreamEnded()
-                if time.monotonic() > deadline:
-                    raise _StreamEnded(timed_out=True)
-
-            io = DeadlineIO(res_r, None, check, self.limits.output_bytes)
+            io = DeadlineIO(res_r, None, check, self.limits.output_bytes, pulse)
             while True:
                 header, tensors = io.receive()
                 if "status" in header:
@@ -617,10 +623,6 @@ class _ResultStream:
                 weights = decode_dense_on_device(tensors, rec.weights_shape, rec.queries.device)
             else:
                 weights = plain_weights(decode_selection(None, meta, rec, tensors=tensors), rec)
-            self.received += 1
-            self.scorer.add(i, weights)
-        except RecordInvalid as exc:
-            self._fail(ScoreReport.failure("invalid", f"{exc.where}: {exc}"))
         except InvalidSelection as exc:
             self._fail(ScoreReport.failure("invalid", f"{self._where(i)}: {exc}"))
         except ProtocolError as exc:
@@ -628,6 +630,14 @@ class _ResultStream:
         except Exception as exc:  # noqa: BLE001 - a corrupt message must not crash the evaluator
             self._fail(ScoreReport.failure("crash", f"the candidate process wrote an unreadable result for {self._where(i)}: "
                                            f"{type(exc).__name__}: {exc}"[:1000]))
+            return True
+        self.received += 1
+        try:
+            # Outside the try above: the scorer and the on_selection hook are trusted code, whose
+            # failure is ours, not the candidate's (weights reaching them are well-formed).
+            self.scorer.add(i, weights)
+        except RecordInvalid as exc:
+            self._fail(ScoreReport.failure("invalid", f"{exc.where}: {exc}"))
         return True
 
     def finish(self, outcome: WorkerOutcome) -> None:
