@@ -4,7 +4,8 @@
     python benchmarks/bench_scale.py --executor ray --ray-address HEAD:6379 --slots 1 2 4
 
 Local: one slot per GPU (``cuda:0`` .. ``cuda:N-1``), or N CPU workers where there is no GPU.
-Every slot first scores one candidate (worker start-up, workload copied to its device), then
+Every slot first scores two candidates (worker start-up, workload copied to its device, the
+pool's spares then preload it), then
 ``per-slot * N`` copies of the seed are submitted at once and timed to the last result: the
 throughput a run sees when its LLM keeps enough proposals in flight. Prints a table and
 writes ``benchmarks/results/scale_<device>.json``.
@@ -16,7 +17,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from adrs.scheduler import LocalScheduler, Scheduler, local_devices  # noqa: E402
 from evaluator.sandbox import SandboxLimits  # noqa: E402
 from evaluator.workload import load_workload, resolve_spec  # noqa: E402
+from timing import saturate  # noqa: E402
 
 SEED = ROOT / "seeds" / "sink_window.py"
 
@@ -54,17 +55,10 @@ def measure(args: argparse.Namespace, slots: int) -> dict:
     code = SEED.read_text()
     sched, kind = _scheduler(args, slots)
     try:
-        for f in [sched.submit(code) for _ in range(slots)]:
-            assert f.result().valid, "the seed must score"
-        n = args.per_slot * slots
-        t0 = time.perf_counter()
-        reports = [f.result() for f in [sched.submit(code) for _ in range(n)]]
-        elapsed = time.perf_counter() - t0
+        row = saturate(sched, code, slots, args.per_slot)
     finally:
         sched.close()
-    assert all(r.valid for r in reports)
-    return {"slots": slots, "kind": kind, "torch_threads": torch.get_num_threads(), "evaluations": n, "elapsed_s": elapsed, "per_minute": 60 * n / elapsed,
-            "mean_eval_s": sum(r.wall_s for r in reports) / n}
+    return {"slots": slots, "kind": kind, "torch_threads": torch.get_num_threads(), **row}
 
 
 def main() -> None:

@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -37,29 +35,10 @@ from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate  # noqa: 
 from evaluator.workload import load_workload, resolve_spec, workload_dir  # noqa: E402
 from evaluator.workload.capture import capture_workload  # noqa: E402
 from evaluator.workload.model import embedded_gguf_path, ensure_dequantized  # noqa: E402
+from timing import median_time as _median, timed as _timed  # noqa: E402
 
 SEEDS = [REPO / "seeds" / "sink_window.py", REPO / "seeds" / "oracle_topk.py", REPO / "seeds" / "vattention.py"]
 SELECT_ALL = REPO / "tests" / "candidates" / "select_all.py"
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
-
-
-def _median(fn: Callable[[], Any], repeat: int, before: Callable[[], Any] | None = None) -> tuple[float, Any]:
-    times, out = [], None
-    for _ in range(repeat):
-        if before is not None:
-            before()
-        t, out = _timed(fn)
-        times.append(t)
-    return statistics.median(times), out
 
 
 def one_off(workload: str, device: str) -> dict[str, Any]:

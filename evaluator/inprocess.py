@@ -13,7 +13,8 @@ import torch
 
 from evaluator.candidate import format_traceback, load_masker, masker_input
 from evaluator.records import AttentionRecord
-from evaluator.scoring import InvalidSelection, ScoreReport, aggregate, dense_weights, record_scores
+from evaluator.batch_scoring import RecordInvalid, RecordScorer, plain_weights
+from evaluator.scoring import InvalidSelection, ScoreReport, aggregate
 from evaluator.workload import Workload
 
 
@@ -28,22 +29,27 @@ def score_masker(
     ``on_selection`` receives ``(record index, record, validated float32 weights)``, as in the sandbox.
     """
     t0 = time.perf_counter()
-    rows = []
-    for i, rec in enumerate(workload.records):
-        try:
-            selection = masker(masker_input(rec, density_target, workload.spec.seed))
-        except Exception as exc:  # noqa: BLE001 - a candidate's bug becomes a structured failure
-            return ScoreReport.failure(
-                "exception", f"{type(exc).__name__}: {exc} (sample {rec.sample}, layer {rec.layer})",
-                details=format_traceback(), workload=workload.label,
-            )
-        try:
-            weights = dense_weights(selection, rec)
-        except InvalidSelection as exc:
-            return ScoreReport.failure("invalid", f"sample {rec.sample}, layer {rec.layer}: {exc}", workload=workload.label)
-        rows.append((rec.sample, rec.layer, *record_scores(rec, weights)))
-        if on_selection is not None:
-            on_selection(i, rec, weights)
+    scorer = RecordScorer(workload.records, on_selection)
+    try:
+        for i, rec in enumerate(workload.records):
+            try:
+                selection = masker(masker_input(rec, density_target, workload.spec.seed))
+            except Exception as exc:  # noqa: BLE001 - a candidate's bug becomes a structured failure
+                failure = ScoreReport.failure(
+                    "exception", f"{type(exc).__name__}: {exc} (sample {rec.sample}, layer {rec.layer})",
+                    details=format_traceback(), workload=workload.label,
+                )
+                scorer.flush()  # an invalid earlier record is reported first, as when scored one by one
+                return failure
+            try:
+                weights = plain_weights(selection, rec)
+            except InvalidSelection as exc:
+                scorer.flush()
+                return ScoreReport.failure("invalid", f"sample {rec.sample}, layer {rec.layer}: {exc}", workload=workload.label)
+            scorer.add(i, weights)
+        rows = scorer.rows()
+    except RecordInvalid as exc:
+        return ScoreReport.failure("invalid", f"{exc.where}: {exc}", workload=workload.label)
     report = aggregate(rows, density_target)
     report.workload = workload.label
     report.wall_s = time.perf_counter() - t0

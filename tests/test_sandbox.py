@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from evaluator.candidate import load_masker, masker_input
+from evaluator.inprocess import score_masker
 from evaluator.sandbox import SandboxLimits, WorkerPool, evaluate_in_sandbox, run_candidate
 from evaluator.sandbox.isolation import live_descendants, scrubbed_env
-from evaluator.scoring import FAILURE_CATEGORIES, aggregate, score_record
+from evaluator.scoring import FAILURE_CATEGORIES, aggregate, dense_weights, record_scores
 from evaluator.workload import load_workload
 
 HOSTILE = Path(__file__).parent / "hostile"
@@ -44,6 +45,9 @@ CASES = {
     "memory_blowup": ("memory_blowup", LIMITS, "memory", ""),
     "segfault": ("segfault", LIMITS, "crash", "SIGSEGV"),
     "os_exit": ("os_exit", LIMITS, "crash", "exited with code 0"),
+    "forge_status": ("forge_status", LIMITS, "crash", "wrong number of selections"),
+    "garbage_stream": ("garbage_stream", LIMITS, "crash", "malformed"),
+    "trickle_stream": ("trickle_stream", LIMITS, "timeout", "longer than"),
     "read_secrets": ("read_secrets", NO_AUDIT, None, ""),
     "open_socket_audit": ("open_socket", LIMITS, None, ""),
     "open_socket_netns": ("open_socket", NO_AUDIT, None, ""),
@@ -195,12 +199,23 @@ def test_scrubbed_env_drops_secrets():
 
 
 def _in_process(path: Path, workload, density_target: float):
-    masker = load_masker(path)
-    rows = []
-    for rec in workload.records:
-        sel = masker(masker_input(rec, density_target, workload.spec.seed))
-        rows.append((rec.sample, rec.layer, *score_record(rec, sel)))
-    return aggregate(rows, density_target)
+    return score_masker(load_masker(path), workload, density_target)
+
+
+@pytest.mark.parametrize("seed", ["oracle_topk", "group_hybrid"])
+def test_batched_scorer_matches_record_by_record(tiny, seed):
+    """The chunked scorer gives record_scores' numbers (to rounding) for every record, kv_density included
+    (group_hybrid answers per KV head, which both paths broadcast to the query heads)."""
+    masker = load_masker(SEEDS / f"{seed}.py")
+    rows = [(r.sample, r.layer, *record_scores(r, dense_weights(masker(masker_input(r, 0.1, tiny.spec.seed)), r)))
+            for r in tiny.records]
+    one_by_one = aggregate(rows, 0.1)
+    batched = _in_process(SEEDS / f"{seed}.py", tiny, 0.1)
+    assert batched.density == one_by_one.density
+    assert batched.kv_density == one_by_one.kv_density is not None
+    assert batched.error == pytest.approx(one_by_one.error, rel=1e-9)
+    assert [x.error for x in batched.per_layer] == pytest.approx([x.error for x in one_by_one.per_layer], rel=1e-9)
+    assert [x.kv_density for x in batched.per_layer] == [x.kv_density for x in one_by_one.per_layer]
 
 
 SINK_WINDOW = '''import torch
@@ -384,6 +399,25 @@ def test_pool_starts_the_replacement_after_the_job(tiny):
             again = pool.take()
         assert pool._spare is not None and pool._spare is not again
         again.close()
+
+
+def test_spare_preloads_the_workload_and_scores_the_same(tiny):
+    """After one candidate the pool's spares load the workload's inputs before their job; the
+    job then carries no inputs, and the numbers do not change. A spare preloaded with another
+    workload's inputs is sent this one's."""
+    from evaluator.sandbox.transport import workload_inputs
+
+    seed = SEEDS / "oracle_topk.py"
+    with WorkerPool(SandboxLimits(wall_s=60), device="cpu") as pool:
+        assert pool._spare.preloaded is None
+        cold = run_candidate(seed, tiny, 0.1, pool=pool)
+        assert pool._spare is not None and pool._spare.preloaded == workload_inputs(tiny)
+        warm = run_candidate(seed, tiny, 0.1, pool=pool)
+        other = replace(tiny, records=tiny.records[:2])
+        mixed = run_candidate(seed, other, 0.1, pool=pool)  # this spare holds tiny's inputs, not other's
+    assert cold.report.valid and warm.report.valid and mixed.report.valid, (warm.report.reason, mixed.report.reason)
+    assert warm.report.combined_score == cold.report.combined_score == score_masker(load_masker(seed), tiny, 0.1).combined_score
+    assert mixed.report.n_records == 2 and mixed.report.combined_score == score_masker(load_masker(seed), other, 0.1).combined_score
 
 
 # ---------------------------------------------------------------- isolation level and the opt-out

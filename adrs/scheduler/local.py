@@ -51,7 +51,7 @@ class LocalSlot(Slot):
 
     def open(self) -> None:
         # Created in the serving thread, which also takes every worker from it.
-        self._pool = WorkerPool(self._limits, cuda=self.device.startswith("cuda"))
+        self._pool = WorkerPool(self._limits, cuda=self.device.startswith("cuda"), device=self.device)
 
     def workload(self, which: Which) -> Workload:
         if which not in self._workloads:

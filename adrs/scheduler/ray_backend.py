@@ -98,7 +98,7 @@ class EvalActor:
         self._density_target = density_target
         self._device = "cuda:0" if use_gpu else "cpu"
         self._workloads: dict[str, Workload] = {}
-        self._pool = _TrackedPool(limits, cuda=use_gpu)
+        self._pool = _TrackedPool(limits, cuda=use_gpu, device=self._device)
 
     def info(self) -> dict[str, Any]:
         """Where this actor runs (tests kill it by pid; logs name the node)."""

@@ -6,7 +6,7 @@ dense reference decode once; every candidate then reuses them. Per candidate, th
 and ``decode_steps`` generated tokens run sparse in all layers, the selections coming either
 from a sandbox session (default: the candidate runs isolated and only selections come back)
 or, for trusted code, from the masker called in process. Both paths hand the masker the same
-tensors and validate with ``evaluator.scoring.dense_weights``, so their numbers are equal.
+tensors and validate with ``evaluator.batch_scoring.validated_weights``, so their numbers are equal.
 
 Batching: one masker call serves every sample and both row groups (teacher-forced and
 free-running, see ``evaluator.faithful.metrics``): ``queries [2n, h, q, d]``, ``keys [2n,
@@ -38,7 +38,8 @@ from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.runner import WorkerPool
 from evaluator.sandbox.session import SandboxSession, SessionFailure
 from evaluator.sandbox.transport import remove_file, shared_dir
-from evaluator.scoring import InvalidSelection, ScoreReport, dense_weights
+from evaluator.batch_scoring import validated_weights
+from evaluator.scoring import InvalidSelection, ScoreReport
 from evaluator.workload.model import load_model
 
 ROW_GROUPS = 2  # teacher-forced rows, then free-running rows
@@ -61,7 +62,7 @@ def _call_record(inputs: CallInputs) -> AttentionRecord:
 
 def _validated(selection: Any, inputs: CallInputs) -> torch.Tensor:
     try:
-        return dense_weights(selection, _call_record(inputs))
+        return validated_weights(selection, _call_record(inputs))
     except InvalidSelection as exc:
         raise CandidateFailure("invalid", f"call {inputs.call}, layer {inputs.layer}: {exc}") from None
 

@@ -15,7 +15,8 @@ Layers, outermost first (each holds without the ones inside it):
   its namespace, so every descendant dies with it, whatever session or environment it made;
   the launcher's supervisor kills it if the harness dies. A seccomp filter (x86-64) refuses
   nested namespaces, ptrace, bpf, io_uring, keyrings, mount and modules. Files (workload inputs, session
-  pipes) reach the worker as fds, never as paths; results come back through an fd of its tmpfs.
+  pipes) reach the worker as fds, never as paths; results come back over a pipe (a session's
+  failure status through an fd of its tmpfs), every byte capped and checked by the parent.
 * Where the kernel allows no namespaces, nothing runs (``IsolationUnavailable``) unless the
   caller opts out explicitly (``SandboxLimits.unsafe_allow_unisolated`` or
   ``ADRS_UNSAFE_ALLOW_UNISOLATED=1``); reports then say ``NOT ISOLATED``.

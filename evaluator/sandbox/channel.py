@@ -11,6 +11,7 @@ import json
 import os
 import select
 import struct
+import time
 from typing import Any, Callable
 
 import torch
@@ -72,13 +73,20 @@ class DeadlineIO:
     """Non-blocking reads and writes on the parent's FIFO ends, polling ``check`` meanwhile.
 
     ``check()`` is called whenever the peer is not ready; it raises to abort (timeout, the
-    worker died, it printed too much). Every length the worker declares is capped.
+    worker died, it printed too much). ``pulse()``, if given, is called after every chunk that
+    did arrive, so a peer trickling bytes cannot outrun the deadline (it must not treat the
+    peer's exit as a failure: a last message may still be in the pipe). Every length the
+    worker declares is capped.
     """
 
-    def __init__(self, read_fd: int, write_fd: int, check: Callable[[], None], max_payload: int) -> None:
+    def __init__(self, read_fd: int, write_fd: int | None, check: Callable[[], None], max_payload: int,
+                 pulse: Callable[[], None] | None = None) -> None:
+        """``write_fd`` None: a read-only channel (the fast score's result stream)."""
         self.read_fd, self.write_fd, self.check, self.max_payload = read_fd, write_fd, check, max_payload
+        self.pulse = pulse
         for fd in (read_fd, write_fd):
-            os.set_blocking(fd, False)
+            if fd is not None:
+                os.set_blocking(fd, False)
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -87,6 +95,8 @@ class DeadlineIO:
             written = _nonblocking(os.write, self.write_fd, view[:_CHUNK]) if ready else None
             if written:
                 view = view[written:]
+                if self.pulse is not None:
+                    self.pulse()
                 continue
             self.check()
 
@@ -105,7 +115,11 @@ class DeadlineIO:
             chunk = _nonblocking(os.read, self.read_fd, min(_CHUNK, n - len(buf))) if ready else None
             if chunk:
                 buf += chunk
+                if self.pulse is not None:
+                    self.pulse()
                 continue
+            if chunk == b"":
+                time.sleep(0.002)  # end of file: the peer is exiting; let check() see it go without spinning
             self.check()
         return bytes(buf)
 

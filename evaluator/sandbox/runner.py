@@ -17,24 +17,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from safetensors.torch import load
 
 from evaluator.sandbox.isolation import NOBODY, is_root, kill_tree, scrubbed_env
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.scratch import OverCap, ScratchView
-from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok
-from evaluator.sandbox.transport import ProtocolError, decode_selection, workload_inputs
+from evaluator.sandbox.channel import ChannelError, ChannelOverflow, DeadlineIO
+from evaluator.sandbox.result_stream import ResultStream, SelectionHook
+from evaluator.sandbox.transport import workload_inputs
 from evaluator.errors import IsolationUnavailable
-from evaluator.records import AttentionRecord
-from evaluator.scoring import InvalidSelection, ScoreReport, aggregate, dense_weights, record_scores
+from evaluator.scoring import ScoreReport
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 _LAUNCHER = str(Path(__file__).resolve().with_name("launcher.py"))
 _READ_CHUNK = 64 * 1024
 _MAX_STATUS = 4 * 1024 * 1024
-
-# Called by the trusted scorer with (record index, record, validated float32 weights [b, h, q, k]).
-SelectionHook = Callable[[int, AttentionRecord, torch.Tensor], None]
 
 
 class _CappedReader(threading.Thread):
@@ -72,6 +68,7 @@ class WorkerOutcome:
     status: dict[str, Any] | None
     elapsed_s: float
     job_sent: bool = True  # False: the worker died or hung before taking the job (our fault)
+    channel_error: str | None = None  # the result stream was malformed (the worker's fault)
 
 
 UNSAFE_ENV = "ADRS_UNSAFE_ALLOW_UNISOLATED"  # "1": run candidates without namespaces (loudly reported)
@@ -103,15 +100,17 @@ def _extra_pythonpath() -> list[str]:
 
 
 def launch_spec(limits: SandboxLimits, cuda: bool, control_fd: int, lifeline_fd: int,
-                plain_pythonpath: str) -> dict[str, Any]:
+                plain_pythonpath: str, prep: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the launcher (``evaluator.sandbox.launcher``) sets up for one worker.
 
     ``plain_pythonpath``: the worker's PYTHONPATH under the no-isolation opt-out; inside the
     namespaces it is ``pythonpath`` (the bound ``evaluator`` and the caller's package dirs).
+    ``prep``: what the worker may do before its job (``{"device": ..., "preload": bool}``).
     """
     return {
         "python": sys.executable,
-        "argv": [sys.executable, "-s", "-m", "evaluator.sandbox.worker", str(control_fd), limits.to_json()],
+        "argv": [sys.executable, "-s", "-m", "evaluator.sandbox.worker", str(control_fd), limits.to_json(),
+                 json.dumps(prep or {})],
         "control_fd": control_fd, "lifeline_fd": lifeline_fd, "cuda": cuda,
         "python_paths": _python_paths(),
         "lib_binds": [[os.path.join(_REPO_ROOT, "evaluator"), "/sandbox/lib/evaluator"]],
@@ -133,17 +132,22 @@ class Worker:
     control socket; the worker then says "R" on the same socket once torch is imported.
     """
 
-    def __init__(self, limits: SandboxLimits, cuda: bool = False) -> None:
+    def __init__(self, limits: SandboxLimits, cuda: bool = False, device: str | None = None,
+                 preload: Path | None = None) -> None:
+        """``device``: the slot's device, set before the worker's warm-up; ``preload``: a workload
+        inputs file the worker loads onto ``device`` before it says ready (``preloaded`` names it)."""
         self.limits = limits
         self.marker = uuid.uuid4().hex
         self.cuda = cuda
+        self.preloaded = preload if preload is not None and device is not None else None
         env = scrubbed_env(os.environ, self.marker, _REPO_ROOT)  # the launcher sets PYTHONPATH per level
         if cuda:
             env["ADRS_SANDBOX_CUDA"] = "1"
         self.control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # The lifeline's write end stays here only: if this process dies, the launcher kills the worker.
         lifeline_r, self._lifeline = os.pipe()
-        spec = launch_spec(limits, cuda, child_control.fileno(), lifeline_r, env["PYTHONPATH"])
+        prep = {"device": device, "preload": self.preloaded is not None} if device is not None else None
+        spec = launch_spec(limits, cuda, child_control.fileno(), lifeline_r, env["PYTHONPATH"], prep)
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", _LAUNCHER, json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -157,6 +161,15 @@ class Worker:
         self.scratch: ScratchView | None = None
         self.isolation: str | None = None  # what the launcher set up, in words
         self._ready: bool | None = None
+        if self.preloaded is not None:
+            # Queued on the control socket: the worker reads it once torch is imported.
+            fd = os.open(self.preloaded, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                socket.send_fds(self.control, [b"preload"], [fd])
+            except OSError:
+                self.preloaded = None  # the worker is already gone: wait_ready will say so
+            finally:
+                os.close(fd)
 
     def _receive(self, deadline: float) -> tuple[bytes, list[int]] | None:
         """One message from the control socket before ``deadline``, or None."""
@@ -214,35 +227,75 @@ class Worker:
         self.proc.stdin.write((json.dumps(job) + "\n").encode())
         self.proc.stdin.close()
 
-    def run(self, job: dict[str, Any], fds: dict[str, int]) -> WorkerOutcome:
-        """Hand over the job, wait at most ``wall_s``, kill the whole tree, collect what is left."""
+    def run(self, job: dict[str, Any], fds: dict[str, int],
+            on_result: Callable[[dict[str, Any], dict[str, torch.Tensor], int], bool]) -> WorkerOutcome:
+        """Hand over the job and read the worker's result stream until its status, ``wall_s``,
+        its death or a malformed message; then SIGKILL its tree (reaped by ``close``).
+
+        ``on_result(header, tensors, size)`` gets every message before the status, as it comes
+        (the caller scores while the worker computes); it returns False to stop reading.
+        """
         t0 = time.monotonic()
         timed_out = False
         job_sent = False
+        status = None
+        channel_error = None
+        res_r, res_w = os.pipe()
+        deadline = t0 + self.limits.wall_s
+
+        def pulse() -> None:  # also while bytes flow: a trickle must not outrun the limits
+            if self._reader.exceeded.is_set():
+                raise _StreamEnded()
+            if time.monotonic() > deadline:
+                raise _StreamEnded(timed_out=True)
+
+        def check() -> None:  # nothing to read: also notice the worker's death
+            pulse()
+            if not self.alive():
+                raise _StreamEnded()
+
         try:
-            if not self.wait_ready(self.limits.startup_s):
-                raise _StartupFailed()
-            self.send_job(job, fds)
+            try:
+                if not self.wait_ready(self.limits.startup_s):
+                    raise _StartupFailed()
+                self.send_job(job, {**fds, "results": res_w})
+            finally:
+                os.close(res_w)  # the worker holds its own copy: its death reads as end of file here
             job_sent = True
             t0 = time.monotonic()
             deadline = t0 + self.limits.wall_s
-            while self.proc.poll() is None:
-                if self._reader.exceeded.is_set():
+            io = DeadlineIO(res_r, None, check, self.limits.output_bytes, pulse)
+            while True:
+                header, tensors = io.receive()
+                if "status" in header:
+                    status = header["status"] if isinstance(header["status"], dict) else None
                     break
-                if time.monotonic() > deadline:
-                    timed_out = True
+                size = sum(t.numel() * t.element_size() for t in tensors.values())
+                if not on_result(header, tensors, size):
                     break
-                try:
-                    self.proc.wait(timeout=0.05)
-                except subprocess.TimeoutExpired:
-                    pass
+        except _StreamEnded as end:
+            timed_out = end.timed_out
+        except ChannelOverflow as exc:
+            channel_error = f"overflow: {exc}"
+        except ChannelError as exc:
+            channel_error = str(exc)
         except (_StartupFailed, BrokenPipeError, OSError):
             pass  # the worker died or hung before taking the job: a harness failure
         finally:
-            self.close()
-        elapsed = time.monotonic() - t0
-        return WorkerOutcome(self.proc.returncode, timed_out, self._reader.exceeded.is_set(),
-                             self._reader.text(), self.read_status(), elapsed, job_sent)
+            os.close(res_r)
+            # Everything we score is in our memory now: kill at once, reap in close() while we score.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pgid, signal.SIGKILL)
+        return WorkerOutcome(self.proc.poll(), timed_out, self._reader.exceeded.is_set(), "", status,
+                             time.monotonic() - t0, job_sent, channel_error)
+
+    def settle(self, outcome: WorkerOutcome) -> WorkerOutcome:
+        """``close`` the worker and complete ``outcome`` with its exit code and full log."""
+        self.close()
+        outcome.returncode = self.proc.returncode
+        outcome.log_exceeded = outcome.log_exceeded or self._reader.exceeded.is_set()
+        outcome.log = self._reader.text()
+        return outcome
 
     def read_status(self) -> dict[str, Any] | None:
         """The worker's own (untrusted) status.json, if it wrote a well-formed one."""
@@ -280,6 +333,14 @@ class _StartupFailed(Exception):
     pass
 
 
+class _StreamEnded(Exception):
+    """The worker stopped answering: it died, printed too much, or ran out of time."""
+
+    def __init__(self, timed_out: bool = False) -> None:
+        super().__init__("timed out" if timed_out else "ended")
+        self.timed_out = timed_out
+
+
 def _parse_status(data: bytes | None) -> dict[str, Any] | None:
     if data is None:
         return None
@@ -304,14 +365,29 @@ class WorkerPool:
     slower. ``wait_ready`` replenishes too.
     """
 
-    def __init__(self, limits: SandboxLimits | None = None, cuda: bool = False) -> None:
+    def __init__(self, limits: SandboxLimits | None = None, cuda: bool = False, device: str | None = None) -> None:
+        """``device``: the one device this pool's candidates run on (a scheduler slot's GPU), if known:
+        its workers warm up there, and once ``prefetch`` named a workload they load its inputs there too."""
         self.limits = limits or SandboxLimits()
         self.cuda = cuda
+        self.device = device
+        self._preload: tuple[Path, str] | None = None
         self._defer = False
         # Deferring costs back-to-back evaluations the spare's start-up; only worth it where
         # that start-up would steal the candidate's cores.
         self.defer_spares = (os.cpu_count() or 1) <= SMALL_MACHINE_CORES
-        self._spare: Worker | None = Worker(self.limits, cuda)
+        self._spare: Worker | None = self._start()
+
+    def _start(self) -> Worker:
+        if self._preload is not None:
+            path, device = self._preload
+            return Worker(self.limits, self.cuda, device, path)
+        return Worker(self.limits, self.cuda, self.device)
+
+    def prefetch(self, inputs: Path, device: str) -> None:
+        """Spares started from now on load ``inputs`` onto ``device`` before their job arrives
+        (a workload inputs file: what the next candidates will most likely be given)."""
+        self._preload = (inputs, device)
 
     def wait_ready(self, timeout: float) -> bool:
         """Block until the spare has finished starting (benchmarks time the warm path with it)."""
@@ -321,7 +397,7 @@ class WorkerPool:
     def replenish(self) -> None:
         """Start the spare if there is none (after a deferred ``take``)."""
         if self._spare is None:
-            self._spare = Worker(self.limits, self.cuda)
+            self._spare = self._start()
 
     @contextlib.contextmanager
     def deferred_spare(self) -> Iterator[None]:
@@ -335,11 +411,11 @@ class WorkerPool:
 
     def take(self) -> Worker:
         spare = self._spare
-        self._spare = None if self._defer else Worker(self.limits, self.cuda)
+        self._spare = None if self._defer else self._start()
         if spare is None or not spare.alive():
             if spare is not None:
                 spare.release()
-            return Worker(self.limits, self.cuda)
+            return self._start()
         return spare
 
     def close(self) -> None:
@@ -407,15 +483,23 @@ def run_candidate(
     if pool is None:
         worker = Worker(limits, cuda=device.type == "cuda")
     else:
+        pool.prefetch(inputs, str(device))
         with pool.deferred_spare():  # subclasses may override take(): still call it
             worker = pool.take()
-    inputs_fd = os.open(inputs, os.O_RDONLY | os.O_CLOEXEC)
+    fds: dict[str, int] = {}
+    if getattr(worker, "preloaded", None) == inputs:
+        job["preloaded"] = True  # the warm worker holds these inputs on the device already
+    else:
+        fds["inputs"] = os.open(inputs, os.O_RDONLY | os.O_CLOEXEC)
+    stream = ResultStream(workload, density_target, limits, on_selection)
     try:
-        outcome = worker.run(job, {"inputs": inputs_fd})  # IsolationUnavailable passes through
-        report = _interpret(outcome, limits, workload, density_target, worker.scratch, on_selection=on_selection)
+        outcome = worker.run(job, fds, stream.take)  # IsolationUnavailable passes through
+        stream.finish(outcome.status)  # the last chunk is scored while the killed worker is torn down
+        report = _interpret(worker.settle(outcome), limits, stream.report)
         report.isolation = worker.isolation
     finally:
-        os.close(inputs_fd)
+        for fd in fds.values():
+            os.close(fd)
         worker.release()
         if pool is not None:
             # Candidate killed and scored: the replacement's start-up now overlaps what the
@@ -445,10 +529,12 @@ def _log_tail(log: str, limit: int = 4000) -> str | None:
     return log if len(log) <= limit else "...[trimmed]...\n" + log[-limit:]
 
 
-def _interpret(outcome: WorkerOutcome, limits: SandboxLimits, workload: Any, density_target: float,
-               scratch: ScratchView | None,
-               *, on_selection: SelectionHook | None = None) -> ScoreReport:
-    """Turn how the worker ended into a report; only trusted code computes scores."""
+def _interpret(outcome: WorkerOutcome, limits: SandboxLimits,
+               score: Callable[[dict[str, Any]], ScoreReport] | None = None) -> ScoreReport:
+    """Turn how the worker ended into a report; only trusted code computes scores.
+
+    ``score(status)`` makes the report of a worker that says it succeeded (sessions have none:
+    their worker only ends early on a failure)."""
     log = _log_tail(outcome.log)
     if not outcome.job_sent:
         return ScoreReport.failure("harness", "the sandbox worker failed to start (no candidate code ran)", details=log)
@@ -457,15 +543,19 @@ def _interpret(outcome: WorkerOutcome, limits: SandboxLimits, workload: Any, den
     if outcome.log_exceeded:
         return ScoreReport.failure("output", f"the candidate printed more than {limits.log_bytes} bytes; do not print in a masker",
                                    details=_log_tail(outcome.log, 1000))
+    if outcome.channel_error is not None:
+        if outcome.channel_error.startswith("overflow: "):
+            return ScoreReport.failure("output", f"selections exceed {limits.output_bytes} bytes", details=log)
+        return ScoreReport.failure("crash", f"the candidate process wrote a malformed result: {outcome.channel_error}"[:1000],
+                                   details=log)
     status = outcome.status
     rc = outcome.returncode
-    if rc is not None and rc < 0:
+    if rc is not None and rc < 0 and status is None:  # after a status, the SIGKILL is ours
         sig = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
         if sig == "SIGXFSZ":
             return ScoreReport.failure("output", "the candidate wrote a file larger than the output limit", details=log)
-        if status is None or not status.get("ok"):
-            hint = " (likely the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
-            return ScoreReport.failure("crash", f"the candidate process was killed by {sig}{hint}", details=log)
+        hint = " (likely the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
+        return ScoreReport.failure("crash", f"the candidate process was killed by {sig}{hint}", details=log)
     if status is None:
         return ScoreReport.failure(
             "crash", f"the candidate process exited with code {rc} before reporting a result "
@@ -478,49 +568,6 @@ def _interpret(outcome: WorkerOutcome, limits: SandboxLimits, workload: Any, den
         details = status.get("details")
         details = str(details)[:8000] if details else log
         return ScoreReport.failure(category, reason, details=details)
-    return _score(status, workload, density_target, scratch, limits, on_selection=on_selection)
-
-
-def _score(status: dict[str, Any], workload: Any, density_target: float, scratch: ScratchView | None, limits: SandboxLimits,
-           *, on_selection: SelectionHook | None = None) -> ScoreReport:
-    entries = status.get("records")
-    if not isinstance(entries, list) or len(entries) != len(workload.records):
-        return ScoreReport.failure("crash", "the candidate process reported the wrong number of selections")
-    if scratch is None:
-        return ScoreReport.failure("harness", "the sandbox worker's scratch is gone")
-    total = 0
-    rows = []
-    for i, (rec, entry) in enumerate(zip(workload.records, entries)):
-        where = f"sample {rec.sample}, layer {rec.layer}"
-        try:
-            # Our name, not the worker's, read without following links: no path tricks.
-            try:
-                data = scratch.read(f"out/rec{i}.safetensors", limits.output_bytes - total)
-            except OverCap:
-                return ScoreReport.failure("output", f"selections exceed {limits.output_bytes} bytes (at {where})")
-            if data is None:
-                raise ProtocolError(f"selection file for {where} is missing")
-            total += len(data)
-            meta = entry.get("meta") if isinstance(entry, dict) else None
-            if not isinstance(meta, dict):
-                raise ProtocolError(f"no metadata for {where}")
-            if dense_meta_ok(meta, rec.weights_shape, rec.queries.device):
-                # The common case: unpack on the workload's device (1/32 of the float32 bytes
-                # cross to it). Anything else goes through decode_selection, which words the
-                # validator's reason for a wrong type, shape, device or dtype.
-                selection = decode_dense_on_device(load(data), rec.weights_shape, rec.queries.device)
-            else:
-                selection = decode_selection(None, meta, rec, tensors=load(data))
-            weights = dense_weights(selection, rec)
-            rows.append((rec.sample, rec.layer, *record_scores(rec, weights)))
-        except InvalidSelection as exc:
-            return ScoreReport.failure("invalid", f"{where}: {exc}")
-        except ProtocolError as exc:
-            return ScoreReport.failure("crash", f"the candidate process wrote a malformed result: {exc}")
-        except Exception as exc:  # noqa: BLE001 - a corrupt file must not crash the evaluator
-            return ScoreReport.failure("crash", f"the candidate process wrote an unreadable result for {where}: "
-                                       f"{type(exc).__name__}: {exc}"[:1000])
-        if on_selection is not None:
-            # Outside the try: the hook is trusted code, so its failure is ours, not the candidate's.
-            on_selection(i, rec, weights)
-    return aggregate(rows, density_target)
+    if score is None:
+        return ScoreReport.failure("crash", "the candidate process reported success out of turn", details=log)
+    return score(status)

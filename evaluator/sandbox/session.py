@@ -94,7 +94,7 @@ class SandboxSession:
         worker_fds = {"req": req_r, "resp": resp_w}
         if self.setup.get("prefix"):
             worker_fds["prefix"] = os.open(self.setup.pop("prefix"), os.O_RDONLY | os.O_CLOEXEC)
-        self.io = DeadlineIO(resp_r, req_w, self._check, self.limits.output_bytes)
+        self.io = DeadlineIO(resp_r, req_w, self._check, self.limits.output_bytes, self._pulse)
         job = {"candidate_name": self.candidate_path.name, "source": source, "device": str(self.device),
                "density_target": self.density_target, "base_seed": self.base_seed,
                "num_threads": torch.get_num_threads(), "session": self.setup}
@@ -180,14 +180,20 @@ class SandboxSession:
         if self.worker is not None and self.worker._reader.exceeded.is_set():
             raise SessionFailure(self._report(log_exceeded=True))
 
-    def _check(self) -> None:
-        """Called while the worker is not ready: raise _Abort on timeout, death or too much output."""
+    def _pulse(self) -> None:
+        """Called as bytes flow: raise _Abort on timeout or too much output (a trickle is no way around them)."""
         worker = self.worker
         assert worker is not None
         if worker._reader.exceeded.is_set():
             raise _Abort(self._report(log_exceeded=True))
         if self.candidate_s + time.monotonic() - self._wait_started > self.limits.wall_s:
             raise _Abort(self._report(timed_out=True))
+
+    def _check(self) -> None:
+        """Called while the worker is not ready: raise _Abort on timeout, death or too much output."""
+        self._pulse()
+        worker = self.worker
+        assert worker is not None
         if not worker.alive():
             raise _Abort(self._report())
 
@@ -201,7 +207,7 @@ class SandboxSession:
             status = None  # a session only ends "ok" when we close it: this is a mid-session exit
         outcome = WorkerOutcome(worker.proc.returncode, timed_out, log_exceeded or worker._reader.exceeded.is_set(),
                                 worker._reader.text(), status, self.candidate_s, job_sent)
-        report = _interpret(outcome, self.limits, None, self.density_target, worker.scratch)
+        report = _interpret(outcome, self.limits)
         if report.category == "timeout":
             report.reason = f"the candidate used more than {self.limits.wall_s:g} s over its masker calls and was killed"
         return report

@@ -2,8 +2,9 @@
 
 Parent -> worker: the workload's queries, keys, positions and scaling (never values or dense
 outputs), written ONCE per workload and process to a world-readable safetensors file under
-/dev/shm and memory-mapped by every worker. Worker -> parent: one small safetensors file per
-record holding the selection in a compact, exact form:
+/dev/shm and memory-mapped by every worker (a warm spare loads it before its job). Worker ->
+parent: one message per record on the result pipe (``channel.pack``: JSON header with the
+record index and metadata, safetensors payload) holding the selection in a compact, exact form:
 
 * dense ``[b, h, q, k]`` selections: a bit-packed mask of non-zero weights, a bit-packed mask
   (over those) of weights that are not exactly 1, and the float32 values of the latter;
@@ -157,6 +158,10 @@ class InputReader:
         """A stored tensor as float32 on the device, converted there: ``.to(cuda, float32)`` on a
         host tensor converts on the host first and ships twice the bytes. Exact either way."""
         return self._file.get_tensor(name).to(self.device).to(torch.float32)
+
+    def records(self) -> list[AttentionRecord]:
+        """Every record, loaded now (a warm spare does this before its job arrives)."""
+        return [self.record(i) for i in range(len(self))]
 
     def record(self, i: int) -> AttentionRecord:
         """An AttentionRecord without values or dense output (empty tensors stand in)."""

@@ -1,4 +1,4 @@
-"""The sandbox worker: ``python -m evaluator.sandbox.worker CONTROL_FD LIMITS_JSON``.
+"""The sandbox worker: ``python -m evaluator.sandbox.worker CONTROL_FD LIMITS_JSON [PREP_JSON]``.
 
 Started by ``evaluator.sandbox.launcher``, already inside its namespaces (or, under the explicit
 opt-out, without them). Runs exactly one candidate, then exits. Order matters, and everything
@@ -7,12 +7,17 @@ before step 5 is trusted code:
 1. rlimits: file size, no core dumps, task count (address space: in step 4, on top of what
    the prologue mapped);
 2. import torch and friends (this is the slow part, done before the candidate's clock starts,
-   so a warm spare worker can do it ahead of time);
-3. say "R" on the control socket; receive the job's files as fds there (the workload's inputs,
-   or a session's pipes), then the job (JSON line, with the candidate's source) on stdin;
+   so a warm spare worker can do it ahead of time), on the slot's GPU (``PREP_JSON``'s device);
+   a spare told to (``preload``) then loads the workload's inputs, sent as an fd on the
+   control socket, onto that device;
+3. say "R" on the control socket; receive the job's files as fds there (the workload's inputs
+   unless preloaded, the result pipe, or a session's pipes), then the job (JSON line, with the
+   candidate's source) on stdin;
 4. write the candidate into scratch (the cwd), drop to ``nobody`` (root only), audit hook;
-5. load the candidate, run ``masker`` on every record, write each selection to ``out/``;
-6. write ``status.json`` (success or a categorised failure) and exit.
+5. load the candidate, run ``masker`` on every record, send each selection down the result
+   pipe as soon as it is encoded (the parent scores while the next one is computed);
+6. send the status (success or a categorised failure) last and exit; a session's worker
+   writes ``status.json`` instead.
 
 The parent trusts none of what this process writes: a candidate can rewrite any of it.
 """
@@ -42,6 +47,9 @@ def _warm_encoder(encode: Callable[..., Any], save: Callable[..., bytes], device
 
 def main() -> None:
     control, limits = socket.socket(fileno=int(sys.argv[1])), SandboxLimits.from_json(sys.argv[2])
+    # What the pool knows before the job: the slot's device, and whether the workload's inputs
+    # come ahead of the job (a warm spare loads them while no candidate waits).
+    prep = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     cuda_job = os.environ.get("ADRS_SANDBOX_CUDA") == "1"
     # RLIMIT_NPROC binds a non-root uid; in our own user namespace it counts only the tasks
     # there (kernels >= 5.14), not all of the user's processes. As root it binds after the drop.
@@ -62,12 +70,15 @@ def main() -> None:
     from evaluator.candidate import load_masker, masker_input
     from evaluator.sandbox.devicepack import encode_selection_on_device
     from evaluator.sandbox.transport import InputReader
+    from evaluator.sandbox.channel import pack, write_blocking
     from evaluator.sandbox.session_worker import serve_session  # before the drop: imports may fail after
-    from safetensors.torch import save, save_file
+    from safetensors.torch import save
 
     # Warm up the write path once, so nothing it lazily imports is needed after the drop.
     _warm_encoder(encode_selection_on_device, save, "cpu")
     if cuda_job:
+        if str(prep.get("device", "")).startswith("cuda:"):
+            torch.cuda.set_device(prep["device"])  # the slot's GPU only: no context on GPU 0 for slot 1
         # CUDA context + cuBLAS before "ready": a warm spare then hands the candidate a live GPU.
         x = torch.ones(8, 8, device="cuda")
         (x @ x).sum().item()
@@ -75,6 +86,14 @@ def main() -> None:
         # would otherwise land on the first record, inside the candidate's clock.
         _warm_encoder(encode_selection_on_device, save, "cuda")
 
+    preloaded = None
+    if prep.get("preload"):
+        # The workload's queries and keys, on the slot's device, before the job: the candidate's
+        # clock then starts at its first masker call (they are its inputs anyway).
+        _, pre_fds, _, _ = socket.recv_fds(control, 1024, 1)
+        if pre_fds:
+            preloaded = InputReader(pre_fds[0], prep["device"]).records()
+            os.close(pre_fds[0])
     control.send(b"R")
     names_raw, fd_list, _, _ = socket.recv_fds(control, 64 * 1024, 8)
     files = dict(zip(json.loads(names_raw or b"[]"), fd_list))
@@ -93,7 +112,11 @@ def main() -> None:
     with open(candidate, "w") as fh:
         fh.write(job["source"])
     job["candidate"] = candidate
-    reader = InputReader(files["inputs"], job["device"]) if "inputs" in files else None
+    if "inputs" in files:
+        records = InputReader(files.pop("inputs"), job["device"]).records()
+    else:
+        records = preloaded if job.get("preloaded") else None
+    results = files.get("results")  # the fast score's selections stream back through this pipe
     torch.set_num_threads(int(job["num_threads"]))  # same threads as in process: same float results
     if job["device"].startswith("cuda"):
         if ":" in job["device"]:
@@ -111,8 +134,11 @@ def main() -> None:
     os.makedirs(out, exist_ok=True)
 
     def finish(status: dict) -> None:
-        with open(status_path, "w") as fh:
-            json.dump(status, fh)
+        if results is not None:
+            write_blocking(results, pack({"status": status}, {}))
+        else:
+            with open(status_path, "w") as fh:
+                json.dump(status, fh)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -126,12 +152,11 @@ def main() -> None:
         category = "memory" if is_memory_error(exc) else "import"
         finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc}"[:1000],
                 "details": candidate_traceback(exc, candidate)})
-    if reader is None:
+    if records is None:
         serve_session(job, files, masker, finish)  # many calls over pipes (evaluator.sandbox.session); exits
 
-    records, written = [], 0
-    for i in range(len(reader)):
-        rec = reader.record(i)
+    sent, written = 0, 0
+    for i, rec in enumerate(records):
         where = f"sample {rec.sample}, layer {rec.layer}"
         try:
             selection = masker(masker_input(rec, job["density_target"], job["base_seed"], state={}))
@@ -142,23 +167,16 @@ def main() -> None:
             category = "memory" if is_memory_error(exc) else "exception"
             finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc} ({where})"[:1000],
                     "details": candidate_traceback(exc, candidate)})
-        path = os.path.join(out, f"rec{i}.safetensors")
-        # Check the size before writing: past RLIMIT_FSIZE the write would fail half-way.
+        # Check the size before sending: the parent stops reading past the output limit.
         written += sum(t.numel() * t.element_size() for t in tensors.values()) + 1024
-        too_big = written > limits.output_bytes
-        if not too_big:
-            try:
-                save_file(tensors, path)
-            except Exception as exc:  # noqa: BLE001 - EFBIG or a full disk: the output limit
-                too_big = "too large" in str(exc).lower() or "no space" in str(exc).lower()
-                if not too_big:
-                    raise
-        if too_big:
+        if written > limits.output_bytes:
             finish({"ok": False, "category": "output",
                     "reason": f"selections exceed {limits.output_bytes} bytes (at {where}); return fewer or sparser tensors"})
-        records.append({"file": os.path.basename(path), "meta": meta})
+        write_blocking(results, pack({"i": i, "meta": meta}, tensors))
+        sent += 1
+        records[i] = None  # type: ignore[call-overload] - its inputs are no longer needed
         del selection, tensors
-    finish({"ok": True, "records": records})
+    finish({"ok": True, "records": sent})
 
 
 if __name__ == "__main__":

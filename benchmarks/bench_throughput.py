@@ -1,0 +1,336 @@
+"""Throughput before/after: seconds per candidate (fast and faithful, in process and sandboxed)
+and evaluations per minute on 1..N GPUs, for this tree and, optionally, an older one.
+
+    python benchmarks/bench_throughput.py --before /path/to/old/checkout [--slots 1 2] [--repeat 3]
+    python benchmarks/bench_throughput.py --before OLD --workload synthetic --parts fast,scale   # no model needed
+
+Each tree is measured in its own child process (``PYTHONPATH`` = that tree), with the same
+calls both trees have: ``score_file``, ``run_candidate`` with a warm ``WorkerPool`` (the
+spare is waited for before each timed candidate, as the search loop's next proposal would
+give it time to start), ``FaithfulContext.score`` in process and through a sandbox session,
+and ``LocalScheduler`` over ``cuda:0..N-1`` (``per-slot * N`` copies of sink_window in
+flight, timed to the last result; GPU busy share per slot sampled with ``nvidia-smi``).
+Parts run in priority order and are skipped once ``--budget-s`` is spent. Prints a table and
+writes JSON (``--out``, default ``benchmarks/results/throughput.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, whichever tree is measured
+
+from timing import median_time as _median, saturate, timed  # noqa: E402
+
+SEEDS = ("sink_window", "oracle_topk", "vattention")
+
+
+# ---------------------------------------------------------------- child: one tree, one part
+def _workload(name: str, device: str) -> Any:
+    """A captured workload, or ``synthetic``: random float16-exact records of ``default``'s shapes
+    (4 samples x 30 layers x 32 queries at 8192 keys, SmolLM2's 9 query and 3 KV heads), for a
+    machine without the model; the same on every run and tree."""
+    import torch
+
+    from evaluator.workload import load_workload
+
+    if name != "synthetic":
+        return load_workload(name, device=device, progress=False)
+    from evaluator.records import AttentionRecord
+    from evaluator.scoring import dense_attention
+    from evaluator.workload import Workload
+    from evaluator.workload.spec import WorkloadSpec
+
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for sample in range(4):
+        for layer in range(30):
+            q, k, v = (torch.randn(1, h, n, 64, generator=gen).half().float().to(device)
+                       for h, n in ((9, 32), (3, 8192), (3, 8192)))
+            pos = torch.arange(8192 - 32, 8192, device=device)
+            records.append(AttentionRecord(sample, layer, 30, q, k, v, pos, 0.125, dense_attention(q, k, v, pos, 0.125)))
+    return Workload(WorkloadSpec(name="synthetic"), "synthetic", Path("/nonexistent"), tuple(records), 30)
+
+
+def part_fast(args: argparse.Namespace) -> dict[str, Any]:
+    from evaluator.inprocess import score_file
+    from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
+
+    workload = _workload(args.workload, args.device)
+    limits = SandboxLimits(wall_s=300)
+    rows = {}
+    with WorkerPool(limits, cuda=args.device.startswith("cuda")) as pool:
+        warm = lambda: pool.wait_ready(limits.startup_s)  # noqa: E731
+        for name in args.seeds:
+            seed = REPO / "seeds" / f"{name}.py"
+            score_file(seed, workload, 0.1)  # kernels loaded, caches warm
+            run_candidate(seed, workload, 0.1, pool=pool)  # the pool learns the workload
+            t_in, ref = _median(lambda: score_file(seed, workload, 0.1), args.repeat)
+            t_sb, run = _median(lambda: run_candidate(seed, workload, 0.1, pool=pool), args.repeat, warm)
+            rows[name] = {"fast_in_process_s": t_in, "fast_sandbox_s": t_sb,
+                          "fast_worker_s": run.outcome.elapsed_s if run.outcome else None,
+                          "exact": run.report.valid and run.report.combined_score == ref.combined_score,
+                          "error": ref.error}
+            print(name, rows[name], flush=True)
+    return rows
+
+
+def serve_fast(args: argparse.Namespace) -> None:
+    """``--interleave``'s child: after warming every seed, answer ``inproc NAME`` / ``sandbox NAME``
+    lines on stdin with one timed fast score each (a JSON line on stdout)."""
+    from evaluator.inprocess import score_file
+    from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
+
+    workload = _workload(args.workload, args.device)
+    limits = SandboxLimits(wall_s=300)
+    with WorkerPool(limits, cuda=args.device.startswith("cuda")) as pool:
+        for name in args.seeds:
+            seed = REPO / "seeds" / f"{name}.py"
+            score_file(seed, workload, 0.1)
+            run_candidate(seed, workload, 0.1, pool=pool)
+        print("ready", flush=True)
+        for line in sys.stdin:
+            kind, name = line.split()
+            seed = REPO / "seeds" / f"{name}.py"
+            if kind == "inproc":
+                t, rep = timed(lambda: score_file(seed, workload, 0.1))
+                worker_s = None
+            else:
+                pool.wait_ready(limits.startup_s)
+                t, run = timed(lambda: run_candidate(seed, workload, 0.1, pool=pool))
+                rep, worker_s = run.report, run.outcome.elapsed_s if run.outcome else None
+            print(json.dumps({"s": t, "worker_s": worker_s, "score": rep.combined_score}), flush=True)
+
+
+def interleaved_fast(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The fast part with every tree's child alive at once and their candidates alternated, so that
+    a machine whose load drifts (a shared CPU box) weighs on both trees alike."""
+    children = {}
+    for label, tree in trees.items():
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "serve-fast", "--device", args.device,
+               "--workload", args.workload, "--seeds", ",".join(args.seeds)]
+        children[label] = subprocess.Popen(cmd, env=_tree_env(tree), cwd=str(tree), stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True)
+    try:
+        for child in children.values():
+            while (line := child.stdout.readline()) and line.strip() != "ready":
+                pass
+        times: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for _ in range(args.repeat):
+            for name in args.seeds:
+                for kind in ("inproc", "sandbox"):
+                    for label, child in children.items():
+                        child.stdin.write(f"{kind} {name}\n")
+                        child.stdin.flush()
+                        times.setdefault((label, name, kind), []).append(json.loads(child.stdout.readline()))
+    finally:
+        for child in children.values():
+            child.stdin.close()
+            child.wait(60)
+    out: dict[str, dict[str, Any]] = {label: {} for label in trees}
+    for label in trees:
+        for name in args.seeds:
+            inproc, sandbox = times[(label, name, "inproc")], times[(label, name, "sandbox")]
+            out[label][name] = {"fast_in_process_s": statistics.median(x["s"] for x in inproc),
+                                "fast_sandbox_s": statistics.median(x["s"] for x in sandbox),
+                                "fast_worker_s": statistics.median(x["worker_s"] for x in sandbox),
+                                "exact": all(x["score"] == inproc[0]["score"] for x in inproc + sandbox)}
+    return out
+
+
+def part_faithful(args: argparse.Namespace) -> dict[str, Any]:
+    from evaluator.faithful import FaithfulContext
+    from evaluator.sandbox import SandboxLimits, WorkerPool
+
+    limits = SandboxLimits(wall_s=300)
+    rows = {}
+    ctx = FaithfulContext(args.faithful, args.device)
+    ctx.prefix_file()
+    with WorkerPool(limits, cuda=args.device.startswith("cuda")) as pool:
+        warm = lambda: pool.wait_ready(limits.startup_s)  # noqa: E731
+        for name in args.seeds:
+            seed = REPO / "seeds" / f"{name}.py"
+            t_in, ref = _median(lambda: ctx.score(seed, 0.1, in_process=True), args.faithful_repeat)
+            t_sb, rep = _median(lambda: ctx.score(seed, 0.1, pool=pool), args.faithful_repeat, warm)
+            rows[name] = {"faithful_in_process_s": t_in, "faithful_sandbox_s": t_sb, "calls": rep.n_calls,
+                          "exact": rep.valid and ref.valid and rep.error == ref.error and rep.kl == ref.kl}
+            print(name, rows[name], flush=True)
+    ctx.close()
+    return rows
+
+
+class _BusySampler:
+    """GPU busy share (NVML utilisation: time a kernel ran) per GPU, sampled by ``nvidia-smi``."""
+
+    def __init__(self, gpus: int) -> None:
+        self.gpus, self.samples = gpus, [[] for _ in range(gpus)]
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_BusySampler":
+        try:
+            self._proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits",
+                                           "-lms", "200"], stdout=subprocess.PIPE, text=True)
+        except OSError:
+            return self
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            try:
+                index, util = (int(x) for x in line.split(","))
+            except ValueError:
+                continue
+            if index < self.gpus:
+                self.samples[index].append(util)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(5)
+
+    def busy(self) -> list[float | None]:
+        return [statistics.mean(s) / 100 if s else None for s in self.samples]
+
+
+def part_scale(args: argparse.Namespace) -> dict[str, Any]:
+    from adrs.scheduler import LocalScheduler, local_devices
+    from evaluator.sandbox import SandboxLimits
+
+    code = (REPO / "seeds" / "sink_window.py").read_text()
+    workload = _workload(args.workload, "cpu")
+    rows = {}
+    for slots in args.slots:
+        devices = local_devices(slots)
+        if len(devices) < slots or devices[0] == "cpu":
+            rows[str(slots)] = {"skipped": f"{len(devices)} GPU(s) here"}
+            continue
+        sched = LocalScheduler(lambda which: workload, 0.10, SandboxLimits(wall_s=600), devices=devices)
+        sampler = _BusySampler(slots)
+        try:
+            rows[str(slots)] = saturate(sched, code, slots, args.per_slot, during=sampler)
+        finally:
+            sched.close()
+        rows[str(slots)]["gpu_busy"] = sampler.busy()
+        print(slots, rows[str(slots)], flush=True)
+    return rows
+
+
+PARTS = {"fast": part_fast, "faithful": part_faithful, "scale": part_scale}
+
+
+# ---------------------------------------------------------------- parent: trees x parts, table
+def _tree_env(tree: Path) -> dict[str, str]:
+    """Our environment with ``tree`` first on PYTHONPATH and nothing of the other tree."""
+    env = dict(os.environ)
+    others = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() not in (REPO, tree)]
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), *others])
+    return env
+
+
+def _run_child(tree: Path, part: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
+    env = _tree_env(tree)
+    out = Path(args.out).with_suffix(f".{tree.name}.{part.replace(',', '-')}.json")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", part, "--child-out", str(out),
+           "--device", args.device, "--workload", args.workload, "--faithful", args.faithful,
+           "--repeat", str(args.repeat), "--faithful-repeat", str(args.faithful_repeat),
+           "--seeds", ",".join(args.seeds), "--per-slot", str(args.per_slot), "--slots", *map(str, args.slots)]
+    t0 = time.perf_counter()
+    try:
+        subprocess.run(cmd, env=env, cwd=str(tree), timeout=timeout, check=True)
+    except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as exc:
+        done = json.loads(out.read_text()) if out.is_file() else {}
+        return {**done, "failed": f"{type(exc).__name__}", "wall_s": time.perf_counter() - t0}
+    return {**json.loads(out.read_text()), "wall_s": time.perf_counter() - t0}
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) else "-"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", type=Path, default=None, help="an older checkout to compare with")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--workload", default="default")
+    ap.add_argument("--faithful", default="faithful")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--faithful-repeat", type=int, default=2)
+    ap.add_argument("--seeds", type=lambda s: s.split(","), default=list(SEEDS))
+    ap.add_argument("--slots", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--per-slot", type=int, default=8)
+    ap.add_argument("--parts", type=lambda s: s.split(","), default=["fast", "scale", "faithful"])
+    ap.add_argument("--interleave", action="store_true",
+                    help="fast part: both trees' children alive at once, candidates alternated (fair on a busy machine)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="skip parts once this much time is spent")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "throughput.json"))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        sys.path.insert(0, os.getcwd())
+        if args.child == "serve-fast":
+            serve_fast(args)
+            return
+        done: dict[str, Any] = {}
+        for part in args.child.split(","):
+            done[part] = PARTS[part](args)
+            Path(args.child_out).write_text(json.dumps(done))  # what is done survives a timeout
+        return
+
+    trees = {"after": REPO, **({"before": args.before.resolve()} if args.before else {})}
+    results: dict[str, dict[str, Any]] = {label: {} for label in trees}
+    t_start = time.perf_counter()
+    if args.interleave and "fast" in args.parts:
+        for label, rows in interleaved_fast(trees, args).items():
+            results[label]["fast"] = rows
+        args.parts = [p for p in args.parts if p != "fast"]
+    # One child per tree and group of parts (each child pays for torch and CUDA once); groups in priority order.
+    groups = [[p for p in args.parts if p != "faithful"], [p for p in args.parts if p == "faithful"]]
+    for group in filter(None, groups):
+        for label, tree in trees.items():
+            left = args.budget_s - (time.perf_counter() - t_start)
+            if left < 20:
+                results[label].update({part: {"skipped": "time budget spent"} for part in group})
+                continue
+            got = _run_child(tree, ",".join(group), args, left)
+            results[label].update({part: got.get(part, {"skipped": got.get("failed", "not reached")}) for part in group})
+            print(f"{label} {'+'.join(group)}: {got.get('wall_s', 0):.1f} s", flush=True)
+            Path(args.out).write_text(json.dumps({"results": results}, indent=1))
+
+    labels = list(trees)
+    print(f"\nfast = {args.workload}, faithful = {args.faithful}; device {args.device}; seconds per candidate, median")
+    print(f"{'candidate':<12} " + " ".join(f"{c + ' ' + l:>22}" for c in ("fast in-proc", "fast sandbox", "faithful in-proc",
+                                                                          "faithful sandbox") for l in labels))
+    for name in args.seeds:
+        cells = []
+        for key, part in (("fast_in_process_s", "fast"), ("fast_sandbox_s", "fast"),
+                          ("faithful_in_process_s", "faithful"), ("faithful_sandbox_s", "faithful")):
+            for label in labels:
+                cells.append(f"{_fmt(results[label].get(part, {}).get(name, {}).get(key)):>22}")
+        print(f"{name:<12} " + " ".join(cells))
+    for label in labels:
+        for slots, row in results[label].get("scale", {}).items():
+            if isinstance(row, dict) and "per_minute" in row:
+                busy = ", ".join(_fmt(b, ".0%") for b in row["gpu_busy"])
+                print(f"scale {label}: {slots} GPU(s) {row['per_minute']:.1f} evals/min, mean eval {row['mean_eval_s']:.2f} s, "
+                      f"GPU busy {busy}")
+    meta = {"command": "python benchmarks/bench_throughput.py " + " ".join(sys.argv[1:]), "trees": {k: str(v) for k, v in trees.items()}}
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The parent's side of the fast score's result stream (see ``evaluator.sandbox.worker``).
+
+The worker sends one message per record (``channel.pack``: ``{"i", "meta"}`` and the encoded
+selection) and its status last. Nothing in them is trusted: the record order is checked, the
+bytes are capped, each selection is decoded with the validator's wording
+(``transport``/``devicepack``) and scored by ``evaluator.batch_scoring.RecordScorer``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from evaluator.batch_scoring import RecordInvalid, RecordScorer, plain_weights
+from evaluator.records import AttentionRecord
+from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok
+from evaluator.sandbox.limits import SandboxLimits
+from evaluator.sandbox.transport import ProtocolError, decode_selection
+from evaluator.scoring import InvalidSelection, ScoreReport, aggregate
+
+# Called by the trusted scorer with (record index, record, validated float32 weights [b, h, q, k]).
+SelectionHook = Callable[[int, AttentionRecord, torch.Tensor], None]
+
+
+class ResultStream:
+    """The parent's side of the fast score's result stream: decodes, validates and scores each
+    record's selection as it arrives (``RecordScorer`` chunks), while the worker computes the next.
+
+    The first problem (in record order) is kept and later selections are only drained, so that
+    the worker's own status (an exception or memory failure further on) still takes precedence,
+    as when everything was read after the worker exited.
+    """
+
+    def __init__(self, workload: Any, density_target: float, limits: SandboxLimits,
+                 on_selection: SelectionHook | None) -> None:
+        self.records = workload.records
+        self.density_target = density_target
+        self.limits = limits
+        self.scorer = RecordScorer(self.records, on_selection)
+        self.received = 0
+        self.total = 0
+        self.failure: ScoreReport | None = None
+
+    def take(self, header: dict[str, Any], tensors: dict[str, torch.Tensor], size: int) -> bool:
+        """One record's message; False once more reading is pointless (over the output cap)."""
+        self.total += size + 1024
+        if self.total > self.limits.output_bytes:
+            where = self._where(min(self.received, len(self.records) - 1))
+            self._fail(ScoreReport.failure("output", f"selections exceed {self.limits.output_bytes} bytes (at {where})"))
+            return False
+        if self.failure is not None:
+            return True  # drained: the worker's status may still explain more than the first problem
+        i = self.received
+        if i >= len(self.records) or header.get("i") != i:
+            self._fail(ScoreReport.failure("crash", f"the candidate process wrote a malformed result: "
+                                           f"selection {str(header.get('i'))[:40]} where {i} was due"))
+            return True
+        rec = self.records[i]
+        try:
+            meta = header.get("meta")
+            if not isinstance(meta, dict):
+                raise ProtocolError(f"no metadata for {self._where(i)}")
+            if dense_meta_ok(meta, rec.weights_shape, rec.queries.device):
+                # The common case: unpack on the workload's device (1/32 of the float32 bytes
+                # cross to it). Anything else goes through decode_selection, which words the
+                # validator's reason for a wrong type, shape, device or dtype.
+                weights = decode_dense_on_device(tensors, rec.weights_shape, rec.queries.device)
+            else:
+                weights = plain_weights(decode_selection(None, meta, rec, tensors=tensors), rec)
+        except InvalidSelection as exc:
+            self._fail(ScoreReport.failure("invalid", f"{self._where(i)}: {exc}"))
+            return True
+        except ProtocolError as exc:
+            self._fail(ScoreReport.failure("crash", f"the candidate process wrote a malformed result: {exc}"))
+            return True
+        except Exception as exc:  # noqa: BLE001 - a corrupt message must not crash the evaluator
+            self._fail(ScoreReport.failure("crash", f"the candidate process wrote an unreadable result for {self._where(i)}: "
+                                           f"{type(exc).__name__}: {exc}"[:1000]))
+            return True
+        self.received += 1
+        try:
+            # Outside the try above: the scorer and the on_selection hook are trusted code, whose
+            # failure is ours, not the candidate's (weights reaching them are well-formed).
+            self.scorer.add(i, weights)
+        except RecordInvalid as exc:
+            self._fail(ScoreReport.failure("invalid", f"{exc.where}: {exc}"))
+        return True
+
+    def finish(self, status: dict[str, Any] | None) -> None:
+        """Score what is still pending, if the worker's ``status`` says it is done."""
+        if self.failure is None and status is not None and status.get("ok") \
+                and self.received == len(self.records):
+            try:
+                self.scorer.flush()
+            except RecordInvalid as exc:
+                self.failure = ScoreReport.failure("invalid", f"{exc.where}: {exc}")
+
+    def report(self, status: dict[str, Any]) -> ScoreReport:
+        """The report of a worker whose status says it succeeded."""
+        if self.failure is not None:
+            return self.failure
+        if status.get("records") != len(self.records) or self.received != len(self.records):
+            return ScoreReport.failure("crash", "the candidate process reported the wrong number of selections")
+        return aggregate(self.scorer.rows(), self.density_target)
+
+    def _fail(self, report: ScoreReport) -> None:
+        """Keep the first problem; an invalid selection in a record still pending comes before it."""
+        if self.failure is not None:
+            return
+        try:
+            self.scorer.flush()
+        except RecordInvalid as exc:
+            report = ScoreReport.failure("invalid", f"{exc.where}: {exc}")
+        self.failure = report
+
+    def _where(self, i: int) -> str:
+        rec = self.records[i]
+        return f"sample {rec.sample}, layer {rec.layer}"
