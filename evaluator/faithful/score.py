@@ -39,7 +39,7 @@ from evaluator.sandbox.runner import WorkerPool
 from evaluator.sandbox.session import SandboxSession, SessionFailure
 from evaluator.sandbox.transport import remove_file, shared_dir
 from evaluator.batch_scoring import validated_weights
-from evaluator.scoring import InvalidSelection, ScoreReport
+from evaluator.scoring import InvalidSelection
 from evaluator.workload.model import load_model
 
 ROW_GROUPS = 2  # teacher-forced rows, then free-running rows
