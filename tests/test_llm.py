@@ -5,9 +5,10 @@ import asyncio
 
 import pytest
 
-from adrs.llm import (
-    BudgetExceeded, LLMClient, LLMConfig, LLMError, LLMModelConfig, MissingAPIKeyError, propose,
-)
+from adrs.llm.budget import BudgetExceeded
+from adrs.llm.client import LLMClient, LLMError, MissingAPIKeyError
+from adrs.llm.config import LLMConfig, LLMModelConfig
+from adrs.llm.proposal import propose
 from tests.loopback_openai import LoopbackOpenAI, Reply
 from tests.test_mutation import PARENT, diff
 

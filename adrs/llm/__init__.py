@@ -1,10 +1,6 @@
-"""LLM side of the loop: config models, an async OpenAI-compatible client, budget, proposals."""
-from adrs.llm.budget import BudgetExceeded, BudgetTracker, Usage
-from adrs.llm.client import Completion, LLMClient, LLMError, MissingAPIKeyError, ToolCall
-from adrs.llm.config import LLMConfig, LLMModelConfig
-from adrs.llm.proposal import Proposal, propose
+"""LLM side of the loop: config models (`config`), an async OpenAI-compatible client (`client`),
+budget (`budget`), proposals (`proposal`).
 
-__all__ = [
-    "BudgetExceeded", "BudgetTracker", "Usage", "Completion", "LLMClient", "LLMError",
-    "MissingAPIKeyError", "ToolCall", "LLMConfig", "LLMModelConfig", "Proposal", "propose",
-]
+Nothing is imported here: `adrs.config` needs only `adrs.llm.config`, and importing the client
+(openai) and proposals (torch, through the mutation code) on every CLI start cost ~2.5 s.
+"""
