@@ -113,8 +113,7 @@ class Proposer:
 
     async def propose(self, archive: Archive, choice: Any, key: int, notes: list[str],
                       seen: set[str]) -> tuple[MutationResult, dict | None, str | None, str | None, tuple[dict[str, Any], ...]]:
-        if self.client is None:
-            return self.propose_offline(archive, choice, key, seen), None, None, None, ()
+        """An LLM child of ``choice``: the mutation, usage, prompt, reply and conversation."""
         parent_code = archive.code(choice.parent_id)
         from adrs.llm.proposal import propose
         from adrs.prompts import render_prompt
@@ -149,16 +148,15 @@ async def _make_child(archive: Archive, cfg: RunConfig, scorer: CodeScorer, prop
     """An LLM child: proposed against the archive as it is now, then scored."""
     choice = _choose(archive, cfg, slot, None)
     mutation, llm, prompt, response, transcript = await proposer.propose(archive, choice, slot, notes, seen)
-    return await _score_child(scorer, choice, archive.code(choice.parent_id), mutation, seen,
-                              llm, prompt, response, transcript)
+    return await _score_child(archive, scorer, choice, mutation, seen, llm, prompt, response, transcript)
 
 
-async def _score_child(scorer: CodeScorer, choice: Any, parent_code: str, mutation: MutationResult, seen: set[str],
+async def _score_child(archive: Archive, scorer: CodeScorer, choice: Any, mutation: MutationResult, seen: set[str],
                        llm: dict | None = None, prompt: str | None = None, response: str | None = None,
                        transcript: tuple[dict[str, Any], ...] = ()) -> Child:
     if mutation.code is None:
         report = ScoreReport.failure("mutation", mutation.error or "the reply could not be applied")
-        code = parent_code
+        code = archive.code(choice.parent_id)  # recorded with its parent's code
     elif code_hash(mutation.code) in seen:
         # Recorded (so the model's history shows it) but not evaluated: its score is known.
         report = ScoreReport.failure("mutation", "duplicate: this exact code is already in the archive; not evaluated")
@@ -178,8 +176,7 @@ async def evolve(
     stats = LoopStats()
     with open_run(run_dir, create=True) as archive:
         if cfg.evaluation.in_flight is None:  # fixed once, in the run's config, so resumes replay alike
-            window = scorer.slots()
-            cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"in_flight": window})})
+            cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"in_flight": scorer.slots()})})
         if not archive.config_path.exists():
             archive.config_path.write_text(dump_config(cfg))
         archive.recover()
@@ -274,7 +271,7 @@ def _launch_offline(archive: Archive, cfg: RunConfig, scorer: CodeScorer, propos
     mutation = proposer.propose_offline(archive, choice, slot, earlier)
     if mutation.code is not None:
         in_flight_codes[slot] = code_hash(mutation.code)
-    return asyncio.create_task(_score_child(scorer, choice, archive.code(choice.parent_id), mutation, earlier))
+    return asyncio.create_task(_score_child(archive, scorer, choice, mutation, earlier))
 
 
 def _next_in_order(ready: dict[int, Child], next_iteration: int) -> list[int]:

@@ -24,7 +24,8 @@ from evaluator.scoring import WEIGHT_TOLERANCE, InvalidSelection, _check_values,
 CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
 MAX_CHUNK = 32
 
-Hook = Callable[[int, AttentionRecord, torch.Tensor], None]
+# Called by the trusted scorer with (record index, record, validated float32 weights [b, h, q, k]).
+SelectionHook = Callable[[int, AttentionRecord, torch.Tensor], None]
 
 
 class RecordInvalid(InvalidSelection):
@@ -74,7 +75,7 @@ def validated_weights(selection: Any, record: AttentionRecord) -> torch.Tensor:
 class RecordScorer:
     """Validates and scores records' weights chunk by chunk; ``rows()`` gives (sample, layer, error, density, kv_density)."""
 
-    def __init__(self, records: tuple[AttentionRecord, ...] | list[AttentionRecord], on_selection: Hook | None = None) -> None:
+    def __init__(self, records: tuple[AttentionRecord, ...] | list[AttentionRecord], on_selection: SelectionHook | None = None) -> None:
         self.records = records
         self.chunk = chunk_size(records[0]) if records else 1
         self.on_selection = on_selection

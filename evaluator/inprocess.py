@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import Any
 
 from evaluator.candidate import format_traceback, load_masker, masker_input
-from evaluator.records import AttentionRecord
-from evaluator.batch_scoring import RecordInvalid, RecordScorer, plain_weights
+from evaluator.batch_scoring import RecordInvalid, RecordScorer, SelectionHook, plain_weights
 from evaluator.scoring import InvalidSelection, ScoreReport, aggregate
 from evaluator.workload import Workload
 
@@ -22,7 +19,7 @@ IN_PROCESS = "in-process (no sandbox: trusted code only)"
 
 def score_masker(
     masker: Any, workload: Workload, density_target: float,
-    *, on_selection: Callable[[int, AttentionRecord, torch.Tensor], None] | None = None,
+    *, on_selection: SelectionHook | None = None,
 ) -> ScoreReport:
     """Run ``masker`` on every record of ``workload`` and score it (exceptions become failures).
 
@@ -59,7 +56,7 @@ def score_masker(
 
 def score_file(
     path: str | Path, workload: Workload, density_target: float,
-    *, on_selection: Callable[[int, AttentionRecord, torch.Tensor], None] | None = None,
+    *, on_selection: SelectionHook | None = None,
 ) -> ScoreReport:
     """Load a candidate file and score it in process (``on_selection`` as in ``score_masker``)."""
     t0 = time.perf_counter()

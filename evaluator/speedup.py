@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from evaluator.batch_scoring import SelectionHook
 from evaluator.kernels import group_union, sparse_decode, triton_available
 from evaluator.records import AttentionRecord
 from evaluator.scoring import ScoreReport, dense_attention, sparse_attention
@@ -401,7 +402,7 @@ class SpeedupOptions:
 
 
 def with_speedup(
-    score: Callable[[Callable[[int, AttentionRecord, torch.Tensor], None] | None], ScoreReport],
+    score: Callable[[SelectionHook | None], ScoreReport],
     workload: Any, options: SpeedupOptions | None,
 ) -> ScoreReport:
     """``score(on_selection)`` (the sandbox or the in-process scorer) plus, for a valid candidate, the

@@ -7,19 +7,15 @@ bytes are capped, each selection is decoded with the validator's wording
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from evaluator.batch_scoring import RecordInvalid, RecordScorer, plain_weights
-from evaluator.records import AttentionRecord
+from evaluator.batch_scoring import RecordInvalid, RecordScorer, SelectionHook, plain_weights
 from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.transport import ProtocolError, decode_selection
 from evaluator.scoring import InvalidSelection, ScoreReport, aggregate
-
-# Called by the trusted scorer with (record index, record, validated float32 weights [b, h, q, k]).
-SelectionHook = Callable[[int, AttentionRecord, torch.Tensor], None]
 
 
 class ResultStream:
