@@ -1,0 +1,197 @@
+"""Where a sandboxed fast score's time goes: each stage of the worker's and the parent's
+per-record pipeline timed on its own (warm, in this process), a fresh process's first pass over
+the records against its second (CUDA loads kernels lazily), a worker's start-up phases, and a
+profile of the parent during ``run_candidate``.
+
+    python benchmarks/profile_fast_score.py --workload synthetic --device cuda --seeds sink_window,oracle_topk
+
+Prints a table and writes JSON (``--out``, default ``benchmarks/results/profile_fast_score.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import io
+import json
+import os
+import pstats
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO))
+
+from timing import median_time, timed  # noqa: E402
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def stages(workload: Any, seed: Path, repeat: int) -> dict[str, float]:
+    """Seconds over all records for each stage of the sandbox pipeline, cumulatively."""
+    from evaluator.batch_scoring import RecordScorer
+    from evaluator.candidate import load_masker, masker_input
+    from evaluator.contract import per_query_heads
+    from evaluator.sandbox.channel import pack, unpack
+    from evaluator.sandbox.devicepack import decode_dense_on_device, encode_selection_on_device
+
+    masker = load_masker(seed)
+    recs = workload.records
+    d = str(recs[0].queries.device)
+
+    def masker_only() -> None:
+        for rec in recs:
+            masker(masker_input(rec, 0.1, workload.spec.seed, state={}))
+
+    def encoded() -> list:
+        out = []
+        for rec in recs:
+            sel = per_query_heads(masker(masker_input(rec, 0.1, workload.spec.seed, state={})),
+                                  rec.weights_shape[1], rec.keys.shape[1])
+            out.append(encode_selection_on_device(sel, rec.weights_shape, d))
+        return out
+
+    enc = encoded()
+    msgs = [pack({"i": i, "meta": m}, t) for i, (t, m) in enumerate(enc)]
+
+    def packed() -> None:
+        for i, (t, m) in enumerate(enc):
+            pack({"i": i, "meta": m}, t)
+
+    def parent_decode() -> list:
+        out = []
+        for msg, rec in zip(msgs, recs):
+            import struct
+            hl, bl = struct.unpack("<QQ", msg[:16])
+            header, tensors = unpack(msg[16:16 + hl], msg[16 + hl:])
+            out.append(decode_dense_on_device(tensors, rec.weights_shape, rec.queries.device))
+        return out
+
+    weights = parent_decode()
+
+    def score() -> None:
+        s = RecordScorer(recs, None)
+        for i, w in enumerate(weights):
+            s.add(i, w)
+        s.rows()
+
+    res = {}
+    for name, fn in (("masker", masker_only), ("masker+encode", encoded), ("pack", packed),
+                     ("unpack+decode", parent_decode), ("score", score)):
+        fn()
+        res[name] = median_time(fn, repeat)[0]
+    res["bytes_per_candidate"] = sum(len(m) for m in msgs)
+    return res
+
+
+def cold_pass(args: argparse.Namespace, seed: Path) -> dict[str, float]:
+    """A fresh process: the masker's first pass over the records against its second."""
+    code = f"""
+import sys, time, json
+sys.path.insert(0, {str(REPO / 'benchmarks')!r})
+t0 = time.perf_counter()
+import torch
+t_import = time.perf_counter() - t0
+t0 = time.perf_counter()
+x = torch.ones(8, 8, device={args.device!r}); (x @ x).sum().item()
+t_ctx = time.perf_counter() - t0
+from profile_fast_score import _workload
+wl = _workload({args.workload!r}, {args.device!r})
+import dataclasses; wl = dataclasses.replace(wl, records=wl.records[:{args.records!r}])
+from evaluator.candidate import load_masker, masker_input
+m = load_masker({str(seed)!r})
+def one():
+    for r in wl.records:
+        m(masker_input(r, 0.1, wl.spec.seed, state={{}}))
+    if torch.cuda.is_available(): torch.cuda.synchronize()
+t0 = time.perf_counter(); one(); t1 = time.perf_counter() - t0
+t0 = time.perf_counter(); one(); t2 = time.perf_counter() - t0
+print(json.dumps({{"import_torch_s": t_import, "cuda_init_s": t_ctx, "first_pass_s": t1, "second_pass_s": t2}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO),
+                         env={**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"})
+    if out.returncode != 0:
+        return {"error": out.stderr[-800:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _workload(name: str, device: str) -> Any:
+    import bench_throughput
+
+    return bench_throughput._workload(name, device)
+
+
+def worker_start(args: argparse.Namespace, workload: Any) -> dict[str, float]:
+    """Seconds from ``Worker()`` to ready, without and with the inputs preloaded."""
+    from evaluator.sandbox import SandboxLimits
+    from evaluator.sandbox.runner import Worker
+    from evaluator.sandbox.transport import workload_inputs
+
+    limits = SandboxLimits(wall_s=300)
+    cuda = args.device.startswith("cuda")
+    dev = "cuda:0" if cuda else None
+    res = {}
+    for label, pre in (("bare", None), ("preload", workload_inputs(workload))):
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            w = Worker(limits, cuda, dev, pre)
+            ok = w.wait_ready(120)
+            times.append(time.perf_counter() - t0)
+            w.release()
+            assert ok, w._reader.text()[-2000:]
+        res[f"worker_ready_{label}_s"] = min(times)
+    return res
+
+
+def parent_profile(workload: Any, seed: Path) -> dict[str, Any]:
+    from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
+
+    limits = SandboxLimits(wall_s=300)
+    with WorkerPool(limits, cuda=str(workload.records[0].queries.device).startswith("cuda")) as pool:
+        run_candidate(seed, workload, 0.1, pool=pool)
+        pool.wait_ready(120)
+        prof = cProfile.Profile()
+        t, run = timed(lambda: (prof.enable(), run_candidate(seed, workload, 0.1, pool=pool), prof.disable())[1])
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+    return {"sandbox_s": t, "worker_s": run.outcome.elapsed_s, "profile": s.getvalue()[-6000:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--workload", default="synthetic")
+    ap.add_argument("--seeds", type=lambda s: s.split(","), default=["sink_window", "oracle_topk"])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--records", type=int, default=None, help="only the first N records (a quick look on a CPU)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_fast_score.json"))
+    args = ap.parse_args()
+    workload = _workload(args.workload, args.device)
+    if args.records:
+        workload = dataclasses.replace(workload, records=workload.records[:args.records])
+    result: dict[str, Any] = {"command": " ".join(sys.argv), "device": args.device, "workload": args.workload}
+    result["worker_start"] = worker_start(args, workload)
+    print(result["worker_start"], flush=True)
+    for name in args.seeds:
+        seed = REPO / "seeds" / f"{name}.py"
+        r = {"stages": stages(workload, seed, args.repeat), "cold": cold_pass(args, seed)}
+        r.update(parent_profile(workload, seed))
+        result[name] = r
+        print(name, json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+        print(r["profile"], flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
