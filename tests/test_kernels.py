@@ -226,3 +226,21 @@ def test_triton_launch_configs(cfg, layout):
     ref = sparse_decode_reference(q.cpu(), k.cpu(), v.cpu(), idx.cpu(), w.cpu())
     out = sparse_decode(q, k, v, idx, w, backend="triton", out_dtype=torch.float32, **cfg)
     assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("layout", ["head", "group"])
+def test_triton_many_rows_defaults(layout):
+    """Batch 8 at Llama shapes takes the many-rows launch defaults (longer chunks), still exact."""
+    from evaluator.kernels import _triton_sparse_decode as tk
+
+    rows = 8 * (32 if layout == "head" else 8)
+    cfg = tk.default_config(rows, 1777, layout == "group", torch.device("cuda"))
+    small = tk.default_config(rows // 8, 1777, layout == "group", torch.device("cuda"))
+    assert cfg["num_splits"] < small["num_splits"]  # fewer chunks per row than at batch 1
+    q, k, v, idx, w = make_case(b=8, h=32, h_kv=8, d=128, T=6000, n=1777, device="cuda", dtype=torch.bfloat16,
+                                layout=layout, weights="same", seed=12)
+    ref = sparse_decode_reference(q.cpu(), k.cpu(), v.cpu(), idx.cpu(), w.cpu())
+    out = sparse_decode(q, k, v, idx, w, backend="triton", out_dtype=torch.float32)
+    assert rel_err(out, ref) < 1e-4

@@ -254,6 +254,12 @@ DEFAULTS = {
     "head": dict(block_n=128, num_warps=2, num_stages=1, ctas_per_sm=4, early_v=True, prefetch=True),
     "group": dict(block_n=32, num_warps=4, num_stages=2, ctas_per_sm=4, early_v=True, prefetch=True),
 }
+# With many rows (batch 8 at Llama-3.1-8B shapes: 256 query-head rows, 64 KV-head rows) fewer, longer
+# chunks win: every row already has programs on every SM, and the merge reads fewer partials. H200
+# sweep (benchmarks/results/sparse_decode_h200_sweep2.json, density 0.10): per query head 149 -> 124 us
+# at 32k and 570 -> 461 us at 128k; per KV head 50 -> 43 us and 194 -> 132 us.
+LARGE_ROWS = {"head": 128, "group": 32}
+LARGE_DEFAULTS = {"head": dict(ctas_per_sm=2), "group": dict(block_n=64, ctas_per_sm=2)}
 
 # Triton 3.6 was seen to crash in its layout pass (TritonGPURemoveLayoutConversions) on some
 # shape specialisations of these kernels with index prefetching on. A launch whose compilation
@@ -265,7 +271,10 @@ _BAD_KEYS: set = set()
 def default_config(rows: int, n: int, group_kernel: bool, device: torch.device, **over) -> dict:
     """Launch configuration: block size, warps, stages, and the number of chunks per row
     (about ``ctas_per_sm`` programs per SM, at least one block of indices per program)."""
-    base = dict(DEFAULTS["group" if group_kernel else "head"])
+    kind = "group" if group_kernel else "head"
+    base = dict(DEFAULTS[kind])
+    if rows >= LARGE_ROWS[kind]:
+        base.update(LARGE_DEFAULTS[kind])
     base.update({k: v for k, v in over.items() if v is not None})
     block_n = int(base["block_n"])
     num_splits = base.get("num_splits")
