@@ -320,6 +320,34 @@ def test_torch_packbits_match_numpy_on_host(n):
     assert devicepack.unpackbits(packed, n).dtype == torch.bool and torch.equal(devicepack.unpackbits(packed, n), mask)
 
 
+def test_spare_warm_up_runs_on_workload_shapes(tiny):
+    """The spare's rehearsal (trusted code before any candidate) works at a real workload's GQA
+    shapes, leaves the record untouched, and the encoder it warms still encodes exactly."""
+    from safetensors.torch import save
+
+    from evaluator.sandbox.warmup import warm_encoder, warm_masker_ops
+
+    rec = tiny.records[0]
+    before = (rec.queries.clone(), rec.keys.clone())
+    warm_masker_ops(rec)
+    warm_encoder(devicepack.encode_selection_on_device, save, "cpu", rec.weights_shape)
+    assert torch.equal(rec.queries, before[0]) and torch.equal(rec.keys, before[1])
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 63, 64, 65, 1001])
+def test_popcount_counts_only_the_first_bits(count):
+    """The host-side size check counts exactly what unpackbits(packed, count) yields: the padding
+    bits of the last byte (all set here, as a hostile worker may send them) are ignored."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(count)
+    packed = torch.randint(0, 256, ((count + 7) // 8,), generator=gen, dtype=torch.uint8)
+    if count % 8:
+        packed[-1] |= (1 << (8 - count % 8)) - 1
+    want = int(np.unpackbits(packed.numpy(), count=count).sum())
+    assert devicepack.popcount(packed, count) == want
+
+
 @pytest.mark.parametrize("kind", list(_selections("cpu")))
 def test_worker_encoding_is_the_transport_encoding(kind, tmp_path):
     """The worker's fast path writes byte-identical files and the parent's unpacking gives the

@@ -8,6 +8,7 @@ may use either implementation.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,27 @@ import torch
 from evaluator.sandbox.transport import PLAIN, ProtocolError, _is_float, _tensor_meta, encode_selection
 
 _BITS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """The bit values on ``device``, made once: a fresh ``torch.tensor`` per call is a blocking
+    host-to-device copy, 240 of them per candidate."""
+    return torch.tensor(_BITS, dtype=torch.uint8, device=device)
+
+
+def popcount(packed: torch.Tensor, count: int) -> int:
+    """Set bits among the first ``count`` bits of host bytes in ``packbits`` layout (padding bits
+    of the last byte ignored, as ``unpackbits(packed, count)`` would): counted on the host, so
+    checking a selection's sizes needs no device round trip."""
+    a = packed.reshape(-1).contiguous().numpy()
+    full = count // 8
+    whole = full // 8 * 8
+    n = int(np.bitwise_count(a[:whole].view(np.uint64)).sum(dtype=np.int64)) + int(np.bitwise_count(a[whole:full]).sum())
+    rest = count - 8 * full
+    if rest:
+        n += int(np.bitwise_count(np.uint8(a[full] & ((0xFF << (8 - rest)) & 0xFF))))
+    return n
 
 
 def packbits(mask: torch.Tensor) -> torch.Tensor:
@@ -32,8 +54,7 @@ def _packbits_torch(mask: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor(_BITS, dtype=torch.uint8, device=flat.device)
-    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+    return (flat.view(-1, 8) * _bit_weights(flat.device)).sum(dim=1, dtype=torch.int32).to(torch.uint8)
 
 
 def unpackbits(packed: torch.Tensor, count: int) -> torch.Tensor:
@@ -47,8 +68,7 @@ def unpackbits(packed: torch.Tensor, count: int) -> torch.Tensor:
 
 def _unpackbits_torch(packed: torch.Tensor, count: int) -> torch.Tensor:
     """``unpackbits`` with torch ops only (see ``_packbits_torch``)."""
-    weights = torch.tensor(_BITS, dtype=torch.uint8, device=packed.device)
-    return ((packed.reshape(-1, 1) & weights) != 0).reshape(-1)[:count]
+    return ((packed.reshape(-1, 1) & _bit_weights(packed.device)) != 0).reshape(-1)[:count]
 
 
 def encode_selection_on_device(sel: Any, shape: tuple[int, ...], device: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -57,20 +77,29 @@ def encode_selection_on_device(sel: Any, shape: tuple[int, ...], device: str) ->
             and (sel.dtype.is_floating_point or sel.dtype == torch.bool)):
         return encode_selection(sel, shape, device)
     meta = {"kind": "dense", **_tensor_meta(sel)}
+    nz = sel.detach().reshape(-1)
     if sel.dtype == torch.bool:
         # A bool mask is 0/1 once cast to float32: every selected weight is exactly 1, so ``ne1``
         # is all zero bits and ``vals`` empty; skipping the masked gather gives the same bytes.
-        nz = sel.detach().reshape(-1)
-        n_sel = int(nz.sum())
-        tensors = {"nz": packbits(nz).cpu(), "ne1": torch.zeros((n_sel + 7) // 8, dtype=torch.uint8),
-                   "vals": torch.zeros(0, dtype=torch.float32)}
-        return tensors, meta
-    w = sel.detach().to(torch.float32).reshape(-1)
+        nz_bytes = packbits(nz).cpu()
+        return _unit_weights(nz_bytes, nz.numel()), meta
+    w = nz.to(torch.float32)
     nz = w != 0  # NaN != 0, so NaN travels as a value and is rejected by the parent
+    # The common case, weights all 0 or 1, costs one transfer: the packed mask with a flag byte.
+    non_unit = (nz & (w != 1)).any().to(torch.uint8).reshape(1)
+    host = torch.cat([packbits(nz), non_unit]).cpu()
+    if not bool(host[-1]):
+        return _unit_weights(host[:-1].clone(), w.numel()), meta
     vals = w[nz]
     not_one = vals != 1
-    tensors = {"nz": packbits(nz).cpu(), "ne1": packbits(not_one).cpu(), "vals": vals[not_one].cpu().contiguous()}
+    tensors = {"nz": host[:-1].clone(), "ne1": packbits(not_one).cpu(), "vals": vals[not_one].cpu().contiguous()}
     return tensors, meta
+
+
+def _unit_weights(nz_bytes: torch.Tensor, count: int) -> dict[str, torch.Tensor]:
+    """The encoding of a selection whose selected weights are all exactly 1."""
+    n_sel = popcount(nz_bytes, count)
+    return {"nz": nz_bytes, "ne1": torch.zeros((n_sel + 7) // 8, dtype=torch.uint8), "vals": torch.zeros(0, dtype=torch.float32)}
 
 
 def dense_meta_ok(meta: dict[str, Any], shape: tuple[int, ...], device: torch.device) -> bool:
@@ -89,19 +118,21 @@ def decode_dense_on_device(tensors: dict[str, torch.Tensor], shape: tuple[int, .
     if nz_bytes is None or ne1_bytes is None or vals is None or nz_bytes.dtype != torch.uint8 \
             or ne1_bytes.dtype != torch.uint8 or nz_bytes.numel() != (n + 7) // 8:
         raise ProtocolError("dense selection data does not match its metadata")
-    nz = unpackbits(nz_bytes.to(device), n)
-    n_sel = int(nz.sum())
+    # Sizes are checked on the host (popcounts), so decoding never waits for the device.
+    n_sel = popcount(nz_bytes, n)
     if ne1_bytes.numel() != (n_sel + 7) // 8:
         raise ProtocolError("dense selection data does not match its metadata")
-    ne1 = unpackbits(ne1_bytes.to(device), n_sel)
-    if vals.dtype != torch.float32 or vals.dim() != 1 or vals.numel() != int(ne1.sum()):
+    n_vals = popcount(ne1_bytes, n_sel)
+    if vals.dtype != torch.float32 or vals.dim() != 1 or vals.numel() != n_vals:
         raise ProtocolError("dense selection data does not match its metadata")
     # masked_scatter_/masked_fill_ place values in mask order exactly as boolean index
     # assignment does, without materialising index lists (several times faster on the host).
     dense = torch.zeros(n, dtype=torch.float32, device=device)
-    if vals.numel() == 0:
-        dense.masked_fill_(nz, 1.0)  # every selected weight is exactly 1 (e.g. a bool mask)
+    if n_vals == 0:
+        dense.masked_fill_(unpackbits(nz_bytes.to(device), n), 1.0)  # every selected weight is exactly 1 (e.g. a bool mask)
     else:
+        nz = unpackbits(nz_bytes.to(device), n)
+        ne1 = unpackbits(ne1_bytes.to(device), n_sel)
         selected = torch.ones(n_sel, dtype=torch.float32, device=device)
         selected.masked_scatter_(ne1, vals.to(device))
         dense.masked_scatter_(nz, selected)

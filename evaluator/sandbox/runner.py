@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -31,6 +32,7 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 _LAUNCHER = str(Path(__file__).resolve().with_name("launcher.py"))
 _READ_CHUNK = 64 * 1024
 _MAX_STATUS = 4 * 1024 * 1024
+_RESULT_PIPE_BYTES = 8 << 20
 
 
 class _CappedReader(threading.Thread):
@@ -241,6 +243,7 @@ class Worker:
         status = None
         channel_error = None
         res_r, res_w = os.pipe()
+        _widen_pipe(res_w)
         deadline = t0 + self.limits.wall_s
 
         def pulse() -> None:  # also while bytes flow: a trickle must not outrun the limits
@@ -327,6 +330,20 @@ class Worker:
         self.close()
         if self.scratch is not None:
             self.scratch.close()
+
+
+def _widen_pipe(fd: int) -> None:
+    """Give the result pipe room for several records' messages (64 KiB by default; a record of
+    ``default`` is ~330 KB), so the worker computes the next record while we score this one
+    instead of waiting for us to drain it. Root may go above ``/proc/sys/fs/pipe-max-size``; an
+    ordinary user gets at most that. The size only changes how far the two sides overlap, so
+    a kernel that refuses both keeps the default."""
+    for size in (_RESULT_PIPE_BYTES, 1 << 20):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+            return
+        except OSError:
+            continue
 
 
 class _StartupFailed(Exception):

@@ -33,17 +33,7 @@ from typing import Any, Callable
 from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, limit_address_space
 from evaluator.sandbox.failure_text import candidate_traceback, is_memory_error
 from evaluator.sandbox.limits import SandboxLimits
-
-def _warm_encoder(encode: Callable[..., Any], save: Callable[..., bytes], device: str) -> None:
-    """Run every branch of the selection encoder once (float and bool selections) on ``device``."""
-    import torch
-
-    shape = (1, 1, 2, 4)
-    sel = torch.tensor([[[[1.0, 0.0, 2.0, 0.0], [1.0, 1.0, 0.0, 0.0]]]], device=device)
-    for s in (sel, sel != 0):
-        encoded, _ = encode(s, shape, device)
-        save(encoded)
-
+from evaluator.sandbox.warmup import warm_encoder, warm_masker_ops
 
 def main() -> None:
     control, limits = socket.socket(fileno=int(sys.argv[1])), SandboxLimits.from_json(sys.argv[2])
@@ -75,7 +65,7 @@ def main() -> None:
     from safetensors.torch import save
 
     # Warm up the write path once, so nothing it lazily imports is needed after the drop.
-    _warm_encoder(encode_selection_on_device, save, "cpu")
+    warm_encoder(encode_selection_on_device, save, "cpu")
     if cuda_job:
         if str(prep.get("device", "")).startswith("cuda:"):
             torch.cuda.set_device(prep["device"])  # the slot's GPU only: no context on GPU 0 for slot 1
@@ -84,7 +74,7 @@ def main() -> None:
         (x @ x).sum().item()
         # The device encoder's kernels too: CUDA loads each kernel lazily on first use, which
         # would otherwise land on the first record, inside the candidate's clock.
-        _warm_encoder(encode_selection_on_device, save, "cuda")
+        warm_encoder(encode_selection_on_device, save, "cuda")
 
     preloaded = None
     if prep.get("preload"):
@@ -94,6 +84,12 @@ def main() -> None:
         if pre_fds:
             preloaded = InputReader(pre_fds[0], prep["device"]).records()
             os.close(pre_fds[0])
+            if cuda_job and preloaded:
+                # The kernels of the candidate's first record, loaded now rather than on its clock.
+                first = preloaded[0]
+                warm_encoder(encode_selection_on_device, save, str(first.queries.device), first.weights_shape)
+                warm_masker_ops(first)
+                torch.cuda.empty_cache()
     control.send(b"R")
     names_raw, fd_list, _, _ = socket.recv_fds(control, 64 * 1024, 8)
     files = dict(zip(json.loads(names_raw or b"[]"), fd_list))
