@@ -148,7 +148,8 @@ class Worker:
         self.control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # The lifeline's write end stays here only: if this process dies, the launcher kills the worker.
         lifeline_r, self._lifeline = os.pipe()
-        prep = {"device": device, "preload": self.preloaded is not None} if device is not None else None
+        prep = ({"device": device, "preload": self.preloaded is not None,
+                 "rehearse": os.environ.get("ADRS_SPARE_REHEARSAL", "1") != "0"} if device is not None else None)
         spec = launch_spec(limits, cuda, child_control.fileno(), lifeline_r, env["PYTHONPATH"], prep)
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", _LAUNCHER, json.dumps(spec)],

@@ -84,7 +84,7 @@ def main() -> None:
         if pre_fds:
             preloaded = InputReader(pre_fds[0], prep["device"]).records()
             os.close(pre_fds[0])
-            if cuda_job and preloaded:
+            if cuda_job and preloaded and prep.get("rehearse", True):
                 # The kernels of the candidate's first record, loaded now rather than on its clock.
                 first = preloaded[0]
                 warm_encoder(encode_selection_on_device, save, str(first.queries.device), first.weights_shape)
