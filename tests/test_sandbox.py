@@ -432,7 +432,7 @@ def test_pool_starts_the_replacement_after_the_job(tiny):
         again.close()
 
 
-def test_pool_keeps_several_spares_hands_out_fresh_live_ones_and_leaves_nothing(tiny):
+def test_pool_keeps_several_spares_hands_out_fresh_live_ones_and_close_kills_all(tiny):
     """spares=3: three distinct workers start at once; takes never block, prefer a ready spare,
     never hand out one that died while waiting, and start replacements (on small machines
     inside ``deferred_spare`` only at ``replenish``); close() leaves no process behind."""
