@@ -42,6 +42,11 @@ class EvaluationConfig(BaseModel):
     workers: int | None = Field(
         None, gt=0, description="evaluations at once; null = one per visible GPU, or 1 on CPU (ray: one actor per cluster GPU, or 1)",
     )
+    spares: int | None = Field(
+        None, gt=0, description="warm sandbox workers kept per evaluation slot, so a worker's start-up (torch, CUDA "
+        "context: seconds) overlaps earlier candidates; null = 1 on CPU or a small machine, on a GPU up to 8 bounded by "
+        "cores and GPU memory; each warm spare on a GPU holds a CUDA context and the workload's inputs (~2 GB for default)",
+    )
     in_flight: int | None = Field(
         None, gt=0, description="LLM-free mutators: proposals being scored at once (null = one per evaluation worker); "
         "a run replays exactly for the same value, which is recorded in the run's config",

@@ -8,14 +8,19 @@ Each tree is measured in its own child process (``PYTHONPATH`` = that tree), wit
 calls both trees have: ``score_file``, ``run_candidate`` with a warm ``WorkerPool`` (the
 spare is waited for before each timed candidate, as the search loop's next proposal would
 give it time to start), ``FaithfulContext.score`` in process and through a sandbox session,
-and ``LocalScheduler`` over ``cuda:0..N-1`` (``per-slot * N`` copies of sink_window in
-flight, timed to the last result; GPU busy share per slot sampled with ``nvidia-smi``).
+and ``LocalScheduler`` over ``cuda:0..N-1`` (``--device cpu``: N CPU slots; ``per-slot * N``
+copies of sink_window in flight, timed to the last result; ``--spares`` warm workers per slot,
+default automatic). Per slot it reports the GPU busy share sampled with ``nvidia-smi`` and the
+harness-level occupancy: the share of the timed window the slot spent evaluating, and the share
+of it spent waiting for a sandbox worker to finish starting.
 Parts run in priority order and are skipped once ``--budget-s`` is spent. Prints a table and
 writes JSON (``--out``, default ``benchmarks/results/throughput.json``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
 import os
 import statistics
@@ -24,7 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, whichever tree is measured
@@ -35,25 +40,32 @@ SEEDS = ("sink_window", "oracle_topk", "vattention")
 
 
 # ---------------------------------------------------------------- child: one tree, one part
-def _workload(name: str, device: str) -> Any:
+def _workload(name: str, device: str, records: int | None = None) -> Any:
     """A captured workload, or ``synthetic``: random float16-exact records of ``default``'s shapes
     (4 samples x 30 layers x 32 queries at 8192 keys, SmolLM2's 9 query and 3 KV heads), for a
-    machine without the model; the same on every run and tree."""
+    machine without the model; the same on every run and tree. ``records``: keep only the first
+    that many (smoke runs on a CPU)."""
+    import dataclasses
+
     import torch
 
     from evaluator.workload import load_workload
 
     if name != "synthetic":
-        return load_workload(name, device=device, progress=False)
+        workload = load_workload(name, device=device, progress=False)
+        return dataclasses.replace(workload, records=workload.records[:records]) if records else workload
     from evaluator.records import AttentionRecord
     from evaluator.scoring import dense_attention
     from evaluator.workload import Workload
     from evaluator.workload.spec import WorkloadSpec
 
     gen = torch.Generator().manual_seed(0)
+    kept = records or 4 * 30
     records = []
     for sample in range(4):
         for layer in range(30):
+            if len(records) == kept:
+                break
             q, k, v = (torch.randn(1, h, n, 64, generator=gen).half().float().to(device)
                        for h, n in ((9, 32), (3, 8192), (3, 8192)))
             pos = torch.arange(8192 - 32, 8192, device=device)
@@ -65,7 +77,7 @@ def part_fast(args: argparse.Namespace) -> dict[str, Any]:
     from evaluator.inprocess import score_file
     from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
 
-    workload = _workload(args.workload, args.device)
+    workload = _workload(args.workload, args.device, args.records)
     limits = SandboxLimits(wall_s=300)
     rows = {}
     with WorkerPool(limits, cuda=args.device.startswith("cuda")) as pool:
@@ -90,7 +102,7 @@ def serve_fast(args: argparse.Namespace) -> None:
     from evaluator.inprocess import score_file
     from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
 
-    workload = _workload(args.workload, args.device)
+    workload = _workload(args.workload, args.device, args.records)
     limits = SandboxLimits(wall_s=300)
     with WorkerPool(limits, cuda=args.device.startswith("cuda")) as pool:
         for name in args.seeds:
@@ -117,7 +129,7 @@ def interleaved_fast(trees: dict[str, Path], args: argparse.Namespace) -> dict[s
     children = {}
     for label, tree in trees.items():
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "serve-fast", "--device", args.device,
-               "--workload", args.workload, "--seeds", ",".join(args.seeds)]
+               "--workload", args.workload, "--seeds", ",".join(args.seeds), *_shared_flags(args)]
         children[label] = subprocess.Popen(cmd, env=_tree_env(tree), cwd=str(tree), stdin=subprocess.PIPE,
                                            stdout=subprocess.PIPE, text=True)
     try:
@@ -205,25 +217,81 @@ class _BusySampler:
         return [statistics.mean(s) / 100 if s else None for s in self.samples]
 
 
+class _SlotClock:
+    """Harness-level occupancy per slot over the timed window: the share of it each slot's thread
+    spent in ``evaluate`` (busy), and the share of it spent waiting for a sandbox worker to finish
+    starting (``Worker.wait_ready``; no candidate runs then). Wraps the calls both trees have."""
+
+    def __init__(self, sched: Any) -> None:
+        self.slots = list(getattr(sched, "_slots", []))
+        self.spans: dict[str, list[tuple[float, float]]] = {}  # thread name -> (start, end)
+        self.waits: dict[str, list[tuple[float, float]]] = {}
+        self.window = (0.0, 0.0)
+
+    def __enter__(self) -> "_SlotClock":
+        from evaluator.sandbox import Worker
+
+        def clocked(fn: Any, log: dict[str, list[tuple[float, float]]]) -> Any:
+            def call(*a: Any, **kw: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    log.setdefault(threading.current_thread().name, []).append((t, time.perf_counter()))
+            return call
+
+        for slot in self.slots:  # an instance attribute: the serving thread looks it up per job
+            slot.evaluate = clocked(slot.evaluate, self.spans)
+        self._wait_ready = Worker.wait_ready
+        Worker.wait_ready = clocked(Worker.wait_ready, self.waits)
+        self.window = (time.perf_counter(), 0.0)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from evaluator.sandbox import Worker
+
+        self.window = (self.window[0], time.perf_counter())
+        Worker.wait_ready = self._wait_ready
+        for slot in self.slots:
+            del slot.evaluate
+
+    def share(self, log: dict[str, list[tuple[float, float]]]) -> list[float]:
+        t0, t1 = self.window
+        return [sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in log.get(thread, [])) / (t1 - t0)
+                for thread in (f"adrs-{slot.name}" for slot in self.slots)]  # SlotScheduler's thread names
+
+
+@contextlib.contextmanager
+def _all_of(*managers: Any) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for manager in managers:
+            stack.enter_context(manager)
+        yield
+
+
 def part_scale(args: argparse.Namespace) -> dict[str, Any]:
     from adrs.scheduler import LocalScheduler, local_devices
     from evaluator.sandbox import SandboxLimits
 
     code = (REPO / "seeds" / "sink_window.py").read_text()
-    workload = _workload(args.workload, "cpu")
+    workload = _workload(args.workload, "cpu", args.records)
+    # An older tree's scheduler keeps one spare and takes no ``spares``.
+    takes_spares = "spares" in inspect.signature(LocalScheduler).parameters
     rows = {}
     for slots in args.slots:
-        devices = local_devices(slots)
-        if len(devices) < slots or devices[0] == "cpu":
+        devices = ["cpu"] * slots if args.device == "cpu" else local_devices(slots)
+        if len(devices) < slots or (args.device != "cpu" and devices[0] == "cpu"):
             rows[str(slots)] = {"skipped": f"{len(devices)} GPU(s) here"}
             continue
-        sched = LocalScheduler(lambda which: workload, 0.10, SandboxLimits(wall_s=600), devices=devices)
-        sampler = _BusySampler(slots)
+        extra = {"spares": args.spares} if takes_spares else {}
+        sched = LocalScheduler(lambda which: workload, 0.10, SandboxLimits(wall_s=600), devices=devices, **extra)
+        sampler, clock = _BusySampler(slots), _SlotClock(sched)
         try:
-            rows[str(slots)] = saturate(sched, code, slots, args.per_slot, during=sampler)
+            rows[str(slots)] = saturate(sched, code, slots, args.per_slot, during=_all_of(clock, sampler))
         finally:
             sched.close()
-        rows[str(slots)]["gpu_busy"] = sampler.busy()
+        rows[str(slots)].update({"spares": getattr(sched, "spares", 1), "gpu_busy": sampler.busy(),
+                                 "slot_busy": clock.share(clock.spans), "slot_wait_worker": clock.share(clock.waits)})
         print(slots, rows[str(slots)], flush=True)
     return rows
 
@@ -240,13 +308,20 @@ def _tree_env(tree: Path) -> dict[str, str]:
     return env
 
 
+def _shared_flags(args: argparse.Namespace) -> list[str]:
+    """The optional flags a child gets as given."""
+    return [*(["--records", str(args.records)] if args.records else []),
+            *(["--spares", str(args.spares)] if args.spares else [])]
+
+
 def _run_child(tree: Path, part: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
     env = _tree_env(tree)
     out = Path(args.out).with_suffix(f".{tree.name}.{part.replace(',', '-')}.json")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", part, "--child-out", str(out),
            "--device", args.device, "--workload", args.workload, "--faithful", args.faithful,
            "--repeat", str(args.repeat), "--faithful-repeat", str(args.faithful_repeat),
-           "--seeds", ",".join(args.seeds), "--per-slot", str(args.per_slot), "--slots", *map(str, args.slots)]
+           "--seeds", ",".join(args.seeds), "--per-slot", str(args.per_slot), "--slots", *map(str, args.slots),
+           *_shared_flags(args)]
     t0 = time.perf_counter()
     try:
         subprocess.run(cmd, env=env, cwd=str(tree), timeout=timeout, check=True)
@@ -271,6 +346,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=lambda s: s.split(","), default=list(SEEDS))
     ap.add_argument("--slots", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--per-slot", type=int, default=8)
+    ap.add_argument("--spares", type=int, default=None,
+                    help="scale: warm sandbox workers per slot (default: automatic, as evaluation.spares: null)")
+    ap.add_argument("--records", type=int, default=None, help="keep only the workload's first N records (smoke runs)")
     ap.add_argument("--parts", type=lambda s: s.split(","), default=["fast", "scale", "faithful"])
     ap.add_argument("--interleave", action="store_true",
                     help="fast part: both trees' children alive at once, candidates alternated (fair on a busy machine)")
@@ -325,8 +403,10 @@ def main() -> None:
         for slots, row in results[label].get("scale", {}).items():
             if isinstance(row, dict) and "per_minute" in row:
                 busy = ", ".join(_fmt(b, ".0%") for b in row["gpu_busy"])
-                print(f"scale {label}: {slots} GPU(s) {row['per_minute']:.1f} evals/min, mean eval {row['mean_eval_s']:.2f} s, "
-                      f"GPU busy {busy}")
+                slot_busy = ", ".join(f"{_fmt(b, '.0%')} ({_fmt(w, '.0%')} waiting for a worker)"
+                                      for b, w in zip(row.get("slot_busy", []), row.get("slot_wait_worker", [])))
+                print(f"scale {label}: {slots} slot(s), {row.get('spares', 1)} spare(s) each: {row['per_minute']:.1f} evals/min, "
+                      f"mean eval {row['mean_eval_s']:.2f} s, GPU busy {busy}; slot busy {slot_busy}")
     meta = {"command": "python benchmarks/bench_throughput.py " + " ".join(sys.argv[1:]), "trees": {k: str(v) for k, v in trees.items()}}
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"wrote {args.out}")

@@ -254,11 +254,14 @@ def test_seeds_score_exactly_as_in_process(tiny, tmp_path):
 
 
 def test_warm_pool_worker_serves_one_candidate(tiny):
-    """A pooled worker is used once: the second evaluation gets a different process."""
-    with WorkerPool(LIMITS) as pool:
+    """A pooled worker is used once: the second evaluation gets a different process, also with
+    several spares, and neither is kept as a spare."""
+    with WorkerPool(LIMITS, spares=2) as pool:
         a = run_candidate(HOSTILE / "empty_selection.py", tiny, 0.1, pool=pool)
         b = run_candidate(HOSTILE / "empty_selection.py", tiny, 0.1, pool=pool)
+        spares = {w.pgid for w in pool.waiting}
     assert a.pgid != b.pgid and a.report.category == b.report.category == "invalid"
+    assert len(spares) == 2 and not spares & {a.pgid, b.pgid}
 
 
 @pytest.mark.gpu
@@ -410,23 +413,59 @@ def test_pool_starts_the_replacement_after_the_job(tiny):
     the candidate's cores), and the pool is warm again afterwards; plain take() still starts it at once."""
     with WorkerPool(LIMITS) as pool:
         pool.defer_spares = True  # as on a machine of few cores (the default there)
-        first = pool._spare
+        (first,) = pool.waiting
         with pool.deferred_spare():
             taken = pool.take()
-        assert taken is first and pool._spare is None
+        assert taken is first and pool.waiting == ()
         taken.close()
         run = run_candidate(HOSTILE / "empty_selection.py", tiny, 0.1, pool=pool)
         assert run.report.category == "invalid", run.report.reason
-        spare = pool._spare
-        assert spare is not None and spare.pgid != run.pgid and spare.alive()
+        (spare,) = pool.waiting
+        assert spare.pgid != run.pgid and spare.alive()
         plain = pool.take()
-        assert plain is spare and pool._spare is not None and pool._spare is not spare
+        assert plain is spare and len(pool.waiting) == 1 and pool.waiting[0] is not spare
         plain.close()
         pool.defer_spares = False  # many cores: the replacement starts at once, even inside the block
         with pool.deferred_spare():
             again = pool.take()
-        assert pool._spare is not None and pool._spare is not again
+        assert len(pool.waiting) == 1 and pool.waiting[0] is not again
         again.close()
+
+
+def test_pool_keeps_several_spares_hands_out_fresh_live_ones_and_close_kills_all(tiny):
+    """spares=3: three distinct workers start at once; takes never block, prefer a ready spare,
+    never hand out one that died while waiting, and start replacements (on small machines
+    inside ``deferred_spare`` only at ``replenish``); close() leaves no process behind."""
+    seen = []
+    with WorkerPool(LIMITS, spares=3) as pool:
+        pool.defer_spares = False
+        first = pool.waiting
+        seen += first
+        assert len({w.marker for w in first}) == 3 and all(w.alive() for w in first)
+        assert not first[0].wait_ready(0)  # still importing torch; asking does not spoil the answer
+        assert pool.wait_ready(LIMITS.startup_s, every=True) and first[0].wait_ready(0)
+        a, b = pool.take(), pool.take()
+        assert (a, b) == first[:2] and len(pool.waiting) == 3 and pool.waiting[0] is first[2]
+        seen += pool.waiting[1:]
+        assert len({w.marker for w in seen}) == 5 and all(w.alive() for w in seen)
+        os.killpg(first[2].pgid, 9)  # a spare dies while waiting (the OOM killer, say)
+        first[2].proc.wait(5)
+        t0 = time.monotonic()
+        c = pool.take()  # the other spares are still starting: the oldest live one, at once
+        assert time.monotonic() - t0 < 2 and c.alive() and (c is seen[3] or c.wait_ready(0))
+        assert first[2] not in pool.waiting and len(pool.waiting) == 3
+        seen += pool.waiting[1:]
+        pool.defer_spares = True
+        with pool.deferred_spare():
+            d = pool.take()
+        assert (d is seen[4] or d.wait_ready(0)) and len(pool.waiting) == 2
+        pool.replenish()
+        assert len(pool.waiting) == 3
+        seen += pool.waiting[-1:]
+        for worker in (a, b, c, d):
+            worker.release()
+    assert pool.waiting == ()
+    assert not [w for w in seen if live_descendants(w.pgid, w.marker)]
 
 
 def test_spare_preloads_the_workload_and_scores_the_same(tiny):
@@ -437,9 +476,9 @@ def test_spare_preloads_the_workload_and_scores_the_same(tiny):
 
     seed = SEEDS / "oracle_topk.py"
     with WorkerPool(SandboxLimits(wall_s=60), device="cpu") as pool:
-        assert pool._spare.preloaded is None
+        assert pool.waiting[0].preloaded is None
         cold = run_candidate(seed, tiny, 0.1, pool=pool)
-        assert pool._spare is not None and pool._spare.preloaded == workload_inputs(tiny)
+        assert len(pool.waiting) == 1 and pool.waiting[0].preloaded == workload_inputs(tiny)
         warm = run_candidate(seed, tiny, 0.1, pool=pool)
         other = replace(tiny, records=tiny.records[:2])
         mixed = run_candidate(seed, other, 0.1, pool=pool)  # this spare holds tiny's inputs, not other's

@@ -13,10 +13,11 @@ import torch
 from adrs.config import parse_config
 from adrs.evaluate import CodeScorer
 from adrs.scheduler import LocalScheduler, local_devices, make_scheduler
+from adrs.scheduler.local import local_spares
 from adrs.scheduler.base import Slot, SlotScheduler, Which, WorkerLost
 from conftest import ROOT, sandbox_workers_of
 from evaluator.inprocess import score_file
-from evaluator.sandbox import SandboxLimits
+from evaluator.sandbox import SandboxLimits, auto_spares
 from evaluator.scoring import ScoreReport
 
 SEED = ROOT / "seeds" / "sink_window.py"
@@ -121,13 +122,31 @@ def test_codescorer_calls_from_two_threads_run_on_two_slots(tiny_workload):
 
 
 def test_make_scheduler_follows_the_config(tiny_workload):
-    cfg = parse_config({"workload": "tiny", "evaluation": {"workers": 2}})
+    cfg = parse_config({"workload": "tiny", "evaluation": {"workers": 2, "spares": 2}})
     with make_scheduler(cfg, lambda which: tiny_workload) as sched:
         assert isinstance(sched, LocalScheduler) and sched.devices == local_devices(2) and sched.slots == len(sched.devices)
+        assert sched.wait_started(30) and sched.spares == 2
+        assert sched.submit(SEED.read_text()).result(timeout=120).valid  # its slot's pool is warm again after it
+        assert all(len(slot._pool.waiting) == 2 for slot in sched._slots if slot._pool is not None)
     with pytest.raises(Exception, match="executor"):
         parse_config({"evaluation": {"executor": "slurm"}})
     with pytest.raises(Exception, match="workers"):
         parse_config({"evaluation": {"workers": 0}})
+    with pytest.raises(Exception, match="spares"):
+        parse_config({"evaluation": {"spares": 0}})
+    with pytest.raises(Exception, match="did you mean 'spares'"):
+        parse_config({"evaluation": {"spare": 2}})
+    assert parse_config({"evaluation": {"spares": None}}).evaluation.spares is None
+
+
+def test_automatic_spares_hide_start_up_on_gpus_within_cores_and_gpu_memory(two_cpu):
+    """null spares: 1 on CPU slots and small machines; on GPUs up to 8, at most half the cores
+    over all slots and a fifth of the GPU's memory."""
+    assert auto_spares(False, 1, cores=64) == 1 and auto_spares(True, 1, cores=4) == 1
+    assert auto_spares(True, 2, cores=32) == 8 and auto_spares(True, 8, cores=32) == 2
+    assert auto_spares(True, 2, cores=32, gpu_bytes=141 << 30) == 8 and auto_spares(True, 1, cores=32, gpu_bytes=24 << 30) == 2
+    assert auto_spares(True, 16, cores=16, gpu_bytes=8 << 30) == 1
+    assert two_cpu.spares == local_spares(["cpu", "cpu"]) == 1
 
 
 # ---------------------------------------------------------------- retries, with stand-in slots

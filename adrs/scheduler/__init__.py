@@ -48,6 +48,7 @@ def make_scheduler(config: RunConfig, workloads: WorkloadSource) -> Scheduler:
 
         specs = {"search": config.workload_spec(), "heldout": config.heldout_spec()}
         return RayScheduler(specs, config.density_target, sandbox_limits(config), address=ev.ray_address,
-                            workers=ev.workers, max_attempts=ev.max_attempts, speedup=speedup_options(config))
-    return LocalScheduler(workloads, config.density_target, sandbox_limits(config),
-                          devices=local_devices(ev.workers), max_attempts=ev.max_attempts, speedup=speedup_options(config))
+                            workers=ev.workers, max_attempts=ev.max_attempts, speedup=speedup_options(config),
+                            spares=ev.spares)
+    return LocalScheduler(workloads, config.density_target, sandbox_limits(config), devices=local_devices(ev.workers),
+                          max_attempts=ev.max_attempts, speedup=speedup_options(config), spares=ev.spares)

@@ -8,7 +8,7 @@ import torch
 
 from adrs.scheduler.base import Slot, SlotScheduler, Which, WorkerLost
 from evaluator.candidate import candidate_file
-from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
+from evaluator.sandbox import SandboxLimits, WorkerPool, auto_spares, run_candidate
 from evaluator.scoring import ScoreReport
 from evaluator.speedup import SpeedupOptions, with_speedup
 from evaluator.workload import Workload
@@ -28,6 +28,14 @@ def local_devices(workers: int | None = None) -> list[str]:
     return ["cpu"] * (workers or 1)
 
 
+def local_spares(devices: Sequence[str]) -> int:
+    """``evaluation.spares: null`` for slots on ``devices`` of this host (see ``auto_spares``)."""
+    gpus = [d for d in devices if d.startswith("cuda")]
+    if not gpus:
+        return auto_spares(False, len(devices))
+    return auto_spares(True, len(devices), gpu_bytes=min(torch.cuda.get_device_properties(d).total_memory for d in gpus))
+
+
 def on_device(workload: Workload, device: str) -> Workload:
     """``workload`` with every record on ``device`` (the workload itself when already there)."""
     if workload.records[0].queries.device == torch.device(device):
@@ -39,8 +47,9 @@ class LocalSlot(Slot):
     """A device with its own warm sandbox pool; workloads are copied onto the device once."""
 
     def __init__(self, index: int, device: str, workloads: WorkloadSource, density_target: float,
-                 limits: SandboxLimits, speedup: SpeedupOptions | None = None) -> None:
+                 limits: SandboxLimits, speedup: SpeedupOptions | None = None, spares: int = 1) -> None:
         self.name = f"local-{index}-{device}"
+        self.spares = spares
         self._speedup = speedup
         self.device = device
         self._source = workloads
@@ -51,7 +60,7 @@ class LocalSlot(Slot):
 
     def open(self) -> None:
         # Created in the serving thread, which also takes every worker from it.
-        self._pool = WorkerPool(self._limits, cuda=self.device.startswith("cuda"), device=self.device)
+        self._pool = WorkerPool(self._limits, cuda=self.device.startswith("cuda"), device=self.device, spares=self.spares)
 
     def workload(self, which: Which) -> Workload:
         if which not in self._workloads:
@@ -83,7 +92,11 @@ class LocalScheduler(SlotScheduler):
     """Evaluations spread over local devices, one at a time on each."""
 
     def __init__(self, workloads: WorkloadSource, density_target: float, limits: SandboxLimits,
-                 devices: Sequence[str] | None = None, max_attempts: int = 3, speedup: SpeedupOptions | None = None) -> None:
+                 devices: Sequence[str] | None = None, max_attempts: int = 3, speedup: SpeedupOptions | None = None,
+                 spares: int | None = None) -> None:
+        """``spares``: warm sandbox workers per slot (None: ``auto_spares`` for these devices)."""
         self.devices = list(devices) if devices is not None else local_devices()
-        slots = [LocalSlot(i, d, workloads, density_target, limits, speedup) for i, d in enumerate(self.devices)]
+        self.spares = spares if spares is not None else local_spares(self.devices)
+        slots = [LocalSlot(i, d, workloads, density_target, limits, speedup, self.spares)
+                 for i, d in enumerate(self.devices)]
         super().__init__(slots, max_attempts)

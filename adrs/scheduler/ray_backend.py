@@ -27,7 +27,7 @@ import torch
 
 from adrs.scheduler.base import WHICH, Slot, SlotScheduler, Which, WorkerLost
 from evaluator.candidate import candidate_file
-from evaluator.sandbox import SandboxLimits, Worker, WorkerPool, run_candidate
+from evaluator.sandbox import SandboxLimits, Worker, WorkerPool, auto_spares, run_candidate
 from evaluator.sandbox.isolation import kill_tree
 from evaluator.scoring import ScoreReport
 from evaluator.speedup import SpeedupOptions, with_speedup
@@ -87,24 +87,39 @@ class _TrackedPool(WorkerPool):
         return worker
 
 
+def _node_gpus() -> int:
+    """GPUs on this actor's node: as many GPU actors (each with its pool) share its cores."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    gpus = [n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("NodeID") == node]
+    return max(1, int(gpus[0])) if gpus else 1
+
+
 class EvalActor:
     """Runs in a Ray worker process: workloads in memory, one sandboxed evaluation at a time."""
 
     def __init__(self, specs: dict[str, WorkloadSpec | None], density_target: float, limits: SandboxLimits,
-                 use_gpu: bool, speedup: SpeedupOptions | None = None) -> None:
+                 use_gpu: bool, speedup: SpeedupOptions | None = None, spares: int | None = None) -> None:
+        """``spares``: warm sandbox workers (None: ``auto_spares`` for this node, one GPU actor per GPU)."""
         sweep_orphans(os.getpid())
         self._specs = specs
         self._speedup = speedup
         self._density_target = density_target
         self._device = "cuda:0" if use_gpu else "cpu"
         self._workloads: dict[str, Workload] = {}
-        self._pool = _TrackedPool(limits, cuda=use_gpu, device=self._device)
+        if spares is None:
+            gpu_bytes = torch.cuda.get_device_properties(0).total_memory if use_gpu else None
+            spares = auto_spares(use_gpu, _node_gpus() if use_gpu else 1, gpu_bytes=gpu_bytes)
+        self.spares = spares
+        self._pool = _TrackedPool(limits, cuda=use_gpu, device=self._device, spares=spares)
 
     def info(self) -> dict[str, Any]:
         """Where this actor runs (tests kill it by pid; logs name the node)."""
         import ray
 
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "device": self._device}
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "device": self._device,
+                "spares": self.spares}
 
     def load(self, which: str) -> str:
         """Make sure ``which`` workload is in memory; returns its label."""
@@ -224,7 +239,7 @@ class RayScheduler(SlotScheduler):
     def __init__(self, specs: dict[str, WorkloadSpec | None], density_target: float, limits: SandboxLimits,
                  address: str | None = None, workers: int | None = None, max_attempts: int = 3,
                  start_timeout_s: float = 300.0, load_timeout_s: float = 3600.0,
-                 speedup: SpeedupOptions | None = None) -> None:
+                 speedup: SpeedupOptions | None = None, spares: int | None = None) -> None:
         import ray
 
         unknown = set(specs) - set(WHICH)
@@ -240,7 +255,7 @@ class RayScheduler(SlotScheduler):
         actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=-1, max_task_retries=0,
                                scheduling_strategy="SPREAD")(EvalActor)
         guard = limits.startup_s + limits.wall_s + GUARD_MARGIN_S
-        args = (specs, density_target, limits, use_gpu, speedup)
+        args = (specs, density_target, limits, use_gpu, speedup, spares)
         self.use_gpu = use_gpu
         self._ray_slots = [RaySlot(i, actor_cls, args, guard, start_timeout_s, load_timeout_s) for i in range(count)]
         super().__init__(self._ray_slots, max_attempts)

@@ -34,7 +34,8 @@ pre-imports torch, numpy and common stdlib modules; other imports in a candidate
 """
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.runner import (
-    IsolationUnavailable, SandboxRun, Worker, WorkerPool, evaluate_in_sandbox, run_candidate,
+    IsolationUnavailable, SandboxRun, Worker, WorkerPool, auto_spares, evaluate_in_sandbox, run_candidate,
 )
 
-__all__ = ["IsolationUnavailable", "SandboxLimits", "SandboxRun", "Worker", "WorkerPool", "evaluate_in_sandbox", "run_candidate"]
+__all__ = ["IsolationUnavailable", "SandboxLimits", "SandboxRun", "Worker", "WorkerPool", "auto_spares", "evaluate_in_sandbox",
+           "run_candidate"]
