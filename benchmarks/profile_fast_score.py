@@ -209,12 +209,67 @@ def parent_profile(workload: Any, seed: Path, repeat: int) -> dict[str, Any]:
     return out
 
 
+def interference(args: argparse.Namespace, workload: Any, seed: Path) -> dict[str, float]:
+    """The sandboxed score (its spare started after it) while other processes start beside it, one
+    after another: which part of a spare's start-up slows a running candidate down."""
+    import threading
+
+    from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
+    from evaluator.sandbox.runner import Worker
+
+    limits = SandboxLimits(wall_s=300)
+    other = "cuda:1" if torch_device_count() > 1 else "cuda:0"
+    plain = {
+        "import torch": "import torch",
+        "cuda init cuda:0": "import torch; torch.ones(1, device='cuda:0').sum().item()",
+        f"cuda init {other}": f"import torch; torch.ones(1, device='{other}').sum().item()",
+    }
+    out: dict[str, float] = {}
+    kinds = ["none", *plain, "sandbox worker (cpu)", f"sandbox worker ({other})"]
+    with WorkerPool(limits, cuda=True) as pool:
+        pool.defer_spares = True
+        run_candidate(seed, workload, 0.1, pool=pool)
+        for kind in kinds:
+            stop = threading.Event()
+
+            def churn() -> None:
+                while not stop.is_set():
+                    if kind in plain:
+                        subprocess.run([sys.executable, "-c", plain[kind]], capture_output=True)
+                    elif kind.startswith("sandbox"):
+                        dev = None if "cpu" in kind else other
+                        w = Worker(limits, cuda=dev is not None, device=dev)
+                        w.wait_ready(120)
+                        w.release()
+                    else:
+                        return
+
+            bg = threading.Thread(target=churn, daemon=True)
+            bg.start()
+            times = []
+            for _ in range(args.repeat):
+                pool.wait_ready(120)
+                times.append(timed(lambda: run_candidate(seed, workload, 0.1, pool=pool))[0])
+            stop.set()
+            bg.join(120)
+            out[kind] = sorted(times)[len(times) // 2]
+            print(f"  interference {kind}: {out[kind]:.3f} s", flush=True)
+    return out
+
+
+def torch_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--workload", default="synthetic")
     ap.add_argument("--seeds", type=lambda s: s.split(","), default=["sink_window", "oracle_topk"])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--interference", action="store_true", help="only: the score while other processes start beside it")
     ap.add_argument("--records", type=int, default=None, help="only the first N records (a quick look on a CPU)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_fast_score.json"))
     args = ap.parse_args()
@@ -222,6 +277,11 @@ def main() -> None:
     if args.records:
         workload = dataclasses.replace(workload, records=workload.records[:args.records])
     result: dict[str, Any] = {"command": " ".join(sys.argv), "device": args.device, "workload": args.workload}
+    if args.interference:
+        result["interference"] = interference(args, workload, REPO / "seeds" / f"{args.seeds[0]}.py")
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print("wrote", args.out)
+        return
     result["worker_start"] = worker_start(args, workload)
     print(result["worker_start"], flush=True)
     for name in args.seeds:
