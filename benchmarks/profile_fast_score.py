@@ -225,7 +225,7 @@ def interference(args: argparse.Namespace, workload: Any, seed: Path) -> dict[st
         f"cuda init {other}": f"import torch; torch.ones(1, device='{other}').sum().item()",
     }
     out: dict[str, float] = {}
-    kinds = ["none", *plain, "sandbox worker (cpu)", f"sandbox worker ({other})"]
+    kinds = ["none", *plain, "sandbox worker (cpu)", f"sandbox worker ({other})"][:args.kinds]
     with WorkerPool(limits, cuda=True) as pool:
         pool.defer_spares = True
         run_candidate(seed, workload, 0.1, pool=pool)
@@ -270,9 +270,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=lambda s: s.split(","), default=["sink_window", "oracle_topk"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--interference", action="store_true", help="only: the score while other processes start beside it")
+    ap.add_argument("--kinds", type=int, default=None, help="--interference: only the first N kinds of neighbour")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads here (and so in the workers)")
     ap.add_argument("--records", type=int, default=None, help="only the first N records (a quick look on a CPU)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_fast_score.json"))
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     workload = _workload(args.workload, args.device)
     if args.records:
         workload = dataclasses.replace(workload, records=workload.records[:args.records])
