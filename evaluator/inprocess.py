@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+
+import torch
 from typing import Any
 
 from evaluator.candidate import format_traceback, load_masker, masker_input
 from evaluator.batch_scoring import RecordInvalid, RecordScorer, SelectionHook, plain_weights
 from evaluator.scoring import InvalidSelection, ScoreReport, aggregate
+from evaluator.threads import evaluation_threads, torch_threads
 from evaluator.workload import Workload
 
 
@@ -25,6 +28,12 @@ def score_masker(
 
     ``on_selection`` receives ``(record index, record, validated float32 weights)``, as in the sandbox.
     """
+    device = workload.records[0].queries.device if workload.records else torch.device("cpu")
+    with torch_threads(evaluation_threads(device)):  # as the sandbox's worker has
+        return _score_masker(masker, workload, density_target, on_selection)
+
+
+def _score_masker(masker: Any, workload: Workload, density_target: float, on_selection: SelectionHook | None) -> ScoreReport:
     t0 = time.perf_counter()
     scorer = RecordScorer(workload.records, on_selection)
     try:

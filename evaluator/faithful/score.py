@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from evaluator.threads import evaluation_threads, torch_threads
 from evaluator.inprocess import IN_PROCESS
 from evaluator.candidate import format_traceback, load_masker
 from evaluator.contract import MaskerInput
@@ -166,8 +167,9 @@ class FaithfulContext:
         try:
             if in_process:
                 isolation = IN_PROCESS
-                trace = self._decode(in_process_selector(_load_trusted(candidate_path), density_target, self.spec.seed),
-                                     self.reference.teacher_tokens)
+                with torch_threads(evaluation_threads(self.device)):  # as its sandbox session's worker has
+                    trace = self._decode(in_process_selector(_load_trusted(candidate_path), density_target, self.spec.seed),
+                                         self.reference.teacher_tokens)
             else:
                 setup = {"prefix": str(self.prefix_file()), "row_groups": ROW_GROUPS,
                          "max_len": self.spec.prompt_tokens + self.spec.decode_steps}

@@ -27,6 +27,7 @@ from evaluator.sandbox.channel import ChannelError, ChannelOverflow, DeadlineIO
 from evaluator.sandbox.result_stream import ResultStream, SelectionHook
 from evaluator.sandbox.transport import workload_inputs
 from evaluator.errors import IsolationUnavailable
+from evaluator.threads import evaluation_threads
 from evaluator.scoring import ScoreReport
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
@@ -563,7 +564,7 @@ def run_candidate(
         raise ValueError(f"WorkerPool(cuda={pool.cuda}) cannot serve a workload on {device}")
     inputs = workload_inputs(workload)
     job = {"candidate_name": candidate_path.name, "source": source, "device": str(device),
-           "density_target": density_target, "base_seed": base_seed, "num_threads": torch.get_num_threads()}
+           "density_target": density_target, "base_seed": base_seed, "num_threads": evaluation_threads(device)}
     if pool is None:
         worker = Worker(limits, cuda=device.type == "cuda")
     else:

@@ -38,6 +38,7 @@ from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.runner import Worker, WorkerOutcome, WorkerPool, _interpret, _syntax_context
 from evaluator.sandbox.transport import ProtocolError, decode_selection
 from evaluator.scoring import InvalidSelection, ScoreReport
+from evaluator.threads import evaluation_threads
 
 
 class SessionFailure(Exception):
@@ -97,7 +98,7 @@ class SandboxSession:
         self.io = DeadlineIO(resp_r, req_w, self._check, self.limits.output_bytes, self._pulse)
         job = {"candidate_name": self.candidate_path.name, "source": source, "device": str(self.device),
                "density_target": self.density_target, "base_seed": self.base_seed,
-               "num_threads": torch.get_num_threads(), "session": self.setup}
+               "num_threads": evaluation_threads(self.device), "session": self.setup}
         self.worker = self.pool.take() if self.pool is not None else Worker(self.limits, cuda=self.device.type == "cuda")
         try:
             if not self.worker.wait_ready(self.limits.startup_s):  # IsolationUnavailable passes through
