@@ -111,7 +111,7 @@ def test_prompts_have_exact_length_and_answers(ctx):
 def test_select_all_reproduces_dense_decoding(ctx):
     r = ctx.score(SELECT_ALL, 0.10)
     assert r.valid, r.reason
-    assert r.error == 0.0 and r.density == pytest.approx(1.0)
+    assert r.error == 0.0 and r.density == pytest.approx(1.0) and r.kv_density == pytest.approx(1.0)
     assert r.agreement == 1.0 and r.kl == pytest.approx(0.0, abs=1e-12)
     assert r.needle_accuracy == r.dense_needle_accuracy
     assert r.n_calls == 30 * (1 + 6)
@@ -124,6 +124,9 @@ def test_sink_window_sandboxed_equals_in_process(ctx):
     assert sandboxed.valid and in_process.valid, (sandboxed.reason, in_process.reason)
     assert sandboxed.density <= 0.10 and sandboxed.error > 0.0 and sandboxed.kl > 0.0
     assert sandboxed.density_penalty == 0.0
+    # sink_window selects the same keys for every head: a GQA group reads each of them once.
+    assert sandboxed.kv_density == pytest.approx(sandboxed.density) and sandboxed.kv_density < 0.5
+    assert all(layer.kv_density == pytest.approx(layer.density) for layer in sandboxed.per_layer)
     assert _numbers(sandboxed) == _numbers(in_process)
     assert len(sandboxed.per_layer) == 30
 

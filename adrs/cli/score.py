@@ -9,7 +9,7 @@ from rich.table import Table
 
 from adrs.cli.common import UserError, command, out, report_table
 
-FAITHFUL_KEYS = ("valid", "combined_score", "error", "density", "agreement", "kl", "kl_max", "needle_accuracy",
+FAITHFUL_KEYS = ("valid", "combined_score", "error", "density", "kv_density", "agreement", "kl", "kl_max", "needle_accuracy",
                  "dense_needle_accuracy", "n_calls", "wall_s", "candidate_s", "category", "reason", "spec", "isolation")
 UNSAFE_HELP = ("where the kernel allows no sandbox namespaces, run the candidate anyway with weaker containment "
                "(reported as NOT ISOLATED); for code you would run yourself")

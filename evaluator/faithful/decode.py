@@ -56,6 +56,7 @@ class CallStats:
     calls: list[int] = field(default_factory=list)
     errors: list[torch.Tensor] = field(default_factory=list)
     densities: list[torch.Tensor] = field(default_factory=list)
+    kv_densities: list[torch.Tensor] = field(default_factory=list)
 
 
 class KVStore:
@@ -155,11 +156,16 @@ class SparseDecoder:
         weights = self.selector(inputs)
         dense, sparse = estimator_outputs(query, ks[:b, :, :end], vs[:b, :, :end], weights, positions, scaling)
         diff = torch.linalg.vector_norm((dense - sparse).double()) / torch.linalg.vector_norm(dense.double())
-        causal = (positions.double() + 1).sum() * b * query.shape[1]
+        causal = (positions.double() + 1).sum() * b
+        h, h_kv = query.shape[1], key.shape[1]
+        selected = weights.ne(0)
         self.stats.layers.append(layer)
         self.stats.calls.append(self.call)
         self.stats.errors.append(diff)
-        self.stats.densities.append(weights.ne(0).sum().double() / causal)
+        self.stats.densities.append(selected.sum().double() / (causal * h))
+        # As in the fast score: a key counts once per GQA group however many of its heads select it.
+        rows = selected.view(b, h_kv, h // h_kv, q, selected.shape[-1]).any(dim=2).sum().double()
+        self.stats.kv_densities.append(rows / (causal * h_kv))
         if layer == self.num_layers - 1:
             self.call += 1
         return sparse.to(query.dtype).transpose(1, 2).contiguous(), None

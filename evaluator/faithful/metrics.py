@@ -41,6 +41,7 @@ class FaithfulReport(ReportCodec):
     combined_score: float | None = None
     error: float | None = None
     density: float | None = None
+    kv_density: float | None = None  # distinct KV rows read per query and KV head / causal tokens, as in the fast score
     density_penalty: float | None = None
     per_layer: list[LayerScore] = field(default_factory=list)
     worst: dict[str, Any] | None = None
@@ -67,19 +68,22 @@ def call_scores(stats: CallStats, density_target: float) -> dict[str, Any]:
     """Fast-score style aggregates over the calls of one decode."""
     errors = torch.stack(stats.errors).cpu().tolist()
     densities = torch.stack(stats.densities).cpu().tolist()
+    kv_densities = torch.stack(stats.kv_densities).cpu().tolist()
     error = sum(errors) / len(errors)
     density = sum(densities) / len(densities)
-    if not all(math.isfinite(x) for x in (error, density)):
+    kv_density = sum(kv_densities) / len(kv_densities)
+    if not all(math.isfinite(x) for x in (error, density, kv_density)):
         raise FloatingPointError("faithful scorer produced a non-finite error or density")
-    by_layer: dict[int, list[tuple[float, float]]] = {}
-    for layer, e, d in zip(stats.layers, errors, densities):
-        by_layer.setdefault(layer, []).append((e, d))
-    per_layer = [LayerScore(layer, sum(e for e, _ in v) / len(v), sum(d for _, d in v) / len(v))
+    by_layer: dict[int, list[tuple[float, float, float]]] = {}
+    for layer, e, d, kd in zip(stats.layers, errors, densities, kv_densities):
+        by_layer.setdefault(layer, []).append((e, d, kd))
+    per_layer = [LayerScore(layer, *(sum(row[i] for row in v) / len(v) for i in range(3)))
                  for layer, v in sorted(by_layer.items())]
     w = max(range(len(errors)), key=errors.__getitem__)
     penalty = 100.0 * max(0.0, density - density_target)
     return {
-        "combined_score": -(error + penalty), "error": error, "density": density, "density_penalty": penalty,
+        "combined_score": -(error + penalty), "error": error, "density": density, "kv_density": kv_density,
+        "density_penalty": penalty,
         "per_layer": per_layer, "n_calls": len(errors),
         "worst": {"call": stats.calls[w], "layer": stats.layers[w], "error": errors[w], "density": densities[w]},
     }
