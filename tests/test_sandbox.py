@@ -218,6 +218,50 @@ def test_batched_scorer_matches_record_by_record(tiny, seed):
     assert [x.kv_density for x in batched.per_layer] == [x.kv_density for x in one_by_one.per_layer]
 
 
+PER_KV_HEAD = {
+    "bool": "sel = base",
+    "weighted": "sel = base.float() * (1.0 + (torch.arange(inp.num_keys) % 3 == 0).float())",
+    "nan": "sel = base.float()\n    sel[0, 0, 0, 0] = float('nan')",
+    "int": "sel = base.int()",
+}
+
+
+@pytest.mark.parametrize("kind", list(PER_KV_HEAD))
+def test_per_kv_head_selections_travel_per_kv_head_and_score_as_in_process(tiny, tmp_path, kind):
+    """A dense per-KV-head selection crosses the pipe at ``[b, h_kv, q, k]`` (1/G of the bytes)
+    and is repeated for each query head by the parent: the report equals the in-process one, a
+    valid one bit for bit and an invalid one reason for reason; a malformed one (int) takes the
+    validator's path, also as in process."""
+    body = PER_KV_HEAD[kind]
+    path = tmp_path / f"per_kv_{kind}.py"
+    path.write_text(f"""import torch
+from evaluator.contract import MaskerInput, budget, causal_mask
+
+def masker(inp: MaskerInput):
+    keep = budget(inp)
+    k = torch.arange(inp.num_keys)[None, :]
+    lead = ((k < 4) | (k > inp.query_positions[:, None] - keep[:, None])) & causal_mask(inp)
+    b, h_kv = inp.keys.shape[0], inp.keys.shape[1]
+    base = (lead & (torch.arange(inp.num_keys) % (h_kv + 1) != 0)).expand(b, h_kv, -1, -1).clone()
+    base[:, 0, :, :2] = False  # the KV heads differ: a broadcast of the wrong head would show
+    {body}
+    return sel
+""")
+    rec = tiny.records[0]
+    sel = load_masker(path)(masker_input(rec, 0.1, tiny.spec.seed))
+    want = devicepack.kv_shape(rec) if kind != "int" else rec.weights_shape
+    assert devicepack.wire_shape(sel, rec) == tuple(want) != () and devicepack.kv_shape(rec)[1] < rec.weights_shape[1]
+    boxed = evaluate_in_sandbox(path, tiny, 0.1)
+    ref = _in_process(path, tiny, 0.1)
+    assert boxed.valid == ref.valid == (kind in ("bool", "weighted")), (boxed.reason, ref.reason)
+    if ref.valid:
+        assert (boxed.combined_score, boxed.error, boxed.density, boxed.kv_density) == \
+            (ref.combined_score, ref.error, ref.density, ref.kv_density)
+        assert boxed.kv_density < boxed.density * 1.01  # shared by each group: no extra rows
+    else:
+        assert (boxed.category, boxed.reason) == (ref.category, ref.reason)
+
+
 SINK_WINDOW = '''import torch
 from evaluator.contract import MaskerInput, budget, causal_mask
 

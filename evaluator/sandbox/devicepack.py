@@ -102,6 +102,23 @@ def _unit_weights(nz_bytes: torch.Tensor, count: int) -> dict[str, torch.Tensor]
     return {"nz": nz_bytes, "ne1": torch.zeros((n_sel + 7) // 8, dtype=torch.uint8), "vals": torch.zeros(0, dtype=torch.float32)}
 
 
+def kv_shape(record: Any) -> tuple[int, ...]:
+    """``[b, h_kv, q, k]``: the shape of a dense selection made per KV head for ``record``."""
+    b, _, q, k = record.weights_shape
+    return (b, int(record.keys.shape[1]), q, k)
+
+
+def wire_shape(sel: Any, record: Any) -> tuple[int, ...]:
+    """The shape a worker sends a selection at: a well-formed dense per-KV-head tensor travels as
+    it is (a GQA group's heads share it: 1/G of the bytes and of the packing), the parent
+    repeating it for each query head; everything else at the record's query-head shape."""
+    shape = kv_shape(record)
+    if (shape != tuple(record.weights_shape) and type(sel) is torch.Tensor and tuple(sel.shape) == shape
+            and sel.device == record.queries.device and (sel.dtype.is_floating_point or sel.dtype == torch.bool)):
+        return shape
+    return tuple(record.weights_shape)
+
+
 def dense_meta_ok(meta: dict[str, Any], shape: tuple[int, ...], device: torch.device) -> bool:
     """True when declared metadata is a well-formed dense selection (else the validator's path explains why not)."""
     dtype = meta.get("dtype")

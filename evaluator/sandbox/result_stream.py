@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from evaluator.batch_scoring import RecordInvalid, RecordScorer, SelectionHook, plain_weights
-from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok
+from evaluator.contract import per_query_heads
+from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok, kv_shape
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.transport import ProtocolError, decode_selection
 from evaluator.scoring import InvalidSelection, ScoreReport, aggregate
@@ -61,6 +62,11 @@ class ResultStream:
                 # cross to it). Anything else goes through decode_selection, which words the
                 # validator's reason for a wrong type, shape, device or dtype.
                 weights = decode_dense_on_device(tensors, rec.weights_shape, rec.queries.device)
+            elif kv_shape(rec) != rec.weights_shape and dense_meta_ok(meta, kv_shape(rec), rec.queries.device):
+                # Sent per KV head (wire_shape): repeated for each query head of its group here,
+                # exactly as plain_weights does for the in-process path.
+                per_kv = decode_dense_on_device(tensors, kv_shape(rec), rec.queries.device)
+                weights = per_query_heads(per_kv, rec.weights_shape[1], rec.keys.shape[1])
             else:
                 weights = plain_weights(decode_selection(None, meta, rec, tensors=tensors), rec)
         except InvalidSelection as exc:

@@ -58,7 +58,7 @@ def main() -> None:
     from evaluator import contract  # noqa: F401
     from evaluator.contract import per_query_heads
     from evaluator.candidate import load_masker, masker_input
-    from evaluator.sandbox.devicepack import encode_selection_on_device
+    from evaluator.sandbox.devicepack import encode_selection_on_device, wire_shape
     from evaluator.sandbox.transport import InputReader
     from evaluator.sandbox.channel import pack, write_blocking
     from evaluator.sandbox.session_worker import serve_session  # before the drop: imports may fail after
@@ -156,9 +156,11 @@ def main() -> None:
         where = f"sample {rec.sample}, layer {rec.layer}"
         try:
             selection = masker(masker_input(rec, job["density_target"], job["base_seed"], state={}))
-            selection = per_query_heads(selection, rec.weights_shape[1], rec.keys.shape[1])  # a per-KV-head one, broadcast
+            shape = wire_shape(selection, rec)  # a dense per-KV-head tensor travels as it is
+            if shape == tuple(rec.weights_shape):  # any other per-KV-head selection is broadcast here
+                selection = per_query_heads(selection, rec.weights_shape[1], rec.keys.shape[1])
             # Packed where the selection lives: only bits and non-unit values cross to the host.
-            tensors, meta = encode_selection_on_device(selection, rec.weights_shape, str(rec.queries.device))
+            tensors, meta = encode_selection_on_device(selection, shape, str(rec.queries.device))
         except BaseException as exc:  # noqa: BLE001
             category = "memory" if is_memory_error(exc) else "exception"
             finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc} ({where})"[:1000],
