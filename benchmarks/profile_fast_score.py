@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -153,7 +153,7 @@ def _workload(name: str, device: str) -> Any:
 def worker_start(args: argparse.Namespace, workload: Any) -> dict[str, float]:
     """Seconds from ``Worker()`` to ready, without and with the inputs preloaded."""
     from evaluator.sandbox import SandboxLimits
-    from evaluator.sandbox.runner import Worker
+    from evaluator.sandbox.worker_process import Worker
     from evaluator.sandbox.transport import workload_inputs
 
     limits = SandboxLimits(wall_s=300)
@@ -215,7 +215,7 @@ def interference(args: argparse.Namespace, workload: Any, seed: Path) -> dict[st
     import threading
 
     from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
-    from evaluator.sandbox.runner import Worker
+    from evaluator.sandbox.worker_process import Worker
 
     limits = SandboxLimits(wall_s=300)
     other = "cuda:1" if torch_device_count() > 1 else "cuda:0"

@@ -532,7 +532,7 @@ def test_spare_preloads_the_workload_and_scores_the_same(tiny):
 
 
 # ---------------------------------------------------------------- isolation level and the opt-out
-from evaluator.sandbox.runner import IsolationUnavailable  # noqa: E402
+from evaluator.sandbox import IsolationUnavailable  # noqa: E402
 
 
 def test_no_isolation_means_nothing_runs(tiny):

@@ -36,7 +36,7 @@ from evaluator.faithful.prompts import NeedlePrompts, build_prompts
 from evaluator.faithful.spec import FaithfulSpec, resolve_faithful_spec
 from evaluator.records import AttentionRecord, record_seed
 from evaluator.sandbox.limits import SandboxLimits
-from evaluator.sandbox.runner import WorkerPool
+from evaluator.sandbox.pool import WorkerPool
 from evaluator.sandbox.session import SandboxSession, SessionFailure
 from evaluator.sandbox.transport import remove_file, shared_dir
 from evaluator.batch_scoring import validated_weights

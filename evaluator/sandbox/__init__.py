@@ -33,9 +33,10 @@ pre-imports torch, numpy and common stdlib modules; other imports in a candidate
 ``import`` failures.
 """
 from evaluator.sandbox.limits import SandboxLimits
-from evaluator.sandbox.runner import (
-    IsolationUnavailable, SandboxRun, Worker, WorkerPool, auto_spares, evaluate_in_sandbox, run_candidate,
-)
+from evaluator.sandbox.pool import WorkerPool, auto_spares
+from evaluator.errors import IsolationUnavailable
+from evaluator.sandbox.runner import SandboxRun, evaluate_in_sandbox, run_candidate
+from evaluator.sandbox.worker_process import Worker
 
 __all__ = ["IsolationUnavailable", "SandboxLimits", "SandboxRun", "Worker", "WorkerPool", "auto_spares", "evaluate_in_sandbox",
            "run_candidate"]

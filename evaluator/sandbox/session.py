@@ -35,7 +35,9 @@ from evaluator.records import AttentionRecord
 from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok
 from evaluator.sandbox.channel import ChannelError, ChannelOverflow, DeadlineIO, pack
 from evaluator.sandbox.limits import SandboxLimits
-from evaluator.sandbox.runner import Worker, WorkerOutcome, WorkerPool, _interpret, _syntax_context
+from evaluator.sandbox.pool import WorkerPool
+from evaluator.sandbox.runner import _interpret, _syntax_context
+from evaluator.sandbox.worker_process import Worker, WorkerOutcome
 from evaluator.sandbox.transport import ProtocolError, decode_selection
 from evaluator.scoring import InvalidSelection, ScoreReport
 from evaluator.threads import evaluation_threads

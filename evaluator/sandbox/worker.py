@@ -28,7 +28,6 @@ import json
 import os
 import socket
 import sys
-from typing import Any, Callable
 
 from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, limit_address_space
 from evaluator.sandbox.failure_text import candidate_traceback, is_memory_error
