@@ -86,7 +86,8 @@ def part_fast(args: argparse.Namespace) -> dict[str, Any]:
             seed = REPO / "seeds" / f"{name}.py"
             score_file(seed, workload, 0.1)  # kernels loaded, caches warm
             run_candidate(seed, workload, 0.1, pool=pool)  # the pool learns the workload
-            t_in, ref = _median(lambda: score_file(seed, workload, 0.1), args.repeat)
+            # After the spare is up: its start-up (torch import) would otherwise share the cores with these timings.
+            t_in, ref = _median(lambda: score_file(seed, workload, 0.1), args.repeat, warm)
             t_sb, run = _median(lambda: run_candidate(seed, workload, 0.1, pool=pool), args.repeat, warm)
             rows[name] = {"fast_in_process_s": t_in, "fast_sandbox_s": t_sb,
                           "fast_worker_s": run.outcome.elapsed_s if run.outcome else None,
@@ -316,7 +317,8 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
 
 def _run_child(tree: Path, part: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
     env = _tree_env(tree)
-    out = Path(args.out).with_suffix(f".{tree.name}.{part.replace(',', '-')}.json")
+    # Absolute: the child runs in its own tree, where a relative --out would land.
+    out = Path(args.out).resolve().with_suffix(f".{tree.name}.{part.replace(',', '-')}.json")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", part, "--child-out", str(out),
            "--device", args.device, "--workload", args.workload, "--faithful", args.faithful,
            "--repeat", str(args.repeat), "--faithful-repeat", str(args.faithful_repeat),
