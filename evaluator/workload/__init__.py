@@ -1,61 +1,24 @@
-"""Workloads: a model plus texts plus decode positions, captured once and cached on disk."""
+"""Workloads: a model plus texts plus decode positions, captured once and cached on disk.
+
+The specs (``WorkloadSpec``, ``PRESETS``, ``resolve_spec``) need only pydantic; everything that
+touches tensors (``Workload``, ``load_workload``, ``at_precision``, ``capture_workload``,
+``workload_dir``) is imported on first use, so that a command reading a run's config does not
+pay for importing torch (2 s).
+"""
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass
-from pathlib import Path
+import importlib
+from typing import Any
 
-import torch
-from safetensors.torch import load_file
-
-from evaluator import scoring
-from evaluator.records import AttentionRecord
-from evaluator.workload.capture import capture_workload, workload_dir
 from evaluator.workload.spec import PRESETS, WorkloadSpec, resolve_spec
 
 __all__ = ["Workload", "at_precision", "WorkloadSpec", "PRESETS", "load_workload", "resolve_spec", "capture_workload", "workload_dir"]
 
-
-@dataclass(frozen=True)
-class Workload:
-    """A captured workload: its spec, content hash, folder and float32 records (sample-major)."""
-
-    spec: WorkloadSpec
-    hash: str
-    path: Path
-    records: tuple[AttentionRecord, ...]
-    num_layers: int
-    precision: str = "float32"  # what the trusted scorer computes in ("float64": the numerics audit)
-
-    @property
-    def label(self) -> str:
-        suffix = "" if self.precision == "float32" else f"/{self.precision}"
-        return f"{self.spec.name}@{self.hash}{suffix}"
+_LAZY = {"Workload": "loaded", "at_precision": "loaded", "load_workload": "loaded",
+         "capture_workload": "capture", "workload_dir": "capture"}
 
 
-def at_precision(workload: Workload, dtype: torch.dtype) -> Workload:
-    """``workload`` scored in ``dtype``: same masker inputs, dense references and sparse outputs in ``dtype``."""
-    records = tuple(scoring.at_precision(r, dtype) for r in workload.records)
-    return dataclasses.replace(workload, records=records, precision=str(dtype).removeprefix("torch."))
-
-
-def load_workload(
-    name_or_spec: str | WorkloadSpec, device: str | torch.device = "cpu", progress: bool = True,
-) -> Workload:
-    """Load a workload, capturing it first if it is not cached (a second load does not run the model)."""
-    spec = resolve_spec(name_or_spec)
-    path = capture_workload(spec, progress=progress)
-    meta = json.loads((path / "spec.json").read_text())
-    num_layers = int(meta["num_layers"])
-    records = []
-    for sample in range(spec.n_samples):
-        t = load_file(str(path / f"sample_{sample}.safetensors"), device=str(device))
-        positions = t["positions"]
-        for layer in range(num_layers):
-            records.append(AttentionRecord(
-                sample=sample, layer=layer, num_layers=num_layers,
-                queries=t[f"L{layer}.q"].float(), keys=t[f"L{layer}.k"].float(), values=t[f"L{layer}.v"].float(),
-                positions=positions, scaling=float(t[f"L{layer}.scaling"][0]), dense_out=t[f"L{layer}.out"],
-            ))
-    return Workload(spec=spec, hash=spec.content_hash(), path=path, records=tuple(records), num_layers=num_layers)
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"evaluator.workload.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'evaluator.workload' has no attribute {name!r}")
