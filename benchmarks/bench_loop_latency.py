@@ -1,12 +1,16 @@
-"""Loop throughput against an LLM with a fixed reply latency, versus the bound it sets.
+"""Loop throughput against an LLM with a fixed reply latency (or an LLM-free mutator), versus
+the bound it sets, on 1..N evaluation workers.
 
     python benchmarks/bench_loop_latency.py [--latency 2.0] [--in-flight 1 4] [--iterations 12]
+    python benchmarks/bench_loop_latency.py --workload default --workers 1 2 --in-flight 8 --mutator loopback structural
 
-A loopback OpenAI-compatible server answers every request after ``latency`` seconds with
-a full rewrite of the EVOLVE block. With N proposals in flight and one evaluation at a
-time taking t_eval seconds, a run can commit at most min(N / (latency + t_eval), 1 / t_eval)
-candidates a second (a proposal slot is held while its child is scored); the table reports
-evaluations per hour against that bound.
+``loopback``: an OpenAI-compatible server on loopback answers every request after ``latency``
+seconds with a full rewrite of the EVOLVE block. With N proposals in flight, W workers (one per
+GPU) and an evaluation taking t_eval seconds, a run can commit at most
+min(N / (latency + t_eval), W / t_eval) candidates a second (a proposal slot is held while its
+child is scored). ``structural``/``offline``: the LLM-free mutators (``evaluation.in_flight`` =
+N), bounded by W / t_eval. The table reports evaluations per hour against that bound and, with
+several worker counts, the speed-up over the first.
 """
 from __future__ import annotations
 
@@ -48,13 +52,18 @@ def masker(inp: MaskerInput) -> Selection:
 '''
 
 
-def measure(latency: float, in_flight: int, iterations: int, workload: str, in_process: bool) -> dict:
+def measure(latency: float, in_flight: int, iterations: int, workload: str, in_process: bool,
+            workers: int | None = None, mutator: str = "loopback") -> dict:
     with LoopbackOpenAI([], default=Reply(REWRITE, delay_s=latency)) as server, tempfile.TemporaryDirectory() as tmp:
+        evaluation = {"in_process": in_process, **({"workers": workers} if workers else {})}
+        if mutator == "loopback":
+            llm: object = {"models": [{"name": "loopback", "base_url": server.base_url, "api_key_env": None}],
+                           "max_in_flight": in_flight}
+        else:
+            llm, evaluation["in_flight"] = mutator, in_flight
         cfg = parse_config({
             "name": "bench", "workload": workload, "heldout_workload": None, "iterations": iterations,
-            "seed_candidate": str(ROOT / "seeds" / "sink_window.py"), "evaluation": {"in_process": in_process},
-            "llm": {"models": [{"name": "loopback", "base_url": server.base_url, "api_key_env": None}],
-                    "max_in_flight": in_flight},
+            "seed_candidate": str(ROOT / "seeds" / "sink_window.py"), "evaluation": evaluation, "llm": llm,
         })
         scorer = make_scorer(cfg, progress=False)
         try:
@@ -73,10 +82,12 @@ def measure(latency: float, in_flight: int, iterations: int, workload: str, in_p
             elapsed = time.perf_counter() - t0
         finally:
             scorer.close()
+    w = workers or 1
     rate = iterations / elapsed * 3600
-    bound = min(in_flight / (latency + t_eval), 1 / t_eval) * 3600
-    return {"latency_s": latency, "in_flight": in_flight, "iterations": iterations, "t_eval_s": t_eval,
-            "elapsed_s": elapsed, "evals_per_hour": rate, "bound_per_hour": bound, "fraction_of_bound": rate / bound}
+    bound = (min(in_flight / (latency + t_eval), w / t_eval) if mutator == "loopback" else w / t_eval) * 3600
+    return {"mutator": mutator, "latency_s": latency if mutator == "loopback" else None, "in_flight": in_flight,
+            "workers": workers, "iterations": iterations, "t_eval_s": t_eval, "elapsed_s": elapsed,
+            "evals_per_hour": rate, "bound_per_hour": bound, "fraction_of_bound": rate / bound}
 
 
 def main() -> None:
@@ -85,19 +96,27 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--workload", default="tiny")
+    parser.add_argument("--workers", type=int, nargs="+", default=[None],
+                        help="evaluation workers (one per GPU); default: the config's (one per visible GPU, or 1)")
+    parser.add_argument("--mutator", nargs="+", default=["loopback"], choices=["loopback", "structural", "offline"])
     parser.add_argument("--in-process", action="store_true", help="score without the sandbox")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loop_latency.json"))
     args = parser.parse_args()
-    rows = [measure(args.latency, n, args.iterations, args.workload, args.in_process) for n in args.in_flight]
-    table = Table(title=f"loop vs LLM latency {args.latency}s ({args.workload}, {'in process' if args.in_process else 'sandbox'})")
-    for col in ("in flight", "t_eval s", "evals/hour", "bound/hour", "of bound"):
+    rows = [measure(args.latency, n, args.iterations, args.workload, args.in_process, w, m)
+            for m in args.mutator for n in args.in_flight for w in args.workers]
+    table = Table(title=f"loop throughput ({args.workload}, {'in process' if args.in_process else 'sandbox'}; "
+                        f"loopback LLM latency {args.latency}s)")
+    for col in ("mutator", "in flight", "workers", "t_eval s", "evals/hour", "bound/hour", "of bound", "x first workers"):
         table.add_column(col)
     for r in rows:
-        table.add_row(str(r["in_flight"]), f"{r['t_eval_s']:.2f}", f"{r['evals_per_hour']:.0f}",
-                      f"{r['bound_per_hour']:.0f}", f"{r['fraction_of_bound']:.0%}")
+        first = next(x for x in rows if x["mutator"] == r["mutator"] and x["in_flight"] == r["in_flight"])
+        table.add_row(r["mutator"], str(r["in_flight"]), str(r["workers"] or "auto"), f"{r['t_eval_s']:.2f}",
+                      f"{r['evals_per_hour']:.0f}", f"{r['bound_per_hour']:.0f}", f"{r['fraction_of_bound']:.0%}",
+                      f"{r['evals_per_hour'] / first['evals_per_hour']:.2f}")
     Console().print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"workload": args.workload, "in_process": args.in_process, "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"workload": args.workload, "in_process": args.in_process, "command": " ".join(sys.argv),
+                                          "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
 
