@@ -131,6 +131,33 @@ def test_sink_window_sandboxed_equals_in_process(ctx):
     assert len(sandboxed.per_layer) == 30
 
 
+PER_KV_HEAD = """import torch
+from evaluator.contract import MaskerInput, budget, causal_mask
+
+def masker(inp: MaskerInput):
+    keep = budget(inp)
+    k = torch.arange(inp.num_keys)[None, :]
+    sel = ((k < 4) | (k > inp.query_positions[:, None] - keep[:, None])) & causal_mask(inp)
+    b, h_kv = inp.keys.shape[:2]
+    sel = sel.expand(b, h_kv, -1, -1).float().clone()
+    sel[:, 0, :, 1:4] = 0.0  # the KV heads differ: a wrong broadcast would show
+    sel[:, 1] *= 2.0  # and carry weights other than 1
+    return sel
+"""
+
+
+def test_per_kv_head_session_equals_in_process(ctx, tmp_path):
+    """A dense per-KV-head selection crosses the session's reply pipe per KV head; the parent
+    repeats it for each query head: the same numbers as in process, kv_density below density."""
+    path = tmp_path / "per_kv.py"
+    path.write_text(PER_KV_HEAD)
+    sandboxed = ctx.score(path, 0.10)
+    in_process = ctx.score(path, 0.10, in_process=True)
+    assert sandboxed.valid and in_process.valid, (sandboxed.reason, in_process.reason)
+    assert _numbers(sandboxed) == _numbers(in_process)
+    assert sandboxed.kv_density <= sandboxed.density
+
+
 def test_faithful_score_function_with_context(ctx):
     r = faithful_score(SINK_WINDOW, "faithful-tiny", 0.10, in_process=True, context=ctx)
     assert r.valid and r.spec == ctx.spec.label

@@ -249,8 +249,10 @@ def masker(inp: MaskerInput):
 """)
     rec = tiny.records[0]
     sel = load_masker(path)(masker_input(rec, 0.1, tiny.spec.seed))
-    want = devicepack.kv_shape(rec) if kind != "int" else rec.weights_shape
-    assert devicepack.wire_shape(sel, rec) == tuple(want) != () and devicepack.kv_shape(rec)[1] < rec.weights_shape[1]
+    b, h, q, k = rec.weights_shape
+    kv = (b, rec.keys.shape[1], q, k)
+    want = kv if kind != "int" else rec.weights_shape
+    assert devicepack.wire_shape(sel, rec.weights_shape, rec.keys.shape[1], str(rec.queries.device)) == want and kv[1] < h
     boxed = evaluate_in_sandbox(path, tiny, 0.1)
     ref = _in_process(path, tiny, 0.1)
     assert boxed.valid == ref.valid == (kind in ("bool", "weighted")), (boxed.reason, ref.reason)

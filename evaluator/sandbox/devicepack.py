@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evaluator.contract import per_query_heads
 from evaluator.sandbox.transport import PLAIN, ProtocolError, _is_float, _tensor_meta, encode_selection
 
 _BITS = (128, 64, 32, 16, 8, 4, 2, 1)
@@ -102,21 +103,30 @@ def _unit_weights(nz_bytes: torch.Tensor, count: int) -> dict[str, torch.Tensor]
     return {"nz": nz_bytes, "ne1": torch.zeros((n_sel + 7) // 8, dtype=torch.uint8), "vals": torch.zeros(0, dtype=torch.float32)}
 
 
-def kv_shape(record: Any) -> tuple[int, ...]:
-    """``[b, h_kv, q, k]``: the shape of a dense selection made per KV head for ``record``."""
-    b, _, q, k = record.weights_shape
-    return (b, int(record.keys.shape[1]), q, k)
+def wire_shape(sel: Any, shape: tuple[int, ...], num_kv_heads: int, device: str) -> tuple[int, ...]:
+    """The shape a worker sends a selection for query-head ``shape`` at: a well-formed dense
+    per-KV-head tensor ``[b, h_kv, q, k]`` travels as it is (a GQA group's heads share it: 1/G of
+    the bytes and of the packing), the parent repeating it for each query head
+    (``decode_dense_selection``); everything else at ``shape``."""
+    kv = (shape[0], int(num_kv_heads), *shape[2:])
+    if (kv != tuple(shape) and type(sel) is torch.Tensor and tuple(sel.shape) == kv and str(sel.device) == device
+            and (sel.dtype.is_floating_point or sel.dtype == torch.bool)):
+        return kv
+    return tuple(shape)
 
 
-def wire_shape(sel: Any, record: Any) -> tuple[int, ...]:
-    """The shape a worker sends a selection at: a well-formed dense per-KV-head tensor travels as
-    it is (a GQA group's heads share it: 1/G of the bytes and of the packing), the parent
-    repeating it for each query head; everything else at the record's query-head shape."""
-    shape = kv_shape(record)
-    if (shape != tuple(record.weights_shape) and type(sel) is torch.Tensor and tuple(sel.shape) == shape
-            and sel.device == record.queries.device and (sel.dtype.is_floating_point or sel.dtype == torch.bool)):
-        return shape
-    return tuple(record.weights_shape)
+def decode_dense_selection(meta: dict[str, Any], tensors: dict[str, torch.Tensor], shape: tuple[int, ...],
+                           num_kv_heads: int, device: torch.device) -> torch.Tensor | None:
+    """Float32 weights ``shape`` from a well-formed dense selection sent at ``shape`` or per KV head
+    (then repeated for each query head of its group, as ``plain_weights`` does in process); None
+    when the metadata is neither, for the validator's path to word why. ProtocolError if the data
+    does not match its metadata."""
+    if dense_meta_ok(meta, shape, device):
+        return decode_dense_on_device(tensors, shape, device)
+    kv = (shape[0], int(num_kv_heads), *shape[2:])
+    if kv != tuple(shape) and dense_meta_ok(meta, kv, device):
+        return per_query_heads(decode_dense_on_device(tensors, kv, device), shape[1], int(num_kv_heads))
+    return None
 
 
 def dense_meta_ok(meta: dict[str, Any], shape: tuple[int, ...], device: torch.device) -> bool:

@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from evaluator.batch_scoring import RecordInvalid, RecordScorer, SelectionHook, plain_weights
-from evaluator.contract import per_query_heads
-from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok, kv_shape
+from evaluator.sandbox.devicepack import decode_dense_selection
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.transport import ProtocolError, decode_selection
 from evaluator.scoring import InvalidSelection, ScoreReport, aggregate
@@ -57,17 +56,12 @@ class ResultStream:
             meta = header.get("meta")
             if not isinstance(meta, dict):
                 raise ProtocolError(f"no metadata for {self._where(i)}")
-            if dense_meta_ok(meta, rec.weights_shape, rec.queries.device):
-                # The common case: unpack on the workload's device (1/32 of the float32 bytes
-                # cross to it). Anything else goes through decode_selection, which words the
-                # validator's reason for a wrong type, shape, device or dtype.
-                weights = decode_dense_on_device(tensors, rec.weights_shape, rec.queries.device)
-            elif kv_shape(rec) != rec.weights_shape and dense_meta_ok(meta, kv_shape(rec), rec.queries.device):
-                # Sent per KV head (wire_shape): repeated for each query head of its group here,
-                # exactly as plain_weights does for the in-process path.
-                per_kv = decode_dense_on_device(tensors, kv_shape(rec), rec.queries.device)
-                weights = per_query_heads(per_kv, rec.weights_shape[1], rec.keys.shape[1])
-            else:
+            # The common case, a dense selection (per query head or per KV head), is unpacked on
+            # the workload's device (1/32 of the float32 bytes cross to it). Anything else goes
+            # through decode_selection, which words the validator's reason for a wrong type,
+            # shape, device or dtype.
+            weights = decode_dense_selection(meta, tensors, rec.weights_shape, rec.keys.shape[1], rec.queries.device)
+            if weights is None:
                 weights = plain_weights(decode_selection(None, meta, rec, tensors=tensors), rec)
         except InvalidSelection as exc:
             self._fail(ScoreReport.failure("invalid", f"{self._where(i)}: {exc}"))

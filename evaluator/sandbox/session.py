@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from evaluator.records import AttentionRecord
-from evaluator.sandbox.devicepack import decode_dense_on_device, dense_meta_ok
+from evaluator.sandbox.devicepack import decode_dense_selection
 from evaluator.sandbox.channel import ChannelError, ChannelOverflow, DeadlineIO, pack
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.pool import WorkerPool
@@ -167,8 +167,9 @@ class SandboxSession:
         try:
             if not isinstance(meta, dict):
                 raise ProtocolError("no selection metadata")
-            if dense_meta_ok(meta, record.weights_shape, record.queries.device):
-                return decode_dense_on_device(data, record.weights_shape, record.queries.device)
+            dense = decode_dense_selection(meta, data, record.weights_shape, record.keys.shape[1], record.queries.device)
+            if dense is not None:
+                return dense
             return decode_selection(None, meta, record, tensors=data)  # sparse, or the validator's reason
         except InvalidSelection as exc:
             raise SessionFailure(ScoreReport.failure("invalid", f"{where}: {exc}")) from None

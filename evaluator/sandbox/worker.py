@@ -155,7 +155,7 @@ def main() -> None:
         where = f"sample {rec.sample}, layer {rec.layer}"
         try:
             selection = masker(masker_input(rec, job["density_target"], job["base_seed"], state={}))
-            shape = wire_shape(selection, rec)  # a dense per-KV-head tensor travels as it is
+            shape = wire_shape(selection, rec.weights_shape, rec.keys.shape[1], str(rec.queries.device))
             if shape == tuple(rec.weights_shape):  # any other per-KV-head selection is broadcast here
                 selection = per_query_heads(selection, rec.weights_shape[1], rec.keys.shape[1])
             # Packed where the selection lives: only bits and non-unit values cross to the host.
