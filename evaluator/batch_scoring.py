@@ -17,7 +17,9 @@ import torch
 
 from evaluator.contract import per_query_heads
 from evaluator.records import AttentionRecord
-from evaluator.scoring import WEIGHT_TOLERANCE, InvalidSelection, _check_values, dense_weights, record_precision, sparse_attention
+from evaluator.scoring import (
+    WEIGHT_TOLERANCE, InvalidSelection, _check_values, dense_weights, kv_selected, record_precision, sparse_attention,
+)
 
 # Float32 weights + logits of one chunk stay near this; only the chunk size depends on it. On the
 # host, batching saves little (no launches to amortise) and big chunks fall out of cache.
@@ -165,7 +167,7 @@ def _score_batch(recs: list[AttentionRecord], w: torch.Tensor, positions: torch.
     causal = tokens * b * h
     # kv_density: a key counts once per GQA group, however many of its query heads select it.
     h_kv = first.keys.shape[1]
-    kv_rows = w.ne(0).reshape(n, b, h_kv, h // h_kv, -1, kk).any(3).reshape(n, -1).sum(1)
+    kv_rows = kv_selected(w, h_kv).reshape(n, -1).sum(1)
     dev = err.device
     out3 = torch.stack([err, selected.to(torch.float64) / causal.to(dev),
                         kv_rows.to(torch.float64) / (tokens * b * h_kv).to(dev)]).cpu().tolist()

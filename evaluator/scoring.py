@@ -256,12 +256,18 @@ def score_weights(record: AttentionRecord, w: torch.Tensor, dtype: torch.dtype |
     return relative_error(record.dense_out, out), selected / causal
 
 
+def kv_selected(w: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Weights ``[..., h, q, k]`` -> bool ``[..., h_kv, q, k]``: the keys some query head of each GQA
+    group selects (what kv_density counts: a key once per group, however many of its heads pick it)."""
+    return w.ne(0).unflatten(-3, (num_kv_heads, w.shape[-3] // num_kv_heads)).any(dim=-3)
+
+
 def kv_density(record: AttentionRecord, w: torch.Tensor) -> float:
     """Distinct KV rows read per (batch, KV head, query) / causal tokens, for validated weights ``[b, h, q, k]``:
     a key counts once for a GQA group however many of the group's query heads select it."""
-    b, h, q, k = w.shape
+    b, _, _, k = w.shape
     h_kv = record.keys.shape[1]
-    rows = float(w.ne(0).view(b, h_kv, h // h_kv, q, k).any(dim=2).sum())
+    rows = float(kv_selected(w, h_kv).sum())
     causal = float((record.positions.to(torch.float64) + 1).clamp(max=k).sum()) * b * h_kv
     return rows / causal
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from evaluator.contract import expand_kv
+from evaluator.scoring import kv_selected
 
 
 @dataclass(frozen=True)
@@ -158,14 +159,11 @@ class SparseDecoder:
         diff = torch.linalg.vector_norm((dense - sparse).double()) / torch.linalg.vector_norm(dense.double())
         causal = (positions.double() + 1).sum() * b
         h, h_kv = query.shape[1], key.shape[1]
-        selected = weights.ne(0)
         self.stats.layers.append(layer)
         self.stats.calls.append(self.call)
         self.stats.errors.append(diff)
-        self.stats.densities.append(selected.sum().double() / (causal * h))
-        # As in the fast score: a key counts once per GQA group however many of its heads select it.
-        rows = selected.view(b, h_kv, h // h_kv, q, selected.shape[-1]).any(dim=2).sum().double()
-        self.stats.kv_densities.append(rows / (causal * h_kv))
+        self.stats.densities.append(weights.ne(0).sum().double() / (causal * h))
+        self.stats.kv_densities.append(kv_selected(weights, h_kv).sum().double() / (causal * h_kv))
         if layer == self.num_layers - 1:
             self.call += 1
         return sparse.to(query.dtype).transpose(1, 2).contiguous(), None
