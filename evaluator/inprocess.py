@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from typing import Any
 
 from evaluator.candidate import format_traceback, load_masker, masker_input
 from evaluator.batch_scoring import RecordInvalid, RecordScorer, SelectionHook, plain_weights

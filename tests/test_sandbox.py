@@ -252,7 +252,8 @@ def masker(inp: MaskerInput):
     b, h, q, k = rec.weights_shape
     kv = (b, rec.keys.shape[1], q, k)
     want = kv if kind != "int" else rec.weights_shape
-    assert devicepack.wire_shape(sel, rec.weights_shape, rec.keys.shape[1], str(rec.queries.device)) == want and kv[1] < h
+    _, meta = devicepack.encode_for_wire(sel, rec.weights_shape, rec.keys.shape[1], str(rec.queries.device))
+    assert tuple(meta["shape"]) == tuple(want) and kv[1] < h
     boxed = evaluate_in_sandbox(path, tiny, 0.1)
     ref = _in_process(path, tiny, 0.1)
     assert boxed.valid == ref.valid == (kind in ("bool", "weighted")), (boxed.reason, ref.reason)

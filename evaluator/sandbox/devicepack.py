@@ -89,11 +89,12 @@ def encode_selection_on_device(sel: Any, shape: tuple[int, ...], device: str) ->
     # The common case, weights all 0 or 1, costs one transfer: the packed mask with a flag byte.
     non_unit = (nz & (w != 1)).any().to(torch.uint8).reshape(1)
     host = torch.cat([packbits(nz), non_unit]).cpu()
+    nz_bytes = host[:-1].clone()
     if not bool(host[-1]):
-        return _unit_weights(host[:-1].clone(), w.numel()), meta
+        return _unit_weights(nz_bytes, w.numel()), meta
     vals = w[nz]
     not_one = vals != 1
-    tensors = {"nz": host[:-1].clone(), "ne1": packbits(not_one).cpu(), "vals": vals[not_one].cpu().contiguous()}
+    tensors = {"nz": nz_bytes, "ne1": packbits(not_one).cpu(), "vals": vals[not_one].cpu().contiguous()}
     return tensors, meta
 
 
@@ -103,16 +104,22 @@ def _unit_weights(nz_bytes: torch.Tensor, count: int) -> dict[str, torch.Tensor]
     return {"nz": nz_bytes, "ne1": torch.zeros((n_sel + 7) // 8, dtype=torch.uint8), "vals": torch.zeros(0, dtype=torch.float32)}
 
 
-def wire_shape(sel: Any, shape: tuple[int, ...], num_kv_heads: int, device: str) -> tuple[int, ...]:
-    """The shape a worker sends a selection for query-head ``shape`` at: a well-formed dense
+def _kv_shape(shape: tuple[int, ...], num_kv_heads: int) -> tuple[int, ...]:
+    """``[b, h_kv, q, k]``: the per-KV-head form of query-head ``shape``."""
+    return (shape[0], int(num_kv_heads), *shape[2:])
+
+
+def encode_for_wire(sel: Any, shape: tuple[int, ...], num_kv_heads: int, device: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What a worker sends for a masker's selection for query-head ``shape``: a well-formed dense
     per-KV-head tensor ``[b, h_kv, q, k]`` travels as it is (a GQA group's heads share it: 1/G of
-    the bytes and of the packing), the parent repeating it for each query head
-    (``decode_dense_selection``); everything else at ``shape``."""
-    kv = (shape[0], int(num_kv_heads), *shape[2:])
+    the bytes and of the packing; ``decode_dense_selection`` repeats it for each query head);
+    any other per-KV-head selection is repeated here; everything goes through
+    ``encode_selection_on_device``."""
+    kv = _kv_shape(shape, num_kv_heads)
     if (kv != tuple(shape) and type(sel) is torch.Tensor and tuple(sel.shape) == kv and str(sel.device) == device
             and (sel.dtype.is_floating_point or sel.dtype == torch.bool)):
-        return kv
-    return tuple(shape)
+        return encode_selection_on_device(sel, kv, device)
+    return encode_selection_on_device(per_query_heads(sel, shape[1], int(num_kv_heads)), tuple(shape), device)
 
 
 def decode_dense_selection(meta: dict[str, Any], tensors: dict[str, torch.Tensor], shape: tuple[int, ...],
@@ -123,7 +130,7 @@ def decode_dense_selection(meta: dict[str, Any], tensors: dict[str, torch.Tensor
     does not match its metadata."""
     if dense_meta_ok(meta, shape, device):
         return decode_dense_on_device(tensors, shape, device)
-    kv = (shape[0], int(num_kv_heads), *shape[2:])
+    kv = _kv_shape(shape, num_kv_heads)
     if kv != tuple(shape) and dense_meta_ok(meta, kv, device):
         return per_query_heads(decode_dense_on_device(tensors, kv, device), shape[1], int(num_kv_heads))
     return None

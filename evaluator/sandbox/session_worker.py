@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 import torch
 
-from evaluator.contract import MaskerInput, per_query_heads
+from evaluator.contract import MaskerInput
 from evaluator.records import record_seed
 from evaluator.sandbox.channel import pack, read_blocking, write_blocking
-from evaluator.sandbox.devicepack import encode_selection_on_device, wire_shape
+from evaluator.sandbox.devicepack import encode_for_wire
 from evaluator.sandbox.failure_text import candidate_traceback, is_memory_error
 from evaluator.sandbox.transport import MappedTensors
 
@@ -59,10 +59,7 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
         shape = (queries.shape[0], queries.shape[1], queries.shape[2], end)
         try:
             selection = masker(inp)
-            sent = wire_shape(selection, shape, inp.num_kv_heads, device)  # a dense per-KV-head tensor travels as it is
-            if sent == shape:  # any other per-KV-head selection is broadcast here
-                selection = per_query_heads(selection, shape[1], inp.num_kv_heads)
-            tensors, meta = encode_selection_on_device(selection, sent, device)
+            tensors, meta = encode_for_wire(selection, shape, inp.num_kv_heads, device)
         except BaseException as exc:  # noqa: BLE001 - anything raised here is the candidate's
             category = "memory" if is_memory_error(exc) else "exception"
             finish({"ok": False, "category": category,

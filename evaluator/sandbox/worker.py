@@ -34,6 +34,7 @@ from evaluator.sandbox.failure_text import candidate_traceback, is_memory_error
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.warmup import warm_encoder, warm_masker_ops
 
+
 def main() -> None:
     control, limits = socket.socket(fileno=int(sys.argv[1])), SandboxLimits.from_json(sys.argv[2])
     # What the pool knows before the job: the slot's device, and whether the workload's inputs
@@ -55,9 +56,8 @@ def main() -> None:
     import torch
 
     from evaluator import contract  # noqa: F401
-    from evaluator.contract import per_query_heads
     from evaluator.candidate import load_masker, masker_input
-    from evaluator.sandbox.devicepack import encode_selection_on_device, wire_shape
+    from evaluator.sandbox.devicepack import encode_for_wire, encode_selection_on_device
     from evaluator.sandbox.transport import InputReader
     from evaluator.sandbox.channel import pack, write_blocking
     from evaluator.sandbox.session_worker import serve_session  # before the drop: imports may fail after
@@ -155,11 +155,8 @@ def main() -> None:
         where = f"sample {rec.sample}, layer {rec.layer}"
         try:
             selection = masker(masker_input(rec, job["density_target"], job["base_seed"], state={}))
-            shape = wire_shape(selection, rec.weights_shape, rec.keys.shape[1], str(rec.queries.device))
-            if shape == tuple(rec.weights_shape):  # any other per-KV-head selection is broadcast here
-                selection = per_query_heads(selection, rec.weights_shape[1], rec.keys.shape[1])
             # Packed where the selection lives: only bits and non-unit values cross to the host.
-            tensors, meta = encode_selection_on_device(selection, shape, str(rec.queries.device))
+            tensors, meta = encode_for_wire(selection, rec.weights_shape, rec.keys.shape[1], str(rec.queries.device))
         except BaseException as exc:  # noqa: BLE001
             category = "memory" if is_memory_error(exc) else "exception"
             finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc} ({where})"[:1000],
