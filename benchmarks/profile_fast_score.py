@@ -16,6 +16,7 @@ import io
 import json
 import os
 import pstats
+import struct
 import subprocess
 import sys
 import time
@@ -29,20 +30,12 @@ sys.path.insert(0, str(REPO))
 from timing import median_time, timed  # noqa: E402
 
 
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def stages(workload: Any, seed: Path, repeat: int) -> dict[str, float]:
     """Seconds over all records for each stage of the sandbox pipeline, cumulatively."""
     from evaluator.batch_scoring import RecordScorer
     from evaluator.candidate import load_masker, masker_input
-    from evaluator.contract import per_query_heads
     from evaluator.sandbox.channel import pack, unpack
-    from evaluator.sandbox.devicepack import decode_dense_on_device, encode_selection_on_device
+    from evaluator.sandbox.devicepack import decode_dense_selection, encode_for_wire
 
     masker = load_masker(seed)
     recs = workload.records
@@ -55,9 +48,8 @@ def stages(workload: Any, seed: Path, repeat: int) -> dict[str, float]:
     def encoded() -> list:
         out = []
         for rec in recs:
-            sel = per_query_heads(masker(masker_input(rec, 0.1, workload.spec.seed, state={})),
-                                  rec.weights_shape[1], rec.keys.shape[1])
-            out.append(encode_selection_on_device(sel, rec.weights_shape, d))
+            sel = masker(masker_input(rec, 0.1, workload.spec.seed, state={}))
+            out.append(encode_for_wire(sel, rec.weights_shape, rec.keys.shape[1], d))
         return out
 
     enc = encoded()
@@ -70,10 +62,10 @@ def stages(workload: Any, seed: Path, repeat: int) -> dict[str, float]:
     def parent_decode() -> list:
         out = []
         for msg, rec in zip(msgs, recs):
-            import struct
-            hl, bl = struct.unpack("<QQ", msg[:16])
+            hl, _ = struct.unpack("<QQ", msg[:16])
             header, tensors = unpack(msg[16:16 + hl], msg[16 + hl:])
-            out.append(decode_dense_on_device(tensors, rec.weights_shape, rec.queries.device))
+            out.append(decode_dense_selection(header["meta"], tensors, rec.weights_shape, rec.keys.shape[1],
+                                              rec.queries.device))
         return out
 
     weights = parent_decode()
