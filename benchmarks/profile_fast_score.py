@@ -143,25 +143,32 @@ def _workload(name: str, device: str) -> Any:
 
 
 def worker_start(args: argparse.Namespace, workload: Any) -> dict[str, float]:
-    """Seconds from ``Worker()`` to ready, without and with the inputs preloaded."""
+    """Seconds from ``Worker()`` to ready, without and with the inputs preloaded, started as a
+    fresh interpreter and forked by a (warm) fork server."""
     from evaluator.sandbox import SandboxLimits
-    from evaluator.sandbox.worker_process import Worker
+    from evaluator.sandbox.spawn import ForkServer
     from evaluator.sandbox.transport import workload_inputs
+    from evaluator.sandbox.worker_process import Worker, fork_server_env
 
     limits = SandboxLimits(wall_s=300)
     cuda = args.device.startswith("cuda")
     dev = "cuda:0" if cuda else None
     res = {}
-    for label, pre in (("bare", None), ("preload", workload_inputs(workload))):
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            w = Worker(limits, cuda, dev, pre)
-            ok = w.wait_ready(120)
-            times.append(time.perf_counter() - t0)
-            w.release()
-            assert ok, w._reader.text()[-2000:]
-        res[f"worker_ready_{label}_s"] = min(times)
+    server = ForkServer(fork_server_env())
+    try:
+        for start, via in (("fresh", None), ("forked", server)):
+            for label, pre in (("bare", None), ("preload", workload_inputs(workload))):
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    w = Worker(limits, cuda, dev, pre, server=via)
+                    ok = w.wait_ready(120)
+                    times.append(time.perf_counter() - t0)
+                    w.release()
+                    assert ok and w.forked == (via is not None), w._reader.text()[-2000:]
+                res[f"worker_ready_{label}_{start}_s"] = min(times[1:])  # the first forked one waits for the server's imports
+    finally:
+        server.close()
     return res
 
 

@@ -29,17 +29,19 @@ def _stat(entry: Path) -> tuple[int, bytes] | None:
 def sandbox_workers_of(parent: int) -> list[int]:
     """Host pids of ``parent``'s sandbox workers that have taken a job.
 
-    ``parent`` starts the launcher, whose child (in its own PID namespace) is the worker; a
-    worker that took its job has put /dev/null on its stdin.
+    ``parent`` starts the launcher (a fresh interpreter), or a fork server forks it; the
+    launcher's child (in its own PID namespace) is the worker, still running the fork server's
+    command line when forked. A worker that took its job has put /dev/null on its stdin.
     """
     procs = {int(e.name): info for e in Path("/proc").iterdir() if e.name.isdigit() and (info := _stat(e))}
-    launchers = {pid for pid, (ppid, cmd) in procs.items() if ppid == parent and b"sandbox/launcher.py" in cmd}
+    children = lambda of, name: {pid for pid, (ppid, cmd) in procs.items() if ppid in of and name in cmd}  # noqa: E731
+    servers = children({parent}, b"sandbox/forkserver.py")
+    launchers = children({parent}, b"sandbox/launcher.py") | children(servers, b"sandbox/forkserver.py")
     found = []
-    for pid, (ppid, cmd) in procs.items():
-        if (ppid in launchers or ppid == parent) and b"evaluator.sandbox.worker" in cmd:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/0") == "/dev/null":
-                    found.append(pid)
-            except OSError:
-                continue
+    for pid in children(launchers | {parent}, b"evaluator.sandbox.worker") | children(launchers, b"sandbox/forkserver.py"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/0") == "/dev/null":
+                found.append(pid)
+        except OSError:
+            continue
     return found

@@ -110,24 +110,31 @@ class _Listener:
         self.sock.close()
 
 
-@pytest.fixture(scope="module")
-def hostile_runs(tiny):
-    """Run every case once, concurrently, with secrets in our environment and a listener up."""
+@pytest.fixture(scope="module", params=["fresh", "forked"])
+def hostile_runs(request, tiny):
+    """Run every case once, concurrently, with secrets in our environment and a listener up:
+    in workers started as fresh interpreters, and in workers forked by pools' fork servers
+    (one pool per set of limits, shared by the threads)."""
     saved = {k: os.environ.get(k) for k in SECRETS}
     os.environ.update(SECRETS)
     WRITE_TARGET.mkdir(mode=0o755, exist_ok=True)  # root-owned (when root), not writable by nobody
     listener = _Listener(SOCKET_PORT)
+    distinct = {id(limits): limits for _, limits, _, _ in CASES.values()}
+    pools = {key: WorkerPool(limits, spares=2) for key, limits in distinct.items()} if request.param == "forked" else {}
 
     def one(case: str):
         file, limits, _, _ = CASES[case]
         t0 = time.monotonic()
-        run = run_candidate(HOSTILE / f"{file}.py", tiny, 0.1, limits=limits)
+        run = run_candidate(HOSTILE / f"{file}.py", tiny, 0.1, limits=limits, pool=pools.get(id(limits)))
         return run, time.monotonic() - t0
 
     try:
         with ThreadPoolExecutor(max_workers=4) as ex:
             results = dict(zip(CASES, ex.map(one, CASES)))
+        assert all(pool.waiting[0].forked for pool in pools.values())
     finally:
+        for pool in pools.values():
+            pool.close()
         listener.close()
         for k, v in saved.items():
             if v is None:

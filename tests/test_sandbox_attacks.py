@@ -30,27 +30,30 @@ from evaluator.sandbox.isolation import MARKER_VAR, live_descendants
 HOSTILE = Path(__file__).parent / "hostile"
 REPO = Path(__file__).resolve().parents[1]
 ATTACKS = ("proc_snoop", "read_host_files", "write_escape", "connect_out", "setsid_escape", "fill_scratch",
-           "kernel_surface")
+           "kernel_surface", "inherited_state")
 
 _DRIVER = r"""
 import json, sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from evaluator.sandbox import SandboxLimits, run_candidate
+from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
 from evaluator.workload import load_workload
 
 full = load_workload("tiny", progress=False)
 tiny = replace(full, records=tuple(r for r in full.records if r.layer in (0, full.num_layers - 1)))
 limits = SandboxLimits(wall_s=20.0, memory_mb=3072, output_bytes=16 << 20, scratch_bytes=32 << 20, audit_hook=False)
+pool = WorkerPool(limits, spares=3) if sys.argv[1] == "forked" else None  # workers forked by its fork server
 
 def one(path):
-    run = run_candidate(path, tiny, 0.1, limits=limits)
+    run = run_candidate(path, tiny, 0.1, limits=limits, pool=pool)
     r = run.report
     return {"path": path, "valid": r.valid, "category": r.category, "reason": r.reason, "details": r.details,
             "isolation": r.isolation, "pgid": run.pgid, "marker": run.marker}
 
 with ThreadPoolExecutor(3) as ex:
-    print(json.dumps(list(ex.map(one, sys.argv[1:]))))
+    print(json.dumps(list(ex.map(one, sys.argv[2:]))))
+if pool is not None:
+    pool.close()
 """
 
 
@@ -106,8 +109,8 @@ def _sleepers(seconds: str) -> list[int]:
     return found
 
 
-@pytest.fixture(scope="module")
-def attack_results():
+@pytest.fixture(scope="module", params=["fresh", "forked"])
+def attack_results(request):
     # A world-accessible playground: without the mount namespace even ``nobody`` could use it,
     # so a contained attack proves the namespace, not file permissions.
     base = Path(tempfile.mkdtemp(prefix="adrs-attack-", dir="/tmp"))
@@ -140,7 +143,7 @@ def attack_results():
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("ADRS_CACHE", str(Path.home() / ".cache" / "adrs"))  # the real cache, not the fake home's
     try:
-        proc = subprocess.run([sys.executable, "-c", _DRIVER, *paths], env=env, capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-c", _DRIVER, request.param, *paths], env=env, capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results = {Path(r["path"]).stem: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
@@ -183,10 +186,12 @@ def test_setsid_descendant_did_not_outlive_the_worker(attack_results):
 
 _LOOPING_DRIVER = r"""
 import sys
-from evaluator.sandbox import SandboxLimits, run_candidate
+from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
 from evaluator.workload import load_workload
 
-run_candidate(sys.argv[1], load_workload("tiny", progress=False), 0.1, limits=SandboxLimits(wall_s=300.0))
+limits = SandboxLimits(wall_s=300.0)
+pool = WorkerPool(limits, spares=2) if sys.argv[2] == "forked" else None
+run_candidate(sys.argv[1], load_workload("tiny", progress=False), 0.1, limits=limits, pool=pool)
 """
 
 
@@ -197,11 +202,14 @@ def _marker_of(pid: int) -> str:
     return next(v[len(prefix):].decode() for v in env if v.startswith(prefix))
 
 
-def test_nothing_outlives_a_killed_harness():
+@pytest.mark.parametrize("start", ["fresh", "forked"])
+def test_nothing_outlives_a_killed_harness(start):
     """SIGKILL the harness while its candidate loops: the launcher sees its lifeline close and
-    kills the worker, whose PID namespace takes every descendant with it."""
+    kills the worker, whose PID namespace takes every descendant with it. A forked worker
+    carries the fork server's marker: the server (and its spare) must end too."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    driver = subprocess.Popen([sys.executable, "-c", _LOOPING_DRIVER, str(HOSTILE / "infinite_loop.py")], env=env)
+    driver = subprocess.Popen([sys.executable, "-c", _LOOPING_DRIVER, str(HOSTILE / "infinite_loop.py"), start],
+                              env=env)
     try:
         deadline = time.monotonic() + 120
         while not (workers := sandbox_workers_of(driver.pid)):

@@ -46,6 +46,8 @@ import socket
 import stat
 import sys
 import tempfile
+import traceback
+from typing import Callable
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -216,7 +218,7 @@ def build_root(spec: dict) -> tuple[int, dict]:
 
 
 # ---------------------------------------------------------------- processes
-def _send(ctrl: int, message: dict, fds: list[int] = ()) -> None:
+def send_message(ctrl: int, message: dict, fds: list[int] = ()) -> None:
     sock = socket.socket(fileno=os.dup(ctrl))
     try:
         socket.send_fds(sock, [json.dumps(message).encode()], list(fds))
@@ -225,6 +227,7 @@ def _send(ctrl: int, message: dict, fds: list[int] = ()) -> None:
 
 
 def _exec_worker(spec: dict, pythonpath: str, level: str) -> None:
+    """Start the worker as a fresh interpreter (the fork server runs it in place instead)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = pythonpath
     env["ADRS_SANDBOX_LEVEL"] = level
@@ -256,8 +259,9 @@ def _write_uid_maps(uid: int, gid: int) -> None:
             fh.write(text)
 
 
-def isolate_and_exec(spec: dict) -> None:
-    """Unshare, fork PID 1, build the root, hand the scratch fd to the parent, exec the worker.
+def isolate_and_run(spec: dict, start: Callable[[dict, str, str], None] = _exec_worker) -> None:
+    """Unshare, fork PID 1, build the root, hand the scratch fd to the parent, ``start`` the worker
+    there (``start(spec, pythonpath, level)`` never returns: it execs, or runs the worker and exits).
 
     Returns only on failure (IsolationError), before any worker code ran.
     """
@@ -283,16 +287,21 @@ def isolate_and_exec(spec: dict) -> None:
             detail = (f"namespaces ({namespaces}); read-only root; private /scratch, /tmp, /dev/shm "
                       f"capped at {int(spec['scratch_bytes']) >> 20} MiB" + ("" if info["proc"] else "; no /proc")
                       + ("; seccomp" if filtered else "; no seccomp filter on this architecture"))
-            _send(spec["control_fd"], {"level": "namespaces", "detail": detail}, [scratch_fd])
+            send_message(spec["control_fd"], {"level": "namespaces", "detail": detail}, [scratch_fd])
             os.close(scratch_fd)
             os.chdir("/scratch")
-            _exec_worker(spec, spec["pythonpath"], "namespaces")
         except BaseException as exc:  # noqa: BLE001 - report any set-up failure to the supervisor
             os.write(report_w, f"{type(exc).__name__}: {exc}".encode()[:2000])
             os._exit(EXIT_REFUSED)
+        os.close(report_w)  # set-up is done: the supervisor stops waiting for a failure report
+        try:
+            start(spec, spec["pythonpath"], "namespaces")
+        except BaseException:  # noqa: BLE001 - the worker's (or exec's) failure: its log says why
+            traceback.print_exc()
+        os._exit(1)  # ``start`` returns only by failing
     os.close(report_w)
     failure = b""
-    while chunk := os.read(report_r, 4096):  # EOF at the child's exec (the pipe is close-on-exec)
+    while chunk := os.read(report_r, 4096):  # EOF once the child's set-up is done
         failure += chunk
     if failure:
         os.waitpid(child, 0)
@@ -306,7 +315,7 @@ def run_unisolated(spec: dict, why: str) -> None:
     if spec.get("owner"):
         os.chown(scratch, *spec["owner"])
     fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
-    _send(spec["control_fd"], {"level": "none", "detail": f"NOT ISOLATED (explicit opt-out): {why}",
+    send_message(spec["control_fd"], {"level": "none", "detail": f"NOT ISOLATED (explicit opt-out): {why}",
                                "scratch": scratch}, [fd])
     os.close(fd)
     os.chdir(scratch)
@@ -319,11 +328,11 @@ def main() -> None:
     why = "isolation disabled by the caller"
     if spec.get("isolate", True):
         try:
-            isolate_and_exec(spec)
+            isolate_and_run(spec)
         except IsolationError as exc:
             why = str(exc)
     if not spec.get("allow_unisolated"):
-        _send(spec["control_fd"], {"level": "refused", "detail": why})
+        send_message(spec["control_fd"], {"level": "refused", "detail": why})
         os._exit(EXIT_REFUSED)
     run_unisolated(spec, why)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -11,8 +12,10 @@ from typing import Any, Iterator
 
 from evaluator.errors import IsolationUnavailable
 from evaluator.sandbox.limits import SandboxLimits
-from evaluator.sandbox.worker_process import Worker
+from evaluator.sandbox.spawn import ForkServer
+from evaluator.sandbox.worker_process import Worker, fork_server_env, forkable
 
+FORK_SERVER_ENV = "ADRS_FORK_SERVER"  # "0": start every worker as a fresh interpreter (for measurement)
 SMALL_MACHINE_CORES = 4  # at most this many cores: start spare workers only between candidates
 # Automatic spares per CUDA slot, at most: a worker's start-up (~4 s: torch import, CUDA context,
 # preloaded inputs) over a fast score (~0.5 s) is ~8 evaluations to hide it behind.
@@ -51,6 +54,10 @@ class WorkerPool:
     (interpreter, torch, CUDA context: seconds of CPU) does not compete with the candidate's
     run or the scoring for cores; on 2 cores it made the worker's job 6x slower. Spares that
     died while waiting are released and replaced, never handed out. ``wait_ready`` replenishes too.
+    Threads may share a pool (``take``, ``replenish`` and ``close`` hold its lock).
+
+    Unless the isolation is the explicit opt-out (or ``ADRS_FORK_SERVER=0``), workers are forked
+    from the pool's fork server (``evaluator.sandbox.spawn``), which imported torch once.
     """
 
     def __init__(self, limits: SandboxLimits | None = None, cuda: bool = False, device: str | None = None,
@@ -65,11 +72,15 @@ class WorkerPool:
         self.device = device
         self.spares = spares
         self._preload: tuple[Path, str] | None = None
-        self._defer = False
+        self._local = threading.local()  # deferred_spare() holds for the thread inside it only
         # Deferring costs back-to-back evaluations the spare's start-up; only worth it where
         # that start-up would steal the candidate's cores.
         self.defer_spares = (os.cpu_count() or 1) <= SMALL_MACHINE_CORES
         self._spares: deque[Worker] = deque()
+        self._lock = threading.RLock()
+        # Workers forked from one process that imported torch once: ~3 s of CPU less per worker.
+        use_server = forkable(self.limits) and os.environ.get(FORK_SERVER_ENV, "1") != "0"
+        self._server = ForkServer(fork_server_env()) if use_server else None
         self.replenish()
 
     @property
@@ -80,8 +91,8 @@ class WorkerPool:
     def _start(self) -> Worker:
         if self._preload is not None:
             path, device = self._preload
-            return Worker(self.limits, self.cuda, device, path)
-        return Worker(self.limits, self.cuda, self.device)
+            return Worker(self.limits, self.cuda, device, path, self._server)
+        return Worker(self.limits, self.cuda, self.device, server=self._server)
 
     def prefetch(self, inputs: Path, device: str) -> None:
         """Spares started from now on load ``inputs`` onto ``device`` before their job arrives
@@ -104,34 +115,40 @@ class WorkerPool:
 
     def replenish(self) -> None:
         """Start spares until ``spares`` are starting or warm (after a deferred ``take``, or deaths)."""
-        self._drop_dead()
-        while len(self._spares) < self.spares:
-            self._spares.append(self._start())
+        with self._lock:
+            self._drop_dead()
+            while len(self._spares) < self.spares:
+                self._spares.append(self._start())
 
     @contextlib.contextmanager
     def deferred_spare(self) -> Iterator[None]:
         """``take`` calls inside this block leave starting the replacements to ``replenish``
         (on small machines only: see ``defer_spares``)."""
-        self._defer = self.defer_spares
+        self._local.defer = self.defer_spares
         try:
             yield
         finally:
-            self._defer = False
+            self._local.defer = False
 
     def take(self) -> Worker:
         """A fresh worker for one candidate: a spare (ready ones first) or, if none is alive, a new one."""
-        self._drop_dead()
-        worker = next((w for w in self._spares if _ready_now(w)), self._spares[0] if self._spares else None)
-        if worker is not None:
-            self._spares.remove(worker)
-        if not self._defer:
-            self.replenish()
-        return worker if worker is not None else self._start()
+        with self._lock:
+            self._drop_dead()
+            worker = next((w for w in self._spares if _ready_now(w)), self._spares[0] if self._spares else None)
+            if worker is not None:
+                self._spares.remove(worker)
+            if not getattr(self._local, "defer", False):
+                self.replenish()
+            return worker if worker is not None else self._start()
 
     def close(self) -> None:
         """Release every spare (kill its process tree, free its scratch)."""
-        while self._spares:
-            self._spares.popleft().release()
+        with self._lock:
+            while self._spares:
+                self._spares.popleft().release()
+            if self._server is not None:
+                self._server.close()
+                self._server = None
 
     def __enter__(self) -> "WorkerPool":
         return self

@@ -25,9 +25,10 @@ from evaluator.sandbox.channel import ChannelError, ChannelOverflow, DeadlineIO
 from evaluator.sandbox.isolation import NOBODY, is_root, kill_tree, scrubbed_env
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.scratch import OverCap, ScratchView
+from evaluator.sandbox.spawn import (FORKED_CONTROL_FD, FORKED_LIFELINE_FD, ForkedProcess, ForkServer,
+                                     ForkServerGone, start_fresh)
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
-_LAUNCHER = str(Path(__file__).resolve().with_name("launcher.py"))
 _READ_CHUNK = 64 * 1024
 _MAX_STATUS = 4 * 1024 * 1024
 _RESULT_PIPE_BYTES = 8 << 20
@@ -124,6 +125,20 @@ def launch_spec(limits: SandboxLimits, cuda: bool, control_fd: int, lifeline_fd:
     }
 
 
+def forkable(limits: SandboxLimits) -> bool:
+    """Whether a fork server may start this worker: only inside namespaces, whose PID namespace
+    ends every process the candidate makes. Under the explicit opt-out the parent finds strays by
+    the run marker in their environment, which a forked worker cannot carry."""
+    return limits.isolate and not (limits.unsafe_allow_unisolated or os.environ.get(UNSAFE_ENV) == "1")
+
+
+def fork_server_env() -> dict[str, str]:
+    """The fork server's environment: a worker's, with the caller's package dirs but not this repository."""
+    env = scrubbed_env(os.environ, "forkserver-" + uuid.uuid4().hex, _REPO_ROOT)
+    env["PYTHONPATH"] = os.pathsep.join(_extra_pythonpath())
+    return env
+
+
 class Worker:
     """One sandbox process: started (imports torch), then used for exactly one candidate.
 
@@ -133,9 +148,11 @@ class Worker:
     """
 
     def __init__(self, limits: SandboxLimits, cuda: bool = False, device: str | None = None,
-                 preload: Path | None = None) -> None:
+                 preload: Path | None = None, server: ForkServer | None = None) -> None:
         """``device``: the slot's device, set before the worker's warm-up; ``preload``: a workload
-        inputs file the worker loads onto ``device`` before it says ready (``preloaded`` names it)."""
+        inputs file the worker loads onto ``device`` before it says ready (``preloaded`` names it);
+        ``server``: a fork server to start from (torch already imported), where the isolation is
+        not the explicit opt-out (``forkable``); otherwise, or if it is gone, a fresh interpreter."""
         self.limits = limits
         self.marker = uuid.uuid4().hex
         self.cuda = cuda
@@ -148,15 +165,17 @@ class Worker:
         lifeline_r, self._lifeline = os.pipe()
         prep = ({"device": device, "preload": self.preloaded is not None,
                  "rehearse": os.environ.get("ADRS_SPARE_REHEARSAL", "1") != "0"} if device is not None else None)
-        spec = launch_spec(limits, cuda, child_control.fileno(), lifeline_r, env["PYTHONPATH"], prep)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", _LAUNCHER, json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=env, cwd="/", start_new_session=True, pass_fds=(child_control.fileno(), lifeline_r), close_fds=True,
-        )
+        self.proc: subprocess.Popen | ForkedProcess | None = None
+        if server is not None and forkable(limits):
+            spec = launch_spec(limits, cuda, FORKED_CONTROL_FD, FORKED_LIFELINE_FD, env["PYTHONPATH"], prep)
+            with contextlib.suppress(ForkServerGone):
+                self.proc = server.spawn(spec, env, child_control.fileno(), lifeline_r)
+        self.forked = self.proc is not None
+        if self.proc is None:
+            spec = launch_spec(limits, cuda, child_control.fileno(), lifeline_r, env["PYTHONPATH"], prep)
+            self.proc = start_fresh(spec, env, (child_control.fileno(), lifeline_r))
         child_control.close()
         os.close(lifeline_r)
-        self.pgid = self.proc.pid  # start_new_session: the launcher leads its own group
         self._reader = _CappedReader(self.proc.stdout, limits.log_bytes)
         self._reader.start()
         self.scratch: ScratchView | None = None
@@ -172,6 +191,16 @@ class Worker:
                 self.preloaded = None  # the worker is already gone: wait_ready will say so
             finally:
                 os.close(fd)
+
+    @property
+    def pgid(self) -> int | None:
+        """The launcher's process group (it leads its own); None only if a fork server died before forking it."""
+        return self.proc.pid
+
+    def _kill_group(self) -> None:
+        if self.pgid is not None and self.pgid > 1:  # never killpg(0): that is our own group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pgid, signal.SIGKILL)
 
     def _receive(self, deadline: float) -> tuple[bytes, list[int]] | None:
         """One message from the control socket before ``deadline``, or None."""
@@ -294,8 +323,7 @@ class Worker:
         finally:
             os.close(res_r)
             # Everything we score is in our memory now: kill at once, reap in close() while we score.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pgid, signal.SIGKILL)
+            self._kill_group()
         return WorkerOutcome(self.proc.poll(), timed_out, self._reader.exceeded.is_set(), "", status,
                              time.monotonic() - t0, job_sent, channel_error)
 
@@ -321,7 +349,8 @@ class Worker:
 
         The scratch stays readable until ``release``.
         """
-        kill_tree(self.pgid, self.marker)
+        if self.pgid is not None and self.pgid > 1:
+            kill_tree(self.pgid, self.marker)
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
