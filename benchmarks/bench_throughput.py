@@ -3,6 +3,7 @@ and evaluations per minute on 1..N GPUs, for this tree and, optionally, an older
 
     python benchmarks/bench_throughput.py --before /path/to/old/checkout [--slots 1 2] [--repeat 3]
     python benchmarks/bench_throughput.py --before OLD --workload synthetic --parts fast,scale   # no model needed
+    python benchmarks/bench_throughput.py --fresh-workers --parts scale   # fork server against fresh workers
 
 Each tree is measured in its own child process (``PYTHONPATH`` = that tree), with the same
 calls both trees have: ``score_file``, ``run_candidate`` with a warm ``WorkerPool`` (the
@@ -131,7 +132,7 @@ def interleaved_fast(trees: dict[str, Path], args: argparse.Namespace) -> dict[s
     for label, tree in trees.items():
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "serve-fast", "--device", args.device,
                "--workload", args.workload, "--seeds", ",".join(args.seeds), *_shared_flags(args)]
-        children[label] = subprocess.Popen(cmd, env=_tree_env(tree), cwd=str(tree), stdin=subprocess.PIPE,
+        children[label] = subprocess.Popen(cmd, env={**_tree_env(tree), **FLAVOURS.get(label, {})}, cwd=str(tree), stdin=subprocess.PIPE,
                                            stdout=subprocess.PIPE, text=True)
     try:
         for child in children.values():
@@ -298,6 +299,8 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
 
 
 PARTS = {"fast": part_fast, "faithful": part_faithful, "scale": part_scale}
+# Variants of this tree measured under their own label: the environment their child gets.
+FLAVOURS = {"after-fresh": {"ADRS_FORK_SERVER": "0"}}
 
 
 # ---------------------------------------------------------------- parent: trees x parts, table
@@ -315,10 +318,10 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
             *(["--spares", str(args.spares)] if args.spares else [])]
 
 
-def _run_child(tree: Path, part: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
-    env = _tree_env(tree)
+def _run_child(tree: Path, part: str, args: argparse.Namespace, timeout: float, label: str) -> dict[str, Any]:
+    env = {**_tree_env(tree), **FLAVOURS.get(label, {})}
     # Absolute: the child runs in its own tree, where a relative --out would land.
-    out = Path(args.out).resolve().with_suffix(f".{tree.name}.{part.replace(',', '-')}.json")
+    out = Path(args.out).resolve().with_suffix(f".{label}.{part.replace(',', '-')}.json")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", part, "--child-out", str(out),
            "--device", args.device, "--workload", args.workload, "--faithful", args.faithful,
            "--repeat", str(args.repeat), "--faithful-repeat", str(args.faithful_repeat),
@@ -352,6 +355,8 @@ def main() -> None:
                     help="scale: warm sandbox workers per slot (default: automatic, as evaluation.spares: null)")
     ap.add_argument("--records", type=int, default=None, help="keep only the workload's first N records (smoke runs)")
     ap.add_argument("--parts", type=lambda s: s.split(","), default=["fast", "scale", "faithful"])
+    ap.add_argument("--fresh-workers", action="store_true",
+                    help="also measure this tree with every worker a fresh interpreter (no fork server): 'after-fresh'")
     ap.add_argument("--interleave", action="store_true",
                     help="fast part: both trees' children alive at once, candidates alternated (fair on a busy machine)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip parts once this much time is spent")
@@ -370,7 +375,8 @@ def main() -> None:
             Path(args.child_out).write_text(json.dumps(done))  # what is done survives a timeout
         return
 
-    trees = {"after": REPO, **({"before": args.before.resolve()} if args.before else {})}
+    trees = {"after": REPO, **({"before": args.before.resolve()} if args.before else {}),
+             **({"after-fresh": REPO} if args.fresh_workers else {})}
     results: dict[str, dict[str, Any]] = {label: {} for label in trees}
     t_start = time.perf_counter()
     if args.interleave and "fast" in args.parts:
@@ -385,7 +391,7 @@ def main() -> None:
             if left < 20:
                 results[label].update({part: {"skipped": "time budget spent"} for part in group})
                 continue
-            got = _run_child(tree, ",".join(group), args, left)
+            got = _run_child(tree, ",".join(group), args, left, label)
             results[label].update({part: got.get(part, {"skipped": got.get("failed", "not reached")}) for part in group})
             print(f"{label} {'+'.join(group)}: {got.get('wall_s', 0):.1f} s", flush=True)
             Path(args.out).write_text(json.dumps({"results": results}, indent=1))
