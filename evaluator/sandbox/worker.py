@@ -55,6 +55,8 @@ def main() -> None:
     import numpy.ctypeslib  # noqa: F401 - safetensors needs it lazily
     import torch
 
+    if "threads" in prep:
+        torch.set_num_threads(int(prep["threads"]))  # until the job's own count: see Worker's prep
     from evaluator import contract  # noqa: F401
     from evaluator.candidate import load_masker, masker_input
     from evaluator.sandbox.devicepack import encode_for_wire, encode_selection_on_device

@@ -27,6 +27,7 @@ from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.scratch import OverCap, ScratchView
 from evaluator.sandbox.spawn import (FORKED_CONTROL_FD, FORKED_LIFELINE_FD, ForkedProcess, ForkServer,
                                      ForkServerGone, start_fresh)
+from evaluator.threads import evaluation_threads
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 _READ_CHUNK = 64 * 1024
@@ -163,8 +164,11 @@ class Worker:
         self.control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # The lifeline's write end stays here only: if this process dies, the launcher kills the worker.
         lifeline_r, self._lifeline = os.pipe()
+        # A spare warms up while other candidates run: on few threads (a GPU slot's evaluation
+        # threads; one on a CPU slot), or torch's default of one per core would crowd them out.
         prep = ({"device": device, "preload": self.preloaded is not None,
-                 "rehearse": os.environ.get("ADRS_SPARE_REHEARSAL", "1") != "0"} if device is not None else None)
+                 "rehearse": os.environ.get("ADRS_SPARE_REHEARSAL", "1") != "0",
+                 "threads": evaluation_threads(device) if cuda else 1} if device is not None else None)
         self.proc: subprocess.Popen | ForkedProcess | None = None
         if server is not None and forkable(limits):
             spec = launch_spec(limits, cuda, FORKED_CONTROL_FD, FORKED_LIFELINE_FD, env["PYTHONPATH"], prep)
