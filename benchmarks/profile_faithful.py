@@ -1,0 +1,164 @@
+"""Where a sandboxed faithful score's time goes, against the same score in process.
+
+    python benchmarks/profile_faithful.py [--spec faithful] [--seeds sink_window] [--repeat 2]
+
+A faithful score is a sequence of masker calls (decode steps x layers), each a round trip to the
+session's worker. Per seed it prints the in-process and sandboxed times, the time the parent
+waited on the candidate (``candidate_s``), and the parent's share of each round trip: packing a
+call, sending it, waiting for and reading the reply, and
+decoding the selection. ``--pingpong N`` also times N round trips of a one-element GPU op
+between two processes against the same ops in one process, and with the second process on the
+CPU: the floor any cross-process call pays on this machine. Prints a table; writes JSON
+(``--out``, default ``benchmarks/results/profile_faithful.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO))
+
+from timing import median_time  # noqa: E402
+
+_PEER = r"""
+import os, sys, torch
+device, r, w = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+x = torch.ones(1, device=device)
+while os.read(r, 1):
+    (x * 2).sum().item()
+    os.write(w, b"x")
+"""
+
+
+def pingpong(n: int, device: str) -> dict[str, float]:
+    """Microseconds per round trip: one process doing both sides' ops, and two processes with
+    the peer on ``device`` or on the CPU."""
+    import torch
+
+    x = torch.ones(1, device=device)
+    for _ in range(50):
+        (x * 2).sum().item()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        (x * 2).sum().item()
+        (x * 2).sum().item()
+    out = {"one_process_us": 1e6 * (time.perf_counter() - t0) / n}
+    for label, peer_device in (("two_processes_us", device), ("peer_on_cpu_us", "cpu")):
+        to_peer_r, to_peer_w = os.pipe()
+        back_r, back_w = os.pipe()
+        peer = subprocess.Popen([sys.executable, "-c", _PEER, peer_device, str(to_peer_r), str(back_w)],
+                                pass_fds=(to_peer_r, back_w))
+        os.close(to_peer_r)
+        os.close(back_w)
+        for _ in range(50):
+            os.write(to_peer_w, b"x")
+            os.read(back_r, 1)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            (x * 2).sum().item()
+            os.write(to_peer_w, b"x")
+            os.read(back_r, 1)
+        out[label] = 1e6 * (time.perf_counter() - t0) / n
+        os.close(to_peer_w)
+        peer.wait(30)
+        os.close(back_r)
+    return out
+
+
+class _PhaseClock:
+    """Seconds the parent spends in each named function during a sandboxed score (patched in place)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._undo: list[Callable[[], None]] = []
+
+    def wrap(self, owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed_call(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                self.totals[label] += time.perf_counter() - t
+                self.calls[label] += 1
+
+        setattr(owner, name, timed_call)
+        self._undo.append(lambda: setattr(owner, name, original))
+
+    def restore(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+
+def profile_seed(ctx: Any, seed: Path, repeat: int) -> dict[str, Any]:
+    from evaluator.sandbox import SandboxLimits, WorkerPool
+    from evaluator.sandbox import channel, session
+
+    limits = SandboxLimits(wall_s=300)
+    t_in, ref = median_time(lambda: ctx.score(seed, 0.1, in_process=True), repeat)
+    row: dict[str, Any] = {"in_process_s": t_in, "calls": ref.n_calls}
+    with WorkerPool(limits, cuda=ctx.device.type == "cuda") as pool:
+        warm = lambda: pool.wait_ready(limits.startup_s)  # noqa: E731
+        t_sb, rep = median_time(lambda: ctx.score(seed, 0.1, pool=pool), repeat, warm)
+        row.update(sandbox_s=t_sb, candidate_s=rep.candidate_s, exact=rep.valid and rep.error == ref.error)
+        clock = _PhaseClock()
+        clock.wrap(session, "pack", "pack")
+        clock.wrap(channel.DeadlineIO, "send", "send")
+        clock.wrap(channel.DeadlineIO, "receive", "wait + read the reply")
+        clock.wrap(session, "decode_dense_selection", "decode")
+        warm()
+        try:
+            t0 = time.perf_counter()
+            ctx.score(seed, 0.1, pool=pool)
+            row["profiled_s"] = time.perf_counter() - t0
+        finally:
+            clock.restore()
+        row["parent_ms_per_call"] = {k: 1e3 * v / max(1, clock.calls[k]) for k, v in clock.totals.items()}
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--spec", default="faithful")
+    ap.add_argument("--seeds", type=lambda s: s.split(","), default=["sink_window"])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--pingpong", type=int, default=600, help="round trips to time (0: skip)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_faithful.json"))
+    args = ap.parse_args()
+    result: dict[str, Any] = {"command": "python benchmarks/profile_faithful.py " + " ".join(sys.argv[1:])}
+    if args.pingpong:
+        result["pingpong"] = pingpong(args.pingpong, args.device)
+        print("round trip, us:", {k: round(v, 1) for k, v in result["pingpong"].items()}, flush=True)
+    from evaluator.faithful import FaithfulContext
+
+    ctx = FaithfulContext(args.spec, args.device)
+    ctx.prefix_file()
+    for name in args.seeds:
+        row = profile_seed(ctx, REPO / "seeds" / f"{name}.py", args.repeat)
+        result[name] = row
+        per_call = 1e3 * (row["sandbox_s"] - row["in_process_s"]) / max(1, row["calls"])
+        print(f"{name}: in process {row['in_process_s']:.3f} s, sandboxed {row['sandbox_s']:.3f} s "
+              f"({row['sandbox_s'] / row['in_process_s']:.2f}x, {per_call:.2f} ms more per call over {row['calls']} calls), "
+              f"waiting on the candidate {row['candidate_s']:.3f} s, exact {row['exact']}", flush=True)
+        for phase, ms in row["parent_ms_per_call"].items():
+            print(f"    {phase:<28} {ms:7.3f} ms per call", flush=True)
+    ctx.close()
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
