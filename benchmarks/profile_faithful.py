@@ -6,7 +6,8 @@ A faithful score is a sequence of masker calls (decode steps x layers), each a r
 session's worker. Per seed it prints the in-process and sandboxed times, the time the parent
 waited on the candidate (``candidate_s``), and the parent's share of each round trip: packing a
 call, sending it, waiting for and reading the reply, and
-decoding the selection. ``--pingpong N`` also times N round trips of a one-element GPU op
+decoding the selection; and the worker's, from its log (``ADRS_PROFILE_SESSION=1``: each phase
+synchronised, so the profiled run is slower than the timed ones). ``--pingpong N`` also times N round trips of a one-element GPU op
 between two processes against the same ops in one process, and with the second process on the
 CPU: the floor any cross-process call pays on this machine. Prints a table; writes JSON
 (``--out``, default ``benchmarks/results/profile_faithful.json``).
@@ -104,7 +105,7 @@ class _PhaseClock:
 
 def profile_seed(ctx: Any, seed: Path, repeat: int) -> dict[str, Any]:
     from evaluator.sandbox import SandboxLimits, WorkerPool
-    from evaluator.sandbox import channel, session
+    from evaluator.sandbox import channel, session, worker_process
 
     limits = SandboxLimits(wall_s=300)
     t_in, ref = median_time(lambda: ctx.score(seed, 0.1, in_process=True), repeat)
@@ -118,6 +119,15 @@ def profile_seed(ctx: Any, seed: Path, repeat: int) -> dict[str, Any]:
         clock.wrap(channel.DeadlineIO, "send", "send")
         clock.wrap(channel.DeadlineIO, "receive", "wait + read the reply")
         clock.wrap(session, "decode_dense_selection", "decode")
+        logs: list[str] = []
+        release = worker_process.Worker.release
+
+        def keep_log(worker: Any) -> None:
+            release(worker)
+            logs.append(worker._reader.text())
+
+        worker_process.Worker.release = keep_log
+        os.environ[session.PROFILE_ENV] = "1"  # the worker logs its phases (each one synchronised)
         warm()
         try:
             t0 = time.perf_counter()
@@ -125,7 +135,11 @@ def profile_seed(ctx: Any, seed: Path, repeat: int) -> dict[str, Any]:
             row["profiled_s"] = time.perf_counter() - t0
         finally:
             clock.restore()
+            worker_process.Worker.release = release
+            os.environ.pop(session.PROFILE_ENV)
         row["parent_ms_per_call"] = {k: 1e3 * v / max(1, clock.calls[k]) for k, v in clock.totals.items()}
+        lines = [ln for log in logs for ln in log.splitlines() if ln.startswith("session_profile_ms ")]
+        row["worker_ms_per_call"] = json.loads(lines[-1].split(" ", 1)[1]) if lines else None
     return row
 
 
@@ -153,8 +167,9 @@ def main() -> None:
         print(f"{name}: in process {row['in_process_s']:.3f} s, sandboxed {row['sandbox_s']:.3f} s "
               f"({row['sandbox_s'] / row['in_process_s']:.2f}x, {per_call:.2f} ms more per call over {row['calls']} calls), "
               f"waiting on the candidate {row['candidate_s']:.3f} s, exact {row['exact']}", flush=True)
-        for phase, ms in row["parent_ms_per_call"].items():
-            print(f"    {phase:<28} {ms:7.3f} ms per call", flush=True)
+        for side in ("parent", "worker"):
+            for phase, ms in (row[f"{side}_ms_per_call"] or {}).items():
+                print(f"    {side} {phase:<28} {ms:7.3f} ms per call", flush=True)
     ctx.close()
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("wrote", args.out)

@@ -43,6 +43,9 @@ from evaluator.scoring import InvalidSelection, ScoreReport
 from evaluator.threads import evaluation_threads
 
 
+PROFILE_ENV = "ADRS_PROFILE_SESSION"  # "1": the worker logs the mean time of each phase of a call
+
+
 class SessionFailure(Exception):
     """The session ended because of the candidate (or the harness); ``report`` says how."""
 
@@ -100,7 +103,8 @@ class SandboxSession:
         self.io = DeadlineIO(resp_r, req_w, self._check, self.limits.output_bytes, self._pulse)
         job = {"candidate_name": self.candidate_path.name, "source": source, "device": str(self.device),
                "density_target": self.density_target, "base_seed": self.base_seed,
-               "num_threads": evaluation_threads(self.device), "session": self.setup}
+               "num_threads": evaluation_threads(self.device), "session": self.setup,
+               "profile": os.environ.get(PROFILE_ENV) == "1"}
         self.worker = self.pool.take() if self.pool is not None else Worker(self.limits, cuda=self.device.type == "cuda")
         try:
             if not self.worker.wait_ready(self.limits.startup_s):  # IsolationUnavailable passes through
