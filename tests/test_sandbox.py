@@ -559,6 +559,54 @@ def test_explicit_opt_out_runs_and_every_report_says_so(tiny):
     assert isolated.isolation.startswith("namespaces") and isolated.combined_score == report.combined_score
 
 
+# ---------------------------------------------------------------- the fork server
+def test_forked_workers_score_as_fresh_ones_and_the_server_ends_with_the_pool(tiny):
+    """Workers forked by the pool's fork server give the fresh workers' scores exactly; closing
+    the pool ends the server, and nothing carrying its marker (server, launchers, workers) remains."""
+    from evaluator.sandbox.isolation import MARKER_VAR
+
+    seed = SEEDS / "oracle_topk.py"
+    fresh = evaluate_in_sandbox(seed, tiny, 0.1, limits=LIMITS)
+    with WorkerPool(LIMITS, spares=2) as pool:
+        server = pool._server
+        assert server is not None and all(w.forked for w in pool.waiting)
+        runs = [run_candidate(seed, tiny, 0.1, pool=pool) for _ in range(2)]
+        marker = [v for v in (Path(f"/proc/{server.proc.pid}/environ").read_bytes().split(b"\0"))
+                  if v.startswith(MARKER_VAR.encode())][0].split(b"=", 1)[1].decode()
+    assert server.proc.wait(10) == 0
+    for run in runs:
+        assert run.report.valid and run.report.combined_score == fresh.combined_score
+        assert run.report.isolation == fresh.isolation
+        assert [x.error for x in run.report.per_layer] == [x.error for x in fresh.per_layer]
+    assert live_descendants(server.proc.pid, marker) == []
+
+
+def test_a_dead_fork_server_means_fresh_workers_not_lost_candidates(tiny):
+    """SIGKILL the fork server: its spares read as dead and are replaced by fresh interpreters,
+    and candidates still get valid scores."""
+    with WorkerPool(LIMITS, spares=2) as pool:
+        pool.defer_spares = False
+        assert pool.wait_ready(LIMITS.startup_s, every=True)
+        pool._server.proc.kill()
+        pool._server.proc.wait(10)
+        run = run_candidate(SEEDS / "sink_window.py", tiny, 0.1, pool=pool)
+        assert run.report.valid, run.report.reason
+        assert pool.waiting and not any(w.forked for w in pool.waiting)
+        again = run_candidate(SEEDS / "sink_window.py", tiny, 0.1, pool=pool)
+        assert again.report.valid and again.report.combined_score == run.report.combined_score
+    assert live_descendants(run.pgid, run.marker) == [] and live_descendants(again.pgid, again.marker) == []
+
+
+def test_no_fork_server_under_the_opt_out_or_when_switched_off(tiny, monkeypatch):
+    """The explicit opt-out has no PID namespace to end a forked worker's strays: fresh workers only."""
+    with WorkerPool(replace(LIMITS, isolate=False, unsafe_allow_unisolated=True)) as pool:
+        assert pool._server is None and not pool.waiting[0].forked
+    monkeypatch.setenv("ADRS_FORK_SERVER", "0")
+    with WorkerPool(LIMITS) as pool:
+        assert pool._server is None and not pool.waiting[0].forked
+        assert run_candidate(SEEDS / "sink_window.py", tiny, 0.1, pool=pool).report.valid
+
+
 def test_cache_and_run_dirs_are_private(tmp_path, monkeypatch):
     from adrs.archive import open_run
     from evaluator.workload.cache import cache_root
