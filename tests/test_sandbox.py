@@ -582,19 +582,21 @@ def test_forked_workers_score_as_fresh_ones_and_the_server_ends_with_the_pool(ti
 
 
 def test_a_dead_fork_server_means_fresh_workers_not_lost_candidates(tiny):
-    """SIGKILL the fork server: its spares read as dead and are replaced by fresh interpreters,
-    and candidates still get valid scores."""
+    """SIGKILL the fork server: the spares it forked still serve (each a live process with its
+    own lifeline), their replacements start as fresh interpreters, and every candidate scores."""
     with WorkerPool(LIMITS, spares=2) as pool:
         pool.defer_spares = False
         assert pool.wait_ready(LIMITS.startup_s, every=True)
+        orphans = pool.waiting
         pool._server.proc.kill()
         pool._server.proc.wait(10)
-        run = run_candidate(SEEDS / "sink_window.py", tiny, 0.1, pool=pool)
-        assert run.report.valid, run.report.reason
+        assert all(w.alive() for w in orphans)
+        runs = [run_candidate(SEEDS / "sink_window.py", tiny, 0.1, pool=pool) for _ in range(3)]
+        assert all(r.report.valid for r in runs), [r.report.reason for r in runs]
+        assert len({r.report.combined_score for r in runs}) == 1
+        assert [r.pgid for r in runs[:2]] == [w.pgid for w in orphans]
         assert pool.waiting and not any(w.forked for w in pool.waiting)
-        again = run_candidate(SEEDS / "sink_window.py", tiny, 0.1, pool=pool)
-        assert again.report.valid and again.report.combined_score == run.report.combined_score
-    assert live_descendants(run.pgid, run.marker) == [] and live_descendants(again.pgid, again.marker) == []
+    assert all(live_descendants(r.pgid, r.marker) == [] for r in runs)
 
 
 def test_no_fork_server_under_the_opt_out_or_when_switched_off(tiny, monkeypatch):

@@ -8,6 +8,7 @@ uses: ``pid`` (its process group), ``stdin``, ``stdout``, ``poll``, ``wait``, ``
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -45,43 +46,59 @@ class ForkedProcess:
     """A launcher forked by the fork server, seen from the parent.
 
     Its pid and exit code come on a status pipe the server writes (it, not we, is the parent).
-    Should the server die first, the pipe ends without them: the pid is then None (nothing to
-    signal) and the exit code -SIGKILL.
+    Should the server die first, the pipe ends without them: a launcher never forked reads as
+    killed (its pid is None: nothing to signal); one that was forked is watched through a pidfd
+    opened when its pid arrived, and reads as killed once it is gone (its exit code went with
+    the server).
     """
 
     def __init__(self, status_fd: int, stdin_fd: int, log_fd: int) -> None:
-        self._status = status_fd
+        self._status: int | None = status_fd
+        self._pidfd: int | None = None
         self._lines: list[str] = []
         self._partial = b""
-        self._eof = False
         self.stdin: BinaryIO = os.fdopen(stdin_fd, "wb")
         self.stdout: BinaryIO = os.fdopen(log_fd, "rb")
         self.returncode: int | None = None
 
     def _read(self, timeout: float) -> None:
-        """Take what the status pipe holds, waiting at most ``timeout`` for the first bytes."""
-        if self._eof:
+        """Take what the status pipe (or, once the server is gone, the pidfd) says, waiting at
+        most ``timeout`` for it."""
+        watched = self._status if self._status is not None else self._pidfd
+        if watched is None or self.returncode is not None:
             return
-        ready, _, _ = select.select([self._status], [], [], max(0.0, timeout))
+        ready, _, _ = select.select([watched], [], [], max(0.0, timeout))
         if not ready:
             return
-        chunk = os.read(self._status, 256)
+        if watched == self._pidfd:
+            self._set_returncode(-signal.SIGKILL)  # gone, after the server: its exit code went with it
+            return
+        chunk = os.read(watched, 256)
         if not chunk:
-            self._eof = True
-            os.close(self._status)
-            if self.returncode is None:
-                self.returncode = -signal.SIGKILL
+            os.close(watched)
+            self._status = None
+            if self._pidfd is None:
+                self._set_returncode(-signal.SIGKILL)  # never forked, or gone before we could watch it
             return
         *lines, self._partial = (self._partial + chunk).split(b"\n")
         self._lines += [line.decode() for line in lines]
-        if len(self._lines) >= 2 and self.returncode is None:
-            self.returncode = int(self._lines[1])
+        if len(self._lines) >= 2:
+            self._set_returncode(int(self._lines[1]))
+        elif self._lines and self._pidfd is None:
+            with contextlib.suppress(OSError):  # gone already: the server's exit code is on its way
+                self._pidfd = os.pidfd_open(int(self._lines[0]))
+
+    def _set_returncode(self, code: int) -> None:
+        self.returncode = code
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
     @property
     def pid(self) -> int | None:
         """The launcher's pid, which leads its process group; None if the server died before forking it."""
         deadline = time.monotonic() + _PID_WAIT_S
-        while not self._lines and not self._eof and time.monotonic() < deadline:
+        while not self._lines and self._status is not None and time.monotonic() < deadline:
             self._read(deadline - time.monotonic())
         return int(self._lines[0]) if self._lines else None
 
