@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from adrs.config import RunConfig
+from adrs.faithful_scorer import FaithfulScorer
 from adrs.objective import apply_objective
 from adrs.scheduler import Scheduler, Which, make_scheduler, speedup_options
 from evaluator.candidate import candidate_file
@@ -33,6 +34,7 @@ class CodeScorer:
     _heldout: Workload | None = None
     _audit: Workload | None = None
     _scheduler: Scheduler | None = None
+    _faithful: FaithfulScorer | None = None  # started on the first faithful score
     # Held-out reports by candidate id: the best is compared against many challengers.
     _heldout_reports: dict[str, ScoreReport] = field(default_factory=dict)
     # Guards the lazy scheduler and held-out workload, which concurrent callers may both want.
@@ -61,14 +63,15 @@ class CodeScorer:
         return apply_objective(report, self.config, speedup if heldout else report.speedup)
 
     def faithful(self, code: str, preset: str) -> "FaithfulReport":
-        """Faithful score of ``code`` (the model decodes with its selections in every layer), sandboxed unless in_process."""
-        from evaluator.faithful import faithful_score
+        """Faithful score of ``code`` (the model decodes with its selections in every layer), sandboxed
+        unless in_process; each preset's context and a warm worker are kept for the next call."""
         from evaluator.sandbox import SandboxLimits
 
-        limits = SandboxLimits(wall_s=self.config.evaluation.timeout_s, memory_mb=self.config.evaluation.memory_mb)
-        with candidate_file(code) as path:
-            return faithful_score(path, preset, self.config.density_target, limits=limits,
-                                  in_process=self.config.evaluation.in_process)
+        with self._lock:
+            if self._faithful is None:
+                limits = SandboxLimits(wall_s=self.config.evaluation.timeout_s, memory_mb=self.config.evaluation.memory_mb)
+                self._faithful = FaithfulScorer(limits, self.config.density_target, self.config.evaluation.in_process)
+        return self._faithful.score(code, preset)
 
     def slots(self) -> int:
         """How many evaluations run at once (1 in process)."""
@@ -109,8 +112,11 @@ class CodeScorer:
         """Stop the evaluation workers."""
         with self._lock:
             scheduler, self._scheduler = self._scheduler, None
+            faithful, self._faithful = self._faithful, None
         if scheduler is not None:
             scheduler.close()
+        if faithful is not None:
+            faithful.close()
 
     def heldout_score(self, candidate_id: str, code: str, speedup: float | None = None) -> ScoreReport:
         """Held-out score of an archived candidate, computed once per scorer (``speedup`` as in ``score``)."""

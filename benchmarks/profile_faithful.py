@@ -9,7 +9,9 @@ call, sending it, waiting for and reading the reply, and
 decoding the selection; and the worker's, from its log (``ADRS_PROFILE_SESSION=1``: each phase
 synchronised, so the profiled run is slower than the timed ones). ``--pingpong N`` also times N round trips of a one-element GPU op
 between two processes against the same ops in one process, and with the second process on the
-CPU: the floor any cross-process call pays on this machine. Prints a table; writes JSON
+CPU: the floor any cross-process call pays on this machine. ``--scorer-calls N`` times faithful
+scores as the agent's tool gets them (a run's ``CodeScorer`` keeps the context and a warm worker)
+against a one-off ``faithful_score``. Prints a table; writes JSON
 (``--out``, default ``benchmarks/results/profile_faithful.json``).
 """
 from __future__ import annotations
@@ -143,6 +145,36 @@ def profile_seed(ctx: Any, seed: Path, repeat: int) -> dict[str, Any]:
     return row
 
 
+def run_scorer(spec: str, seed: Path, calls: int, device: str) -> dict[str, Any]:
+    """Seconds per faithful score as the agent's tool asks for them: a one-off ``faithful_score``
+    (model, prefill, reference and a fresh worker each time: what every call cost before the run
+    kept them), then ``calls`` calls of one run's ``CodeScorer.faithful``."""
+    import torch
+
+    from adrs.config import parse_config
+    from adrs.evaluate import CodeScorer
+    from evaluator.faithful import faithful_score
+    from evaluator.workload import load_workload
+
+    t0 = time.perf_counter()
+    faithful_score(seed, spec, 0.1, device=device)
+    row: dict[str, Any] = {"one_off_s": time.perf_counter() - t0, "scorer_s": []}
+    cfg = parse_config({"name": "profile", "workload": "tiny", "heldout_workload": None, "iterations": 1,
+                        "seed_candidate": str(seed)})
+    scorer = CodeScorer(cfg, load_workload("tiny", progress=False))  # its fast workload goes unused here
+    code = seed.read_text()
+    try:
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            scorer.faithful(code, spec)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            row["scorer_s"].append(time.perf_counter() - t0)
+    finally:
+        scorer.close()
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -150,12 +182,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=lambda s: s.split(","), default=["sink_window"])
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--pingpong", type=int, default=600, help="round trips to time (0: skip)")
+    ap.add_argument("--scorer-calls", type=int, default=0,
+                    help="also time a one-off faithful_score and N faithful scores of one run's CodeScorer")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_faithful.json"))
     args = ap.parse_args()
     result: dict[str, Any] = {"command": "python benchmarks/profile_faithful.py " + " ".join(sys.argv[1:])}
     if args.pingpong:
         result["pingpong"] = pingpong(args.pingpong, args.device)
         print("round trip, us:", {k: round(v, 1) for k, v in result["pingpong"].items()}, flush=True)
+    if args.scorer_calls:
+        row = run_scorer(args.spec, REPO / "seeds" / f"{args.seeds[0]}.py", args.scorer_calls, args.device)
+        result["run_scorer"] = row
+        print(f"one-off faithful_score {row['one_off_s']:.2f} s; a run's CodeScorer.faithful, call by call: "
+              + ", ".join(f"{t:.2f}" for t in row["scorer_s"]) + " s", flush=True)
     from evaluator.faithful import FaithfulContext
 
     ctx = FaithfulContext(args.spec, args.device)

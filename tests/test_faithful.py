@@ -184,3 +184,27 @@ def test_syntax_error_fails_before_any_worker(ctx, tmp_path):
     path.write_text("def masker(inp:\n")
     r = ctx.score(path, 0.10)
     assert not r.valid and r.category == "syntax"
+
+
+def test_run_scorer_keeps_each_presets_context_and_a_warm_worker(tiny_workload):
+    """``CodeScorer.faithful`` (the agent's faithful_score tool) builds a preset's context once and
+    takes its sandbox workers from a warm pool; a reused context scores exactly as a fresh one."""
+    from adrs.config import parse_config
+    from adrs.evaluate import CodeScorer
+
+    cfg = parse_config({"name": "faithful", "workload": "tiny", "heldout_workload": None, "iterations": 1,
+                        "seed_candidate": str(SINK_WINDOW)})
+    scorer = CodeScorer(cfg, tiny_workload)
+    code = Path(SINK_WINDOW).read_text()
+    try:
+        first = scorer.faithful(code, "faithful-tiny")
+        faithful = scorer._faithful
+        ctx, pool = faithful._contexts["faithful-tiny"], faithful._pool
+        assert pool is not None and pool.device == str(ctx.device) and pool.waiting
+        second = scorer.faithful(code, "faithful-tiny")
+        assert faithful._contexts["faithful-tiny"] is ctx and faithful._pool is pool
+        assert first.valid and second.valid and _numbers(first) == _numbers(second)
+        assert second.isolation.startswith("namespaces")
+    finally:
+        scorer.close()
+    assert pool.waiting == () and ctx._prefix is None and scorer._faithful is None
