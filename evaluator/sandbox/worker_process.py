@@ -175,6 +175,7 @@ class Worker:
             with contextlib.suppress(ForkServerGone):
                 self.proc = server.spawn(spec, env, child_control.fileno(), lifeline_r)
         self.forked = self.proc is not None
+        self._closed = False
         if self.proc is None:
             spec = launch_spec(limits, cuda, child_control.fileno(), lifeline_r, env["PYTHONPATH"], prep)
             self.proc = start_fresh(spec, env, (child_control.fileno(), lifeline_r))
@@ -351,8 +352,12 @@ class Worker:
     def close(self) -> None:
         """Kill the worker and every descendant (even those that left the group), reap it.
 
-        The scratch stays readable until ``release``.
+        The scratch stays readable until ``release``. A second call does nothing: the tree is
+        gone, and another ``kill_tree`` would only scan ``/proc`` again.
         """
+        if self._closed:
+            return
+        self._closed = True
         if self.pgid is not None and self.pgid > 1:
             kill_tree(self.pgid, self.marker)
         try:
