@@ -599,6 +599,24 @@ def test_a_dead_fork_server_means_fresh_workers_not_lost_candidates(tiny):
     assert all(live_descendants(r.pgid, r.marker) == [] for r in runs)
 
 
+def test_a_request_the_server_never_served_signals_nothing(tiny):
+    """The server dies with a request queued (here: while it still imports torch): that worker
+    has no pid, reads as dead, and closing it signals nothing (a pid of 0 would be our own group)."""
+    from evaluator.sandbox.spawn import ForkServer
+    from evaluator.sandbox.worker_process import Worker, fork_server_env
+
+    server = ForkServer(fork_server_env())
+    try:
+        worker = Worker(LIMITS, server=server)  # queued: the server is importing torch
+        server.proc.kill()
+        server.proc.wait(10)
+        assert worker.forked and not worker.wait_ready(5) and not worker.alive()
+        assert worker.pgid is None and worker.proc.returncode < 0
+        worker.release()  # must not raise, nor signal a group (a SIGKILL to ours would end this test run)
+    finally:
+        server.close()
+
+
 def test_no_fork_server_under_the_opt_out_or_when_switched_off(tiny, monkeypatch):
     """The explicit opt-out has no PID namespace to end a forked worker's strays: fresh workers only."""
     with WorkerPool(replace(LIMITS, isolate=False, unsafe_allow_unisolated=True)) as pool:
