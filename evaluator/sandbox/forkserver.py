@@ -35,15 +35,12 @@ import socket
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)  # the launcher as a plain module, as it imports its own sibling
+sys.path.insert(0, HERE)  # siblings as plain modules, as the launcher imports its own
 import launcher  # noqa: E402
+import preimports  # noqa: E402 - what every worker imports first; its files are bound at the same paths inside
 
-# What every worker imports before its candidate: torch is the slow one. Only third-party and
-# standard modules; their files are bound read-only at the same paths inside the sandbox.
-PREIMPORTS = ("numpy", "numpy.ctypeslib", "torch", "safetensors.torch", "collections", "functools", "heapq",
-              "itertools", "math", "random", "typing", "dataclasses", "bisect", "copy", "operator",
-              "statistics", "string", "re", "encodings.idna", "unicodedata", "faulthandler", "runpy")
-_FDS = 5  # control, lifeline, stdin, log, status
+_SIBLINGS = ("launcher", "seccomp_filter", "preimports")  # host-path modules a worker must not keep
+_FDS = 5  # a request's fds: control, lifeline, stdin, log, status
 
 
 def _run_worker(spec: dict, pythonpath: str, level: str) -> None:
@@ -54,13 +51,13 @@ def _run_worker(spec: dict, pythonpath: str, level: str) -> None:
     # launcher's own directory (a host path) and every cached finder are dropped.
     rest = [p for p in sys.path if p != HERE]
     sys.path[:] = [p for p in pythonpath.split(os.pathsep) if p] + rest
-    for name in ("launcher", "seccomp_filter"):
+    for name in _SIBLINGS:
         sys.modules.pop(name, None)
     sys.path_importer_cache.clear()
     importlib.invalidate_caches()
-    module = spec["argv"][spec["argv"].index("-m") + 1]
-    sys.argv = [module, *spec["argv"][spec["argv"].index("-m") + 2:]]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    at = spec["argv"].index("-m") + 1  # the worker's ``python -s -m MODULE ARGS...``
+    sys.argv = [spec["argv"][at], *spec["argv"][at + 1:]]
+    runpy.run_module(spec["argv"][at], run_name="__main__", alter_sys=True)
 
 
 def _child(spec: dict, fds: list[int]) -> None:
@@ -73,7 +70,8 @@ def _child(spec: dict, fds: list[int]) -> None:
     targets = (0, 1, 2, spec["control_fd"], spec["lifeline_fd"])  # stdin, the log twice, control, lifeline
     for target, fd in zip(targets, high):
         os.dup2(fd, target)
-    os.closerange(_FDS, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # the server's socket, others' pipes
+    # Everything above them: the copies, the server's socket, other workers' status pipes.
+    os.closerange(max(targets) + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     os.chdir("/")
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
     try:
@@ -132,7 +130,7 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool ends us (end of file), not a terminal's ^C
-    for name in PREIMPORTS:
+    for name in preimports.MODULES:
         importlib.import_module(name)
     serve(sock)
 

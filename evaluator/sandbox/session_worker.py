@@ -36,7 +36,7 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
     caches: dict[int, torch.Tensor] = {}
     states: dict[int, dict[str, Any]] = {}
     served = 0
-    lap = _LapClock(device) if job.get("profile") else None
+    lap = _LapClock(device, bool(job.get("profile")))
     while True:
         try:
             header, data = read_blocking(req)
@@ -45,8 +45,7 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
         if header.get("op") == "close":
             finish({"ok": True, "calls": served})
         layer, call, start = int(header["layer"]), int(header["call"]), int(header["start"])
-        if lap is not None:
-            lap("wait for and read the call")
+        lap("wait for and read the call")
         queries = data["q"].to(device)
         new_keys = data["k"].to(device)
         end = start + new_keys.shape[2]
@@ -54,8 +53,7 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
         if cache is None:
             cache = caches[layer] = _new_cache(prefix, layer, queries.shape[0], groups, max_len, new_keys, device)
         cache[:, :, start:end] = new_keys
-        if lap is not None:
-            lap("to device, key cache")
+        lap("to device, key cache")
         gen = torch.Generator(device=device)
         gen.manual_seed(record_seed(job["base_seed"], call, layer))
         inp = MaskerInput(
@@ -65,15 +63,12 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
             state=states.setdefault(layer, {}),
         )
         shape = (queries.shape[0], queries.shape[1], queries.shape[2], end)
-        if lap is not None:
-            lap("masker inputs")
+        lap("masker inputs")
         try:
             selection = masker(inp)
-            if lap is not None:
-                lap("masker")
+            lap("masker")
             tensors, meta = encode_for_wire(selection, shape, inp.num_kv_heads, device)
-            if lap is not None:
-                lap("encode")
+            lap("encode")
         except BaseException as exc:  # noqa: BLE001 - anything raised here is the candidate's
             category = "memory" if is_memory_error(exc) else "exception"
             finish({"ok": False, "category": category,
@@ -81,10 +76,9 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
                     "details": candidate_traceback(exc, job["candidate"])})
         write_blocking(resp, pack({"meta": meta}, tensors))
         served += 1
-        if lap is not None:
-            lap("pack, write")
-            if served % 100 == 0:
-                lap.report(served)
+        lap("pack, write")
+        if served % 100 == 0:
+            lap.report(served)
         del selection, tensors, inp
 
 
@@ -101,16 +95,20 @@ def _new_cache(prefix: Any, layer: int, rows: int, groups: int, max_len: int, li
 
 
 class _LapClock:
-    """Profiling only (the parent's ``ADRS_PROFILE_SESSION=1``): seconds per phase of a call,
-    device work waited for at each lap so that each phase owns its time; ``report`` prints the
-    means to the log (``benchmarks/profile_faithful.py`` reads them)."""
+    """Seconds per phase of a call, when ``enabled`` (the parent's ``ADRS_PROFILE_SESSION=1``;
+    otherwise every call returns at once): device work is waited for at each lap so that each
+    phase owns its time; ``report`` prints the means to the log (``benchmarks/profile_faithful.py``
+    reads them)."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, enabled: bool) -> None:
+        self.enabled = enabled
         self.cuda = device.startswith("cuda")
         self.totals: dict[str, float] = {}
         self.t = time.perf_counter()
 
     def __call__(self, phase: str) -> None:
+        if not self.enabled:
+            return
         if self.cuda:
             torch.cuda.synchronize()
         now = time.perf_counter()
@@ -118,5 +116,7 @@ class _LapClock:
         self.t = now
 
     def report(self, calls: int) -> None:
+        if not self.enabled:
+            return
         means = {k: round(1e3 * v / calls, 4) for k, v in self.totals.items()}
         print("session_profile_ms " + json.dumps(means), file=sys.stderr, flush=True)

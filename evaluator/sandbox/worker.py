@@ -24,11 +24,13 @@ The parent trusts none of what this process writes: a candidate can rewrite any 
 from __future__ import annotations
 
 import faulthandler
+import importlib
 import json
 import os
 import socket
 import sys
 
+from evaluator.sandbox import preimports
 from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, limit_address_space
 from evaluator.sandbox.failure_text import candidate_traceback, is_memory_error
 from evaluator.sandbox.limits import SandboxLimits
@@ -47,12 +49,10 @@ def main() -> None:
     apply_rlimits(None, limits.output_bytes + (1 << 20), limits.nproc if is_root() or in_userns else None)
     faulthandler.enable()  # a segfault prints the Python stack to stderr for the report
 
-    # Everything a masker may import must be imported now: once we run as nobody, the
-    # interpreter's own directory may be unreadable (e.g. under /root).
-    import collections, functools, heapq, itertools, math, random, typing, dataclasses  # noqa: F401,E401
-    import bisect, copy, operator, statistics, string, re, encodings.idna, unicodedata  # noqa: F401,E401
-    import numpy  # noqa: F401
-    import numpy.ctypeslib  # noqa: F401 - safetensors needs it lazily
+    # Everything a masker may import must be imported now (see preimports; forked workers
+    # find them loaded already).
+    for name in preimports.MODULES:
+        importlib.import_module(name)
     import torch
 
     if "threads" in prep:

@@ -199,11 +199,13 @@ class Worker:
 
     @property
     def pgid(self) -> int | None:
-        """The launcher's process group (it leads its own); None only if a fork server died before forking it."""
-        return self.proc.pid
+        """The launcher's process group (it leads its own); None if a fork server died before forking
+        it, and never 0 or 1 (``killpg(0)`` would be our own group)."""
+        pid = self.proc.pid
+        return pid if pid is not None and pid > 1 else None
 
     def _kill_group(self) -> None:
-        if self.pgid is not None and self.pgid > 1:  # never killpg(0): that is our own group
+        if self.pgid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pgid, signal.SIGKILL)
 
@@ -358,7 +360,7 @@ class Worker:
         if self._closed:
             return
         self._closed = True
-        if self.pgid is not None and self.pgid > 1:
+        if self.pgid is not None:
             kill_tree(self.pgid, self.marker)
         try:
             self.proc.wait(timeout=5)
