@@ -9,7 +9,8 @@ call, sending it, waiting for and reading the reply, and
 decoding the selection; and the worker's, from its log (``ADRS_PROFILE_SESSION=1``: each phase
 synchronised, so the profiled run is slower than the timed ones). ``--pingpong N`` also times N round trips of a one-element GPU op
 between two processes against the same ops in one process, and with the second process on the
-CPU: the floor any cross-process call pays on this machine. ``--scorer-calls N`` times faithful
+CPU: the floor any cross-process call pays on this machine. ``--synthetic`` runs the same calls
+without the model (random tensors of the preset's shapes). ``--scorer-calls N`` times faithful
 scores as the agent's tool gets them (a run's ``CodeScorer`` keeps the context and a warm worker)
 against a one-off ``faithful_score``. Prints a table; writes JSON
 (``--out``, default ``benchmarks/results/profile_faithful.json``).
@@ -105,6 +106,79 @@ class _PhaseClock:
         self._undo.clear()
 
 
+class SyntheticContext:
+    """A faithful decode's masker calls without the model: ``steps`` x ``layers`` calls on random
+    queries and keys of the ``faithful`` preset's shapes (SmolLM2: 9 query heads, 3 KV heads,
+    d = 64; 2 x 8 rows; a shared prefix), through the same selectors, session and validation.
+    Isolates what crossing the sandbox costs per call from the model's own time (``--synthetic``)."""
+
+    def __init__(self, device: str, steps: int = 21, layers: int = 30, samples: int = 8, context: int = 8150,
+                 question: int = 10) -> None:
+        import torch
+
+        from evaluator.faithful.decode import CallInputs
+        from evaluator.faithful.score import write_prefix_file
+
+        self.device = torch.device(device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        rows, heads, kv_heads, dim = 2 * samples, 9, 3, 64
+        self.max_len = context + question + steps
+        self.keys = []
+        for _ in range(layers):
+            k = torch.zeros(rows, kv_heads, self.max_len, dim, dtype=dtype)
+            k[:samples, :, :context] = torch.randn(samples, kv_heads, context, dim, generator=gen).to(dtype)
+            k[samples:, :, :context] = k[:samples, :, :context]
+            self.keys.append(k.to(self.device))
+        self.prefix = write_prefix_file([k[:samples, :, :context] for k in self.keys])
+        self.calls: list[Any] = []
+        start = context
+        for step in range(steps):
+            q_len = question if step == 0 else 1
+            for layer in range(layers):
+                q = torch.randn(rows, heads, q_len, dim, generator=gen).to(dtype).to(self.device)
+                new = torch.randn(rows, kv_heads, q_len, dim, generator=gen).to(dtype).to(self.device)
+                pos = torch.arange(start, start + q_len, device=self.device)
+                self.calls.append((layer, layers, step, q, new, start, pos))
+            start += q_len
+        self.CallInputs = CallInputs
+
+    def score(self, seed: Path, density_target: float, in_process: bool = False, pool: Any = None) -> Any:
+        """Runs every call through the in-process or the session selector; ``error`` is a checksum."""
+        import types
+
+        import torch
+
+        from evaluator.candidate import load_masker
+        from evaluator.faithful.score import in_process_selector, session_selector
+        from evaluator.sandbox.session import SandboxSession
+
+        def run(select: Any) -> float:
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            for layer, layers, step, q, new, start, pos in self.calls:
+                keys = self.keys[layer]
+                keys[:, :, start:start + new.shape[2]] = new
+                inputs = self.CallInputs(layer, layers, step, q, keys[:, :, :start + new.shape[2]], new, start, pos, 0.125)
+                total += select(inputs).sum(dtype=torch.float64)
+            return float(total)
+
+        t0 = time.perf_counter()
+        if in_process:
+            checksum, candidate_s = run(in_process_selector(load_masker(seed), density_target, 0)), None
+        else:
+            setup = {"prefix": str(self.prefix), "row_groups": 2, "max_len": self.max_len}
+            with SandboxSession(seed, self.device, density_target, 0, setup, pool=pool) as session:
+                checksum = run(session_selector(session))
+            candidate_s = session.candidate_s
+        return types.SimpleNamespace(valid=True, error=checksum, n_calls=len(self.calls), candidate_s=candidate_s,
+                                     wall_s=time.perf_counter() - t0)
+
+    def close(self) -> None:
+        from evaluator.sandbox.transport import remove_file
+
+        remove_file(self.prefix)
+
+
 def profile_seed(ctx: Any, seed: Path, repeat: int) -> dict[str, Any]:
     from evaluator.sandbox import SandboxLimits, WorkerPool
     from evaluator.sandbox import channel, session, worker_process
@@ -184,6 +258,8 @@ def main() -> None:
     ap.add_argument("--pingpong", type=int, default=600, help="round trips to time (0: skip)")
     ap.add_argument("--scorer-calls", type=int, default=0,
                     help="also time a one-off faithful_score and N faithful scores of one run's CodeScorer")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="the faithful preset's masker calls on random tensors, without the model (see SyntheticContext)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_faithful.json"))
     args = ap.parse_args()
     result: dict[str, Any] = {"command": "python benchmarks/profile_faithful.py " + " ".join(sys.argv[1:])}
@@ -195,10 +271,13 @@ def main() -> None:
         result["run_scorer"] = row
         print(f"one-off faithful_score {row['one_off_s']:.2f} s; a run's CodeScorer.faithful, call by call: "
               + ", ".join(f"{t:.2f}" for t in row["scorer_s"]) + " s", flush=True)
-    from evaluator.faithful import FaithfulContext
+    if args.synthetic:
+        ctx: Any = SyntheticContext(args.device)
+    else:
+        from evaluator.faithful import FaithfulContext
 
-    ctx = FaithfulContext(args.spec, args.device)
-    ctx.prefix_file()
+        ctx = FaithfulContext(args.spec, args.device)
+        ctx.prefix_file()
     for name in args.seeds:
         row = profile_seed(ctx, REPO / "seeds" / f"{name}.py", args.repeat)
         result[name] = row

@@ -208,3 +208,19 @@ def test_run_scorer_keeps_each_presets_context_and_a_warm_worker(tiny_workload):
     finally:
         scorer.close()
     assert pool.waiting == () and ctx._prefix is None and scorer._faithful is None
+
+
+@pytest.mark.gpu
+def test_session_on_unindexed_cuda_device_serves_dense_selections(tmp_path):
+    """A session opened on "cuda" (no index) gets the masker's "cuda:0" tensors back as data."""
+    from evaluator.faithful.decode import CallInputs
+    from evaluator.faithful.score import session_selector
+    from evaluator.sandbox.session import SandboxSession
+
+    q = torch.randn(2, 3, 1, 8, device="cuda")
+    keys = torch.randn(2, 1, 16, 8, device="cuda")
+    pos = torch.tensor([15], device="cuda")
+    with SandboxSession(SINK_WINDOW, "cuda", 0.5, 0, {"row_groups": 1, "max_len": 16}) as session:
+        weights = session_selector(session)(CallInputs(0, 1, 0, q, keys, keys[:, :, 15:], 15, pos, 0.35))
+    assert weights.shape == (2, 3, 1, 16) and weights.device.type == "cuda"
+    assert int(weights.ne(0).sum()) == 2 * 3 * 8  # 4 sinks + the latest 4: half of 16 causal keys

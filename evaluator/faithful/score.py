@@ -140,16 +140,8 @@ class FaithfulContext:
         """Keys of the dense context of every layer ``[n, h_kv, context, d]``, written once for workers."""
         if self._prefix is None:
             n = self.spec.n_samples
-            tensors = {f"k{i}": k[:n, :, :self.context_len].contiguous().cpu() for i, k in enumerate(self.decoder.store.keys)}
-            need = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)
-            folder = shared_dir(need)
-            path = folder / f"adrs-faithful-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
-            tmp = path.with_suffix(".tmp")
-            save_file(tensors, str(tmp))
-            os.chmod(tmp, 0o600)  # workers get it as an open fd: nobody else needs to read it
-            os.replace(tmp, path)
-            self._prefix = path
-            self._finalizer = weakref.finalize(self, remove_file, path)
+            self._prefix = write_prefix_file([k[:n, :, :self.context_len] for k in self.decoder.store.keys])
+            self._finalizer = weakref.finalize(self, remove_file, self._prefix)
         return self._prefix
 
     def close(self) -> None:
@@ -221,6 +213,19 @@ def _load_trusted(path: str | Path) -> Callable[[MaskerInput], Any]:
         return load_masker(path)
     except Exception as exc:  # noqa: BLE001
         raise CandidateFailure("import", f"{type(exc).__name__}: {exc}", format_traceback()) from None
+
+
+def write_prefix_file(keys: list[torch.Tensor]) -> Path:
+    """Every layer's prefix keys ``[n, h_kv, length, d]`` in a private file for session workers
+    (``setup["prefix"]``); the caller removes it."""
+    tensors = {f"k{i}": k.contiguous().cpu() for i, k in enumerate(keys)}
+    need = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)
+    path = shared_dir(need) / f"adrs-faithful-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.chmod(tmp, 0o600)  # workers get it as an open fd: nobody else needs to read it
+    os.replace(tmp, path)
+    return path
 
 
 def faithful_score(candidate_path: str | Path, spec: str | FaithfulSpec = "faithful", density_target: float = 0.10,

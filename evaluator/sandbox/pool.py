@@ -77,6 +77,7 @@ class WorkerPool:
         # that start-up would steal the candidate's cores.
         self.defer_spares = (os.cpu_count() or 1) <= SMALL_MACHINE_CORES
         self._spares: deque[Worker] = deque()
+        self._closed = False
         self._lock = threading.RLock()
         # Workers forked from one process that imported torch once: ~3 s of CPU less per worker.
         use_server = forkable(self.limits) and os.environ.get(FORK_SERVER_ENV, "1") != "0"
@@ -117,14 +118,14 @@ class WorkerPool:
         """Start spares until ``spares`` are starting or warm (after a deferred ``take``, or deaths)."""
         with self._lock:
             self._drop_dead()
-            while len(self._spares) < self.spares:
+            while len(self._spares) < self.spares and not self._closed:
                 self._spares.append(self._start())
 
     @contextlib.contextmanager
-    def deferred_spare(self) -> Iterator[None]:
+    def deferred_spare(self, always: bool = False) -> Iterator[None]:
         """``take`` calls inside this block leave starting the replacements to ``replenish``
-        (on small machines only: see ``defer_spares``)."""
-        self._local.defer = self.defer_spares
+        (on small machines only, see ``defer_spares``, unless ``always``)."""
+        self._local.defer = always or self.defer_spares
         try:
             yield
         finally:
@@ -144,6 +145,7 @@ class WorkerPool:
     def close(self) -> None:
         """Release every spare (kill its process tree, free its scratch)."""
         with self._lock:
+            self._closed = True  # a session closing after its pool starts no spare nobody would release
             while self._spares:
                 self._spares.popleft().release()
             if self._server is not None:

@@ -35,15 +35,28 @@ from evaluator.records import AttentionRecord
 from evaluator.sandbox.devicepack import decode_dense_selection
 from evaluator.sandbox.channel import ChannelError, ChannelOverflow, DeadlineIO, pack
 from evaluator.sandbox.limits import SandboxLimits
-from evaluator.sandbox.pool import WorkerPool
+from evaluator.sandbox.pool import SMALL_MACHINE_CORES, WorkerPool
 from evaluator.sandbox.runner import _interpret, _syntax_context
-from evaluator.sandbox.worker_process import Worker, WorkerOutcome
+from evaluator.sandbox.worker_process import Worker, WorkerOutcome, widen_pipe
 from evaluator.sandbox.transport import ProtocolError, decode_selection
 from evaluator.scoring import InvalidSelection, ScoreReport
 from evaluator.threads import evaluation_threads
 
 
+SESSION_PIPE_BYTES = 1 << 20  # a whole call or reply of the faithful preset (~150-190 KB) without a wait
+# How long each side polls for the other's message before sleeping (see channel.spin_until_readable):
+# about one layer's turn of the faithful preset. "0" turns it off, for measurement.
+SPIN_ENV = "ADRS_SESSION_SPIN_MS"
+SPIN_S = 0.005
 PROFILE_ENV = "ADRS_PROFILE_SESSION"  # "1": the worker logs the mean time of each phase of a call
+
+
+def session_spin_s() -> float:
+    """Seconds each side of a session polls before sleeping: ``SPIN_S`` where cores are plentiful;
+    0 on small machines, where a polling parent would take the worker's core (``ADRS_SESSION_SPIN_MS`` overrides)."""
+    if os.environ.get(SPIN_ENV):
+        return float(os.environ[SPIN_ENV]) / 1e3
+    return SPIN_S if (os.cpu_count() or 1) > SMALL_MACHINE_CORES else 0.0
 
 
 class SessionFailure(Exception):
@@ -69,6 +82,10 @@ class SandboxSession:
                  setup: dict[str, Any], limits: SandboxLimits | None = None, pool: WorkerPool | None = None) -> None:
         self.candidate_path = Path(candidate_path)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # Workers compare the device of what the masker returns with this string: "cuda"
+            # would never equal the "cuda:0" of a returned tensor.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.density_target = density_target
         self.base_seed = base_seed
         self.setup = dict(setup)
@@ -96,16 +113,25 @@ class SandboxSession:
         # Two pipes (calls in, selections out), handed to the worker as fds with the job.
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
+        for fd in (req_w, resp_w):
+            widen_pipe(fd, SESSION_PIPE_BYTES)
         self._fds = [resp_r, req_w]
         worker_fds = {"req": req_r, "resp": resp_w}
         if self.setup.get("prefix"):
             worker_fds["prefix"] = os.open(self.setup.pop("prefix"), os.O_RDONLY | os.O_CLOEXEC)
-        self.io = DeadlineIO(resp_r, req_w, self._check, self.limits.output_bytes, self._pulse)
+        spin_s = session_spin_s()
+        self.io = DeadlineIO(resp_r, req_w, self._check, self.limits.output_bytes, self._pulse, spin_s)
         job = {"candidate_name": self.candidate_path.name, "source": source, "device": str(self.device),
                "density_target": self.density_target, "base_seed": self.base_seed,
                "num_threads": evaluation_threads(self.device), "session": self.setup,
-               "profile": os.environ.get(PROFILE_ENV) == "1"}
-        self.worker = self.pool.take() if self.pool is not None else Worker(self.limits, cuda=self.device.type == "cuda")
+               "profile": os.environ.get(PROFILE_ENV) == "1", "spin_s": spin_s}
+        if self.pool is not None:
+            # The replacement starts when the session closes: a spare starting meanwhile (CUDA context,
+            # rehearsal kernels) would share the GPU with every one of the session's round trips.
+            with self.pool.deferred_spare(always=True):
+                self.worker = self.pool.take()
+        else:
+            self.worker = Worker(self.limits, cuda=self.device.type == "cuda")
         try:
             if not self.worker.wait_ready(self.limits.startup_s):  # IsolationUnavailable passes through
                 raise OSError("worker not ready")
@@ -129,6 +155,8 @@ class SandboxSession:
                 with contextlib.suppress(OSError):
                     os.write(self._fds[1], pack({"op": "close"}, {}))
             self.worker.release()
+            if self.pool is not None:
+                self.pool.replenish()
         for fd in self._fds:
             os.close(fd)
         self._fds = []

@@ -39,7 +39,7 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
     lap = _LapClock(device, bool(job.get("profile")))
     while True:
         try:
-            header, data = read_blocking(req)
+            header, data = read_blocking(req, float(job.get("spin_s", 0.0)))
         except EOFError:
             finish({"ok": False, "category": "harness", "reason": "the parent closed the session"})
         if header.get("op") == "close":
@@ -51,7 +51,9 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
         end = start + new_keys.shape[2]
         cache = caches.get(layer)
         if cache is None:
+            lap("to device, key cache")
             cache = caches[layer] = _new_cache(prefix, layer, queries.shape[0], groups, max_len, new_keys, device)
+            lap("prefix (a layer's first call)")
         cache[:, :, start:end] = new_keys
         lap("to device, key cache")
         gen = torch.Generator(device=device)
@@ -74,9 +76,11 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
             finish({"ok": False, "category": category,
                     "reason": f"{type(exc).__name__}: {exc} (call {call}, layer {layer})"[:1000],
                     "details": candidate_traceback(exc, job["candidate"])})
-        write_blocking(resp, pack({"meta": meta}, tensors))
+        reply = pack({"meta": meta}, tensors)
+        lap("pack")
+        write_blocking(resp, reply)
         served += 1
-        lap("pack, write")
+        lap("write")
         if served % 100 == 0:
             lap.report(served)
         del selection, tensors, inp

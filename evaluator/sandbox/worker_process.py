@@ -286,7 +286,7 @@ class Worker:
         status = None
         channel_error = None
         res_r, res_w = os.pipe()
-        _widen_pipe(res_w)
+        widen_pipe(res_w, _RESULT_PIPE_BYTES)
         deadline = t0 + self.limits.wall_s
 
         def pulse() -> None:  # also while bytes flow: a trickle must not outrun the limits
@@ -379,15 +379,16 @@ class Worker:
             self.scratch.close()
 
 
-def _widen_pipe(fd: int) -> None:
-    """Give the result pipe room for several records' messages (64 KiB by default; a record of
-    ``default`` is ~330 KB), so the worker computes the next record while we score this one
-    instead of waiting for us to drain it. Root may go above ``/proc/sys/fs/pipe-max-size``; an
-    ordinary user gets at most that. The size only changes how far the two sides overlap, so
-    a kernel that refuses both keeps the default."""
-    for size in (_RESULT_PIPE_BYTES, 1 << 20):
+def widen_pipe(fd: int, size: int) -> None:
+    """Give a pipe room for ``size`` bytes (64 KiB by default) so a writer does not wait for the
+    reader to drain each 64 KiB: the fast score's result pipe holds several records' messages
+    (a record of ``default`` is ~330 KB), a session's pipes a whole call or reply (~150 KB at
+    the ``faithful`` preset). Root may go above ``/proc/sys/fs/pipe-max-size``; an ordinary
+    user gets at most that (1 MiB by default). The size only changes how far the two sides
+    overlap, so a kernel that refuses both keeps the default."""
+    for n in (size, min(size, 1 << 20)):
         try:
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, n)
             return
         except OSError:
             continue
