@@ -70,51 +70,91 @@ def archived_hashes(archive: Archive) -> set[str]:
     return {code_hash(archive.code(r.id)) for r in archive.all()}
 
 
-def _cascade(archive: Archive, scorer: CodeScorer, child: Child, record: dict[str, Any]) -> str | None:
-    """Re-score a candidate that beats the best on the held-out workload; the reason if it fails to confirm."""
+@dataclass(frozen=True)
+class CheckPlan:
+    """What a child's checks need from the archive, read on the thread that owns it (``plan_checks``);
+    the checks themselves (``run_checks``) only score, so they may run on another thread meanwhile."""
+
+    best_id: str | None = None
+    best_score: float = 0.0
+    best_speedup: float | None = None
+    audit: bool = False  # the child beats the best: audit it in float64
+    best_audit: dict[str, Any] | None = None  # the best's float64 report, if already known
+    cascade: bool = False  # the child beats the best by the held-out margin
+    best_heldout: dict[str, Any] | None = None  # the best's held-out report, if already known
+    best_code: str | None = None  # only when one of the best's reports is still to be made
+
+
+@dataclass
+class CheckResult:
+    """What the checks found: the child's extra reports, the best's new ones, and why the child is flagged."""
+
+    audit: dict[str, Any] | None = None
+    heldout: dict[str, Any] | None = None
+    best_audit: dict[str, Any] | None = None  # new: to note on the best
+    best_heldout: dict[str, Any] | None = None  # new: to note on the best
+    rejection: str | None = None
+
+
+def plan_checks(archive: Archive, scorer: CodeScorer, child: Child) -> CheckPlan:
+    """Which re-scores ``child`` needs against the archive's current best (reads the archive only)."""
     best = archive.best()
-    margin = scorer.config.evaluation.heldout_margin
-    if scorer.config.heldout_spec() is None or not child.report.valid or best is None:
-        return None
-    if child.report.combined_score <= best.combined_score + margin:
-        return None
-    held = scorer.score(child.code, heldout=True, speedup=child.report.speedup)
-    record["heldout"] = held.to_dict()
-    best_held = heldout_of(archive, best.id, scorer.heldout_workload().hash)
-    if best_held is None:
-        best_held = scorer.heldout_score(best.id, archive.code(best.id), _speedup_of(archive, best.id)).to_dict()
-        archive.add_rescore(best.id, rescore_entry(best_held, scorer.heldout_workload().hash, "cascade"))
-    if not held.valid:
-        return f"held-out evaluation failed ({held.category}: {held.reason})"
-    if best_held.get("valid") and held.combined_score < best_held["combined_score"]:
-        return (f"gain does not replicate on held-out: {held.combined_score:.4f} < best's {best_held['combined_score']:.4f}")
-    return None
+    if not child.report.valid or best is None or child.report.combined_score <= best.combined_score:
+        return CheckPlan()
+    ev = scorer.config.evaluation
+    audit = ev.numerics_audit
+    cascade = (scorer.config.heldout_spec() is not None
+               and child.report.combined_score > best.combined_score + ev.heldout_margin)
+    best_audit = report_of(archive, best.id, audit_key(scorer), "audit") if audit else None
+    best_heldout = heldout_of(archive, best.id, scorer.heldout_workload().hash) if cascade else None
+    need_code = (audit and best_audit is None) or (cascade and best_heldout is None)
+    return CheckPlan(best.id, best.combined_score, _speedup_of(archive, best.id), audit, best_audit, cascade,
+                     best_heldout, archive.code(best.id) if need_code else None)
 
 
-def _audit(archive: Archive, scorer: CodeScorer, child: Child, record: dict[str, Any]) -> str | None:
+def run_checks(scorer: CodeScorer, child: Child, plan: CheckPlan) -> CheckResult:
+    """The numerics audit, then (if it passes) the held-out cascade; scores only, touches no archive."""
+    result = CheckResult()
+    result.rejection = _audit(scorer, child, plan, result) or _cascade(scorer, child, plan, result)
+    return result
+
+
+def _audit(scorer: CodeScorer, child: Child, plan: CheckPlan, result: CheckResult) -> str | None:
     """Numerics audit: re-score a candidate that beats the best in float64; the reason if its gain disappears there.
 
     A gain that exists only in float32 (the estimator's rounding, not the selection) must not
     make a candidate the best or a parent, however small it is.
     """
-    ev = scorer.config.evaluation
-    best = archive.best()
-    if not ev.numerics_audit or not child.report.valid or best is None:
-        return None
-    if child.report.combined_score <= best.combined_score:
+    if not plan.audit:
         return None
     audited = scorer.audit_score(child.code, child.report.speedup)
-    record["audit"] = audited.to_dict()
-    key = audit_key(scorer)
-    best_audit = report_of(archive, best.id, key, "audit")
+    result.audit = audited.to_dict()
+    best_audit = plan.best_audit
     if best_audit is None:
-        best_audit = scorer.audit_score(archive.code(best.id), _speedup_of(archive, best.id)).to_dict()
-        archive.add_rescore(best.id, rescore_entry(best_audit, key, "audit"))
+        assert plan.best_code is not None
+        best_audit = result.best_audit = scorer.audit_score(plan.best_code, plan.best_speedup).to_dict()
     if not audited.valid:
         return f"numerics audit: the float64 re-score failed ({audited.category}: {audited.reason})"
-    if best_audit.get("valid") and audited.combined_score <= best_audit["combined_score"] + ev.audit_tolerance:
+    if best_audit.get("valid") and audited.combined_score <= best_audit["combined_score"] + scorer.config.evaluation.audit_tolerance:
         return (f"numerics audit: the gain disappears in float64 ({audited.combined_score:.10f} vs the best's "
-                f"{best_audit['combined_score']:.10f}; float32: {child.report.combined_score:.10f} vs {best.combined_score:.10f})")
+                f"{best_audit['combined_score']:.10f}; float32: {child.report.combined_score:.10f} vs {plan.best_score:.10f})")
+    return None
+
+
+def _cascade(scorer: CodeScorer, child: Child, plan: CheckPlan, result: CheckResult) -> str | None:
+    """Re-score a candidate that beats the best on the held-out workload; the reason if it fails to confirm."""
+    if not plan.cascade:
+        return None
+    held = scorer.score(child.code, heldout=True, speedup=child.report.speedup)
+    result.heldout = held.to_dict()
+    best_held = plan.best_heldout
+    if best_held is None:
+        assert plan.best_id is not None and plan.best_code is not None
+        best_held = result.best_heldout = scorer.heldout_score(plan.best_id, plan.best_code, plan.best_speedup).to_dict()
+    if not held.valid:
+        return f"held-out evaluation failed ({held.category}: {held.reason})"
+    if best_held.get("valid") and held.combined_score < best_held["combined_score"]:
+        return (f"gain does not replicate on held-out: {held.combined_score:.4f} < best's {best_held['combined_score']:.4f}")
     return None
 
 
@@ -157,13 +197,28 @@ def maybe_checkpoint(archive: Archive, cfg: RunConfig, ref: Any, became_best: bo
     return review.make_checkpoint(archive, ref.iteration, subject, reason)
 
 
+def commit_checked(archive: Archive, scorer: CodeScorer, child: Child, plan: CheckPlan, checks: CheckResult,
+                   author: str = "model", summary: str | None = None) -> tuple[Any, str | None]:
+    """Write ``child`` with what its checks found (and the best's new re-score notes); its row and
+    why it was flagged, if it was. On the archive's thread, with nothing committed since ``plan``."""
+    record = _record(child, scorer)
+    if checks.audit is not None:
+        record["audit"] = checks.audit
+    if checks.heldout is not None:
+        record["heldout"] = checks.heldout
+    if checks.best_audit is not None and plan.best_id is not None:
+        archive.add_rescore(plan.best_id, rescore_entry(checks.best_audit, audit_key(scorer), "audit"))
+    if checks.best_heldout is not None and plan.best_id is not None:
+        archive.add_rescore(plan.best_id, rescore_entry(checks.best_heldout, scorer.heldout_workload().hash, "cascade"))
+    ref = archive.add_candidate(child.code, record, parent=child.parent_id, island=child.island, author=author,
+                                summary=summary or child.mutation.summary or child.mutation.error or "")
+    if checks.rejection:
+        ref = archive.mark_rejected(ref, checks.rejection)
+    return ref, checks.rejection
+
+
 def commit_child(archive: Archive, scorer: CodeScorer, child: Child, author: str = "model",
                  summary: str | None = None) -> tuple[Any, str | None]:
     """Numerics audit and held-out cascade, then commit ``child``; returns its row and why it was flagged, if it was."""
-    record = _record(child, scorer)
-    rejection = _audit(archive, scorer, child, record) or _cascade(archive, scorer, child, record)
-    ref = archive.add_candidate(child.code, record, parent=child.parent_id, island=child.island, author=author,
-                                summary=summary or child.mutation.summary or child.mutation.error or "")
-    if rejection:
-        ref = archive.mark_rejected(ref, rejection)
-    return ref, rejection
+    plan = plan_checks(archive, scorer, child)
+    return commit_checked(archive, scorer, child, plan, run_checks(scorer, child, plan), author, summary)

@@ -23,7 +23,8 @@ from typing import Any, Callable
 from adrs import review
 from adrs.archive import open_run
 from adrs.archive.store import Archive
-from adrs.commit import Child, archived_hashes, code_hash, commit_child, ensure_seed, maybe_checkpoint
+from adrs.commit import (Child, CheckResult, archived_hashes, code_hash, commit_checked, ensure_seed, maybe_checkpoint,
+                         plan_checks, run_checks)
 from adrs.config import RunConfig, dump_config
 from adrs.evaluate import CodeScorer
 from adrs.llm.budget import BudgetExceeded
@@ -189,7 +190,10 @@ async def evolve(
         _backfill_checkpoint(archive, cfg)
         paused = cfg.review.mode == "pause" and bool(review.pending(archive))
         pending: dict[asyncio.Task, int] = {}  # task -> the iteration its child will get
-        ready: dict[int, Child] = {}  # LLM-free children scored out of order, waiting for their turn
+        ready: dict[int, Child] = {}  # scored children waiting for their turn to commit
+        # One commit at a time, as a task: its checks (audit, held-out: sandboxed evaluations) run on a
+        # thread while new proposals launch; its archive writes run here, on the loop's thread.
+        committing: asyncio.Task | None = None
         seen = archived_hashes(archive)
         in_flight_codes: dict[int, str] = {}  # LLM-free: code hashes of proposals not yet committed
         llm_failures = 0
@@ -198,15 +202,15 @@ async def evolve(
             stats.best_history.append(best.combined_score)
         emit({"kind": "started", "stats": stats, "done": archive.next_iteration(), "total": total})
         try:
-            while archive.next_iteration() < total or pending:
-                if paused and not pending:
+            while archive.next_iteration() < total or pending or ready or committing is not None:
+                if paused and not pending and not ready and committing is None:
                     # In-flight work is committed first, so nothing is lost while waiting.
                     await _wait_for_review(archive, run_dir, emit)
                     notes = review.prompt_notes(archive)
                     paused = False
                 # The slot keys the random streams and is the iteration the child will get.
-                while not paused and len(pending) + len(ready) < window and not _budget_done(proposer):
-                    slot = archive.next_iteration() + len(pending) + len(ready)
+                while not paused and _in_flight(pending, ready, committing) < window and not _budget_done(proposer):
+                    slot = archive.next_iteration() + _in_flight(pending, ready, committing)
                     if slot >= total:
                         break
                     if ordered:
@@ -214,15 +218,29 @@ async def evolve(
                     else:
                         task = asyncio.create_task(_make_child(archive, cfg, scorer, proposer, slot, notes, seen))
                     pending[task] = slot
-                if not pending:
+                if committing is None and ready:
+                    # LLM children commit as they land; LLM-free ones in iteration order.
+                    order = sorted(ready) if not ordered else _next_in_order(ready, archive.next_iteration())
+                    if order:
+                        child = ready.pop(order[0])
+                        in_flight_codes.pop(order[0], None)
+                        seen.add(code_hash(child.code))
+                        committing = asyncio.create_task(_commit(archive, scorer, child, stats, emit))
+                if not pending and committing is None:
                     break
-                stats.in_flight = len(pending) + len(ready)
-                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                stats.in_flight = _in_flight(pending, ready, committing)
+                waiting = set(pending) | ({committing} if committing is not None else set())
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if committing in done:
+                    task, committing = committing, None
+                    checkpoint = task.result()  # a failed commit ends the run, as it always did
+                    if checkpoint and cfg.review.mode == "pause" and archive.next_iteration() < total:
+                        paused = True
                 # Every finished task's outcome is read before acting on any: an exception left
                 # unread is logged when the task is garbage-collected, and on CPython 3.11 that
                 # traceback formatting inside the collector can break a concurrent ast.parse.
-                outcomes = [(task, pending.pop(task), task.exception()) for task in done]
-                stats.in_flight = len(pending) + len(ready)
+                outcomes = [(task, pending.pop(task), task.exception()) for task in done if task in pending]
+                stats.in_flight = _in_flight(pending, ready, committing)
                 for task, slot, exc in outcomes:
                     if isinstance(exc, BudgetExceeded):
                         emit({"kind": "budget", "message": f"budget reached: {exc}; finishing in-flight work"})
@@ -239,20 +257,14 @@ async def evolve(
                     else:
                         llm_failures = 0
                         ready[slot] = task.result()
-                # LLM children commit as they land; LLM-free ones in iteration order.
-                for slot in sorted(ready) if not ordered else _next_in_order(ready, archive.next_iteration()):
-                    child = ready.pop(slot)
-                    in_flight_codes.pop(slot, None)
-                    seen.add(code_hash(child.code))
-                    checkpoint = _commit(archive, scorer, child, stats, emit)
-                    if checkpoint and cfg.review.mode == "pause" and archive.next_iteration() < total:
-                        paused = True
-                stats.in_flight = len(pending) + len(ready)
+                stats.in_flight = _in_flight(pending, ready, committing)
         finally:
             for task in pending:
                 task.cancel()
             if pending:  # abandoned proposals: collect their outcomes so none is left unread
                 await asyncio.gather(*pending, return_exceptions=True)
+            if committing is not None:  # a scored child is not thrown away: its commit finishes
+                await asyncio.gather(committing, return_exceptions=True)
     stats.in_flight = 0
     emit({"kind": "finished", "stats": stats})
     return stats
@@ -272,6 +284,11 @@ def _launch_offline(archive: Archive, cfg: RunConfig, scorer: CodeScorer, propos
     if mutation.code is not None:
         in_flight_codes[slot] = code_hash(mutation.code)
     return asyncio.create_task(_score_child(archive, scorer, choice, mutation, earlier))
+
+
+def _in_flight(pending: dict[asyncio.Task, int], ready: dict[int, Child], committing: asyncio.Task | None) -> int:
+    """Children proposed but not yet in the archive: scoring, scored, or being committed."""
+    return len(pending) + len(ready) + (committing is not None)
 
 
 def _next_in_order(ready: dict[int, Child], next_iteration: int) -> list[int]:
@@ -313,10 +330,14 @@ def _backfill_checkpoint(archive: Archive, cfg: RunConfig) -> None:
     maybe_checkpoint(archive, cfg, ref, best is not None and best.id == ref.id)
 
 
-def _commit(archive: Archive, scorer: CodeScorer, child: Child, stats: LoopStats,
-            emit: Callable[[Event], None]) -> review.Checkpoint | None:
+async def _commit(archive: Archive, scorer: CodeScorer, child: Child, stats: LoopStats,
+                  emit: Callable[[Event], None]) -> review.Checkpoint | None:
+    """Check and commit one child; its checkpoint, if it made one. Reads and writes the archive on
+    the loop's thread only; nothing else commits meanwhile, so the plan still holds at the write."""
     before = archive.best()
-    ref, rejection = commit_child(archive, scorer, child)
+    plan = plan_checks(archive, scorer, child)
+    checks = await asyncio.to_thread(run_checks, scorer, child, plan) if plan.audit or plan.cascade else CheckResult()
+    ref, rejection = commit_checked(archive, scorer, child, plan, checks)
     stats.committed += 1
     if getattr(child.report, "isolation", None):
         stats.isolation = child.report.isolation

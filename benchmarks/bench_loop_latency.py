@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from loopback_openai import LoopbackOpenAI, Reply  # noqa: E402
 
+from adrs.archive import open_run  # noqa: E402
 from adrs.config import parse_config  # noqa: E402
 from adrs.evaluate import make_scorer  # noqa: E402
 from adrs.loop import evolve  # noqa: E402
@@ -80,6 +81,8 @@ def measure(latency: float, in_flight: int, iterations: int, workload: str, in_p
             t0 = time.perf_counter()
             asyncio.run(evolve(run_dir, cfg, scorer, iterations=iterations))
             elapsed = time.perf_counter() - t0
+            with open_run(run_dir) as archive:  # each audited child cost one more evaluation (two if the best had none)
+                audits = sum(1 for r in archive.all() if "audit" in archive.record(r.id))
         finally:
             scorer.close()
     w = workers or 1
@@ -87,7 +90,7 @@ def measure(latency: float, in_flight: int, iterations: int, workload: str, in_p
     bound = (min(in_flight / (latency + t_eval), w / t_eval) if mutator == "loopback" else w / t_eval) * 3600
     return {"mutator": mutator, "latency_s": latency if mutator == "loopback" else None, "in_flight": in_flight,
             "workers": workers, "iterations": iterations, "t_eval_s": t_eval, "elapsed_s": elapsed,
-            "evals_per_hour": rate, "bound_per_hour": bound, "fraction_of_bound": rate / bound}
+            "evals_per_hour": rate, "bound_per_hour": bound, "fraction_of_bound": rate / bound, "audited": audits}
 
 
 def main() -> None:
@@ -106,13 +109,14 @@ def main() -> None:
             for m in args.mutator for n in args.in_flight for w in args.workers]
     table = Table(title=f"loop throughput ({args.workload}, {'in process' if args.in_process else 'sandbox'}; "
                         f"loopback LLM latency {args.latency}s)")
-    for col in ("mutator", "in flight", "workers", "t_eval s", "evals/hour", "bound/hour", "of bound", "x first workers"):
+    for col in ("mutator", "in flight", "workers", "t_eval s", "evals/hour", "bound/hour", "of bound", "x first workers",
+                "audited"):
         table.add_column(col)
     for r in rows:
         first = next(x for x in rows if x["mutator"] == r["mutator"] and x["in_flight"] == r["in_flight"])
         table.add_row(r["mutator"], str(r["in_flight"]), str(r["workers"] or "auto"), f"{r['t_eval_s']:.2f}",
                       f"{r['evals_per_hour']:.0f}", f"{r['bound_per_hour']:.0f}", f"{r['fraction_of_bound']:.0%}",
-                      f"{r['evals_per_hour'] / first['evals_per_hour']:.2f}")
+                      f"{r['evals_per_hour'] / first['evals_per_hour']:.2f}", str(r["audited"]))
     Console().print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"workload": args.workload, "in_process": args.in_process, "command": " ".join(sys.argv),

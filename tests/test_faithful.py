@@ -211,6 +211,7 @@ def test_run_scorer_keeps_each_presets_context_and_a_warm_worker(tiny_workload):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_session_on_unindexed_cuda_device_serves_dense_selections(tmp_path):
     """A session opened on "cuda" (no index) gets the masker's "cuda:0" tensors back as data."""
     from evaluator.faithful.decode import CallInputs

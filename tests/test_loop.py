@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,6 +134,56 @@ def test_llm_run_on_loopback(tmp_path, tiny_workload):
         assert spend.agent.calls == 0 and spend.loop.calls == len(server.requests) - 1  # all but the 429
         assert spend.loop.prompt_tokens == sum(archive.record(r.id)["llm"]["usage"]["prompt_tokens"] for r in archive.all()[1:])
     assert len(server.requests) >= 8
+
+
+FIX_WINDOW = """Use the whole budget.
+<<<<<<< SEARCH
+    window = (keep - sink) // 4
+=======
+    window = keep - sink
+>>>>>>> REPLACE
+"""
+
+
+class _AuditWaitsForRequests(CodeScorer):
+    """Holds each numerics audit until the LLM server has seen ``need`` requests (or 20 s passed)."""
+
+    server: Any = None
+    need = 3
+    waited: list[bool] = []
+
+    def audit_score(self, code: str, speedup: float | None = None):
+        deadline = time.monotonic() + 20
+        while len(self.server.requests) < self.need and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.waited.append(len(self.server.requests) >= self.need)
+        return super().audit_score(code, speedup)
+
+
+def test_llm_conversations_go_on_while_a_commit_is_audited(tmp_path, tiny_workload):
+    # A child that beats the best is audited before it is committed. That audit (a sandboxed
+    # evaluation, seconds on a busy GPU) must not stall the other proposals' conversations: here
+    # the second proposal's reply lands during the audit and needs a repair turn to be sent.
+    weak = tmp_path / "weak_seed.py"
+    weak.write_text((ROOT / "seeds" / "sink_window.py").read_text().replace("window = keep - sink", "window = (keep - sink) // 4"))
+    arrivals = []
+
+    def script(body: dict) -> Reply:
+        if len(body["messages"]) > 2:  # a repair turn
+            return Reply(FIX_WINDOW)
+        arrivals.append(1)
+        return Reply(FIX_WINDOW) if len(arrivals) == 1 else Reply("no code this time", delay_s=3.0)
+
+    with LoopbackOpenAI([script] * 10) as server:
+        llm = {"models": [{"name": "scripted", "base_url": server.base_url, "api_key_env": None}],
+               "max_in_flight": 2, "backoff_initial_s": 0.01, "max_repair_turns": 1}
+        cfg = tiny_config(iterations=2, llm=llm, seed_candidate=str(weak), heldout_workload=None)
+        scorer = _AuditWaitsForRequests(cfg, tiny_workload)
+        scorer.server, scorer.waited = server, []
+        asyncio.run(evolve(tmp_path / "run", cfg, scorer))
+    assert scorer.waited and scorer.waited[0], "the repair turn was not sent while the audit ran"
+    with open_run(tmp_path / "run") as archive:
+        assert archive.best().iteration == 1 and "audit" in archive.record(archive.best().id)
 
 
 def test_llm_outage_stops_cleanly_without_committing(tmp_path, tiny_workload):

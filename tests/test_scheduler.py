@@ -207,6 +207,34 @@ def test_when_every_slot_is_gone_queued_and_new_jobs_fail_as_worker_lost():
         assert sched.submit("c").result(timeout=1).category == "worker_lost"
 
 
+def test_checks_go_ahead_of_queued_search_jobs():
+    """A commit waits on its audit and held-out scores: they must not queue behind the search jobs
+    the loop launched meanwhile (kinds keep their own first-come order)."""
+    started = threading.Event()
+    release = threading.Event()
+
+    class Gated(FakeSlot):
+        def __init__(self) -> None:
+            super().__init__("gated", 0)
+            self.order: list[tuple[str, Which]] = []
+
+        def evaluate(self, code: str, which: Which) -> ScoreReport:
+            self.order.append((code, which))
+            started.set()
+            release.wait(10)
+            return super().evaluate(code, which)
+
+    slot = Gated()
+    with SlotScheduler([slot]) as sched:
+        first = sched.submit("running")
+        assert started.wait(10)
+        futures = [sched.submit("s1"), sched.submit("a1", "audit"), sched.submit("s2"), sched.submit("h1", "heldout"),
+                   sched.submit("a2", "audit")]
+        release.set()
+        assert all(f.result(timeout=10).valid for f in [first, *futures])
+    assert [code for code, _ in slot.order] == ["running", "a1", "h1", "a2", "s1", "s2"]
+
+
 def test_a_harness_error_reaches_the_caller():
     class Broken(FakeSlot):
         def evaluate(self, code: str, which: Which) -> ScoreReport:

@@ -3,13 +3,15 @@
 A scheduler owns *slots*: one place where one sandboxed evaluation runs at a time (a GPU, a
 CPU worker, a Ray actor). Each slot is served by its own thread that pulls jobs from one
 shared queue, so a free slot always takes the next candidate and a slow one never holds
-others back. A slot that loses its worker mid-evaluation raises ``WorkerLost``; the job goes
+others back. Checks (the numerics audit, held-out scores) go ahead of queued search jobs: a
+commit waits on them, and the loop launches nothing past its window until that commit lands. A slot that loses its worker mid-evaluation raises ``WorkerLost``; the job goes
 back on the queue for any slot (the same one once it has recovered, or another) until
 ``max_attempts`` is spent, and then comes back as a ``worker_lost`` failure. No job ends
 without its future being resolved.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -102,7 +104,9 @@ class SlotScheduler(Scheduler):
             raise ValueError("a scheduler needs at least one slot")
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        self._queue: "queue.Queue[Job | None]" = queue.Queue()
+        # (rank, arrival, job): checks before search jobs, each kind first come first served; None stops a slot.
+        self._queue: "queue.PriorityQueue[tuple[int, int, Job | None]]" = queue.PriorityQueue()
+        self._arrivals = itertools.count()
         self._max_attempts = max_attempts
         # Re-entrant: resolving a future runs its callbacks here, and one may submit again.
         self._lock = threading.RLock()
@@ -136,7 +140,7 @@ class SlotScheduler(Scheduler):
             if self._alive == 0:
                 _resolve(job.future, _lost(job, "no evaluation worker is left"))
                 return job.future
-            self._queue.put(job)
+            self._put(job)
         return job.future
 
     def close(self) -> None:
@@ -146,7 +150,7 @@ class SlotScheduler(Scheduler):
             self._closed = True
             self._drain(_closed)
             for _ in self._threads:
-                self._queue.put(None)
+                self._put(None)
         for t in self._threads:
             t.join()
         self._drain(_closed)  # requeued by a slot while it was stopping
@@ -162,7 +166,7 @@ class SlotScheduler(Scheduler):
             self._opened += 1
             self._changed.notify_all()
         try:
-            while (job := self._queue.get()) is not None:
+            while (job := self._queue.get()[2]) is not None:
                 if not self._run(slot, job):
                     break
         finally:
@@ -196,12 +200,16 @@ class SlotScheduler(Scheduler):
         _resolve(job.future, report)
         return True
 
+    def _put(self, job: Job | None) -> None:
+        rank = 2 if job is None else 1 if job.which == "search" else 0
+        self._queue.put((rank, next(self._arrivals), job))
+
     def _requeue(self, job: Job) -> None:
         with self._lock:
             if self._closed:
                 _closed(job)
             elif self._alive > 0:
-                self._queue.put(job)
+                self._put(job)
             else:
                 _resolve(job.future, _lost(job, "no evaluation worker is left"))
 
@@ -217,7 +225,7 @@ class SlotScheduler(Scheduler):
     def _drain(self, resolve: Callable[[Job], None]) -> None:
         while True:
             try:
-                job = self._queue.get_nowait()
+                job = self._queue.get_nowait()[2]
             except queue.Empty:
                 return
             if job is not None:
