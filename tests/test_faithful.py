@@ -18,6 +18,7 @@ from evaluator.sandbox.isolation import live_descendants
 ROOT = Path(__file__).resolve().parents[1]
 SELECT_ALL = ROOT / "tests" / "candidates" / "select_all.py"
 SINK_WINDOW = ROOT / "seeds" / "sink_window.py"
+ORACLE = ROOT / "seeds" / "oracle_topk.py"
 
 # A valid sink + window masker that misbehaves on its second call of layer 4 (the first decode step).
 HOSTILE = '''
@@ -129,6 +130,33 @@ def test_sink_window_sandboxed_equals_in_process(ctx):
     assert all(layer.kv_density == pytest.approx(layer.density) for layer in sandboxed.per_layer)
     assert _numbers(sandboxed) == _numbers(in_process)
     assert len(sandboxed.per_layer) == 30
+
+
+def test_a_warm_spare_serves_the_prefix_from_its_preload(ctx):
+    """A pool's spare loads the session's prefix keys before its job; the session then fills its key
+    cache from them, not from the file: proven by spoiling the file once the spare has loaded it
+    (oracle top-k reads the keys; sink_window would not notice)."""
+    from evaluator.sandbox import WorkerPool
+
+    in_process = ctx.score(ORACLE, 0.10, in_process=True)
+    try:
+        with WorkerPool(SandboxLimits(), cuda=False, device="cpu") as pool:
+            assert _numbers(ctx.score(ORACLE, 0.10, pool=pool)) == _numbers(in_process)
+            assert pool.wait_ready(60)
+            (spare,) = pool.waiting
+            prefix = ctx.prefix_file()
+            assert spare.preloaded == prefix
+            size = prefix.stat().st_size
+            with open(prefix, "r+b") as fh:  # every key becomes NaN (0xFFFF in bf16 / float32 halves)
+                head = 8 + int.from_bytes(fh.read(8), "little")
+                fh.seek(head)
+                fh.write(b"\xff" * (size - head))
+            preloaded = ctx.score(ORACLE, 0.10, pool=pool)
+        from_file = ctx.score(ORACLE, 0.10)  # a fresh worker reads the spoiled file
+    finally:
+        ctx.close()  # the next test gets a fresh prefix file
+    assert _numbers(preloaded) == _numbers(in_process)
+    assert _numbers(from_file) != _numbers(in_process)
 
 
 PER_KV_HEAD = """import torch

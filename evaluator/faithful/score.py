@@ -38,7 +38,7 @@ from evaluator.records import AttentionRecord, record_seed
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.pool import WorkerPool
 from evaluator.sandbox.session import SandboxSession, SessionFailure
-from evaluator.sandbox.transport import remove_file, shared_dir
+from evaluator.sandbox.transport import SESSION_PREFIX, remove_file, shared_dir
 from evaluator.batch_scoring import validated_weights
 from evaluator.scoring import InvalidSelection
 from evaluator.workload.model import load_model
@@ -165,6 +165,9 @@ class FaithfulContext:
             else:
                 setup = {"prefix": str(self.prefix_file()), "row_groups": ROW_GROUPS,
                          "max_len": self.spec.prompt_tokens + self.spec.decode_steps}
+                if pool is not None:
+                    # The pool's next spares load these keys onto the GPU before their job arrives.
+                    pool.prefetch(self.prefix_file(), str(self.device))
                 with SandboxSession(candidate_path, self.device, density_target, self.spec.seed, setup, limits, pool) as session:
                     if session.worker is not None:
                         self.last_worker = (session.worker.pgid, session.worker.marker)
@@ -222,7 +225,7 @@ def write_prefix_file(keys: list[torch.Tensor]) -> Path:
     need = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)
     path = shared_dir(need) / f"adrs-faithful-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata={"kind": SESSION_PREFIX})
     os.chmod(tmp, 0o600)  # workers get it as an open fd: nobody else needs to read it
     os.replace(tmp, path)
     return path

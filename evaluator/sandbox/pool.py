@@ -97,7 +97,7 @@ class WorkerPool:
 
     def prefetch(self, inputs: Path, device: str) -> None:
         """Spares started from now on load ``inputs`` onto ``device`` before their job arrives
-        (a workload inputs file: what the next candidates will most likely be given)."""
+        (a workload inputs file, or a session's prefix keys: what the next candidates will most likely be given)."""
         self._preload = (inputs, device)
 
     def wait_ready(self, timeout: float, every: bool = False) -> bool:

@@ -9,6 +9,7 @@ two pipes handed to it as fds with the job (``evaluator.sandbox.channel``):
 * parent -> worker, per call: the call's queries, the keys it appended, the query positions
   (never values or dense outputs); keys of a long shared prefix can be sent once, as a
   read-only file (sent as an fd) the worker copies into its own key cache (``setup["prefix"]``);
+  a spare of a pool that ``prefetch``-ed that file holds its keys on the device before the job;
 * worker -> parent, per call: the selection in the exact compact form of
   ``evaluator.sandbox.transport.encode_selection``, bit-packed on the worker's device and
   unpacked on ours (``evaluator.sandbox.devicepack``); sparse and malformed selections go
@@ -117,8 +118,9 @@ class SandboxSession:
             widen_pipe(fd, SESSION_PIPE_BYTES)
         self._fds = [resp_r, req_w]
         worker_fds = {"req": req_r, "resp": resp_w}
-        if self.setup.get("prefix"):
-            worker_fds["prefix"] = os.open(self.setup.pop("prefix"), os.O_RDONLY | os.O_CLOEXEC)
+        prefix_path = self.setup.pop("prefix", None)
+        if prefix_path:
+            worker_fds["prefix"] = os.open(prefix_path, os.O_RDONLY | os.O_CLOEXEC)
         spin_s = session_spin_s()
         self.io = DeadlineIO(resp_r, req_w, self._check, self.limits.output_bytes, self._pulse, spin_s)
         job = {"candidate_name": self.candidate_path.name, "source": source, "device": str(self.device),
@@ -132,6 +134,8 @@ class SandboxSession:
                 self.worker = self.pool.take()
         else:
             self.worker = Worker(self.limits, cuda=self.device.type == "cuda")
+        if prefix_path and getattr(self.worker, "preloaded", None) == Path(prefix_path):
+            job["prefix_preloaded"] = True  # the warm spare holds the prefix keys on the device already
         try:
             if not self.worker.wait_ready(self.limits.startup_s):  # IsolationUnavailable passes through
                 raise OSError("worker not ready")

@@ -3,7 +3,7 @@
 Called by ``evaluator.sandbox.worker`` after the trusted prologue and the candidate's import,
 so the candidate is already loaded and every limit is in place. Keeps one key cache per layer
 (``[rows, h_kv, max_len, d]``): the shared prefix comes from the read-only file named in the
-setup, every call appends its new keys; the masker gets a fresh copy of ``[:end]``, so what it
+setup (or from the device, when a warm spare preloaded that file), every call appends its new keys; the masker gets a fresh copy of ``[:end]``, so what it
 scribbles on is its own. Failures end the process through ``finish`` (status.json), which the
 parent reads once it sees the process gone.
 """
@@ -25,13 +25,18 @@ from evaluator.sandbox.transport import MappedTensors
 
 
 def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[MaskerInput], Any],
-                  finish: Callable[[dict], None]) -> None:
+                  finish: Callable[[dict], None], prefix_keys: dict[str, torch.Tensor] | None = None) -> None:
     """Answer masker calls until the parent says close; never returns (``finish`` exits).
 
-    ``files``: the session's fds from the parent (``req``, ``resp`` pipes, optional ``prefix``)."""
+    ``files``: the session's fds from the parent (``req``, ``resp`` pipes, optional ``prefix``);
+    ``prefix_keys``: that prefix's tensors, already on the device (a warm spare's preload)."""
     setup, device = job["session"], job["device"]
     req, resp = files["req"], files["resp"]
-    prefix = MappedTensors(files["prefix"]) if "prefix" in files else None
+    prefix: Callable[[str], torch.Tensor] | None = None  # a layer's prefix keys by name, read on its first call
+    if prefix_keys is not None:
+        prefix = prefix_keys.__getitem__
+    elif "prefix" in files:
+        prefix = MappedTensors(files["prefix"]).get_tensor
     groups, max_len = int(setup["row_groups"]), int(setup["max_len"])
     caches: dict[int, torch.Tensor] = {}
     states: dict[int, dict[str, Any]] = {}
@@ -86,12 +91,13 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
         del selection, tensors, inp
 
 
-def _new_cache(prefix: Any, layer: int, rows: int, groups: int, max_len: int, like: torch.Tensor, device: str) -> torch.Tensor:
+def _new_cache(prefix: Callable[[str], torch.Tensor] | None, layer: int, rows: int, groups: int, max_len: int,
+               like: torch.Tensor, device: str) -> torch.Tensor:
     """A layer's key cache: the shared prefix (``[rows / groups, h_kv, P, d]``) in every row group."""
     _, h_kv, _, d = like.shape
     cache = torch.zeros(rows, h_kv, max_len, d, dtype=like.dtype, device=device)
     if prefix is not None:
-        keys = prefix.get_tensor(f"k{layer}").to(device)
+        keys = prefix(f"k{layer}").to(device)
         n, length = keys.shape[0], keys.shape[2]
         for g in range(groups):
             cache[g * n:(g + 1) * n, :, :length] = keys

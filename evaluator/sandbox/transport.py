@@ -109,6 +109,11 @@ _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "
            "BOOL": torch.bool}
 
 
+# ``__metadata__["kind"]`` of a session's shared prefix keys (``evaluator.faithful.score.write_prefix_file``):
+# a spare given such a file as its preload keeps its tensors on the device for the session's key cache.
+SESSION_PREFIX = "session_prefix"
+
+
 class MappedTensors:
     """A safetensors file read through an open fd, memory-mapped, tensors copied out on demand.
 

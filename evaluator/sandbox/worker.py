@@ -60,7 +60,7 @@ def main() -> None:
     from evaluator import contract  # noqa: F401
     from evaluator.candidate import load_masker, masker_input
     from evaluator.sandbox.devicepack import encode_for_wire, encode_selection_on_device
-    from evaluator.sandbox.transport import InputReader
+    from evaluator.sandbox.transport import SESSION_PREFIX, InputReader, MappedTensors
     from evaluator.sandbox.channel import pack, write_blocking
     from evaluator.sandbox.session_worker import serve_session  # before the drop: imports may fail after
     from safetensors.torch import save
@@ -78,11 +78,17 @@ def main() -> None:
         warm_encoder(encode_selection_on_device, save, "cuda")
 
     preloaded = None
+    prefix_keys: dict[str, torch.Tensor] | None = None
     if prep.get("preload"):
         # The workload's queries and keys, on the slot's device, before the job: the candidate's
         # clock then starts at its first masker call (they are its inputs anyway).
         _, pre_fds, _, _ = socket.recv_fds(control, 1024, 1)
-        if pre_fds:
+        if pre_fds and MappedTensors(pre_fds[0]).metadata().get("kind") == SESSION_PREFIX:
+            # A session's shared prefix keys: its key cache is filled from the device, not the file.
+            mapped = MappedTensors(pre_fds[0])
+            prefix_keys = {name: mapped.get_tensor(name).to(prep["device"]) for name in mapped.keys()}
+            os.close(pre_fds[0])
+        elif pre_fds:
             preloaded = InputReader(pre_fds[0], prep["device"]).records()
             os.close(pre_fds[0])
             if cuda_job and preloaded and prep.get("rehearse", True):
@@ -150,7 +156,8 @@ def main() -> None:
         finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc}"[:1000],
                 "details": candidate_traceback(exc, candidate)})
     if records is None:
-        serve_session(job, files, masker, finish)  # many calls over pipes (evaluator.sandbox.session); exits
+        # Many calls over pipes (evaluator.sandbox.session); exits.
+        serve_session(job, files, masker, finish, prefix_keys if job.get("prefix_preloaded") else None)
 
     sent, written = 0, 0
     for i, rec in enumerate(records):
