@@ -194,6 +194,7 @@ async def evolve(
         # One commit at a time, as a task: its checks (audit, held-out: sandboxed evaluations) run on a
         # thread while new proposals launch; its archive writes run here, on the loop's thread.
         committing: asyncio.Task | None = None
+        next_key = 0  # LLM runs: the next proposal's key (keys stay unique when a failed proposal is retried)
         seen = archived_hashes(archive)
         in_flight_codes: dict[int, str] = {}  # LLM-free: code hashes of proposals not yet committed
         llm_failures = 0
@@ -208,14 +209,23 @@ async def evolve(
                     await _wait_for_review(archive, run_dir, emit)
                     notes = review.prompt_notes(archive)
                     paused = False
-                # The slot keys the random streams and is the iteration the child will get.
-                while not paused and _in_flight(pending, ready, committing) < window and not _budget_done(proposer):
-                    slot = archive.next_iteration() + _in_flight(pending, ready, committing)
-                    if slot >= total:
+                while not paused and not _budget_done(proposer):
+                    outstanding = _in_flight(pending, ready, committing)
+                    if archive.next_iteration() + outstanding >= total:
                         break
                     if ordered:
+                        # The slot keys the random streams and is the iteration the child will get.
+                        if outstanding >= window:
+                            break
+                        slot = archive.next_iteration() + outstanding
                         task = _launch_offline(archive, cfg, scorer, proposer, slot, window, seen, in_flight_codes)
                     else:
+                        # The window bounds proposals being requested or scored; a scored child waiting
+                        # for its commit (an audit, say) holds no LLM slot. The slot is only a unique key.
+                        if len(pending) >= window or outstanding >= 2 * window:
+                            break
+                        slot = next_key = max(next_key, archive.next_iteration() + outstanding)
+                        next_key += 1
                         task = asyncio.create_task(_make_child(archive, cfg, scorer, proposer, slot, notes, seen))
                     pending[task] = slot
                 if committing is None and ready:

@@ -35,9 +35,9 @@ from adrs.config import parse_config  # noqa: E402
 from adrs.evaluate import make_scorer  # noqa: E402
 from adrs.loop import evolve  # noqa: E402
 
-REWRITE = '''Use 8 sink tokens.
+REWRITE = '''Use {n} sink tokens.
 ```python
-SINK_TOKENS = 8
+SINK_TOKENS = {n}
 
 
 def masker(inp: MaskerInput) -> Selection:
@@ -55,7 +55,10 @@ def masker(inp: MaskerInput) -> Selection:
 
 def measure(latency: float, in_flight: int, iterations: int, workload: str, in_process: bool,
             workers: int | None = None, mutator: str = "loopback") -> dict:
-    with LoopbackOpenAI([], default=Reply(REWRITE, delay_s=latency)) as server, tempfile.TemporaryDirectory() as tmp:
+    # Every reply is new code (SINK_TOKENS = 8, 9, ...): a repeated reply would be recorded as a
+    # duplicate without being evaluated, and the run would measure the LLM alone.
+    replies = [lambda body, n=n: Reply(REWRITE.replace("{n}", str(n)), delay_s=latency) for n in range(8, 8 + 4 * iterations + 64)]
+    with LoopbackOpenAI(replies) as server, tempfile.TemporaryDirectory() as tmp:
         evaluation = {"in_process": in_process, **({"workers": workers} if workers else {})}
         if mutator == "loopback":
             llm: object = {"models": [{"name": "loopback", "base_url": server.base_url, "api_key_env": None}],
@@ -82,7 +85,9 @@ def measure(latency: float, in_flight: int, iterations: int, workload: str, in_p
             asyncio.run(evolve(run_dir, cfg, scorer, iterations=iterations))
             elapsed = time.perf_counter() - t0
             with open_run(run_dir) as archive:  # each audited child cost one more evaluation (two if the best had none)
-                audits = sum(1 for r in archive.all() if "audit" in archive.record(r.id))
+                records = [archive.record(r.id) for r in archive.all() if r.iteration > 0]
+                audits = sum(1 for rec in records if "audit" in rec)
+                duplicates = sum(1 for rec in records if str(rec.get("reason") or "").startswith("duplicate"))
         finally:
             scorer.close()
     w = workers or 1
@@ -90,7 +95,8 @@ def measure(latency: float, in_flight: int, iterations: int, workload: str, in_p
     bound = (min(in_flight / (latency + t_eval), w / t_eval) if mutator == "loopback" else w / t_eval) * 3600
     return {"mutator": mutator, "latency_s": latency if mutator == "loopback" else None, "in_flight": in_flight,
             "workers": workers, "iterations": iterations, "t_eval_s": t_eval, "elapsed_s": elapsed,
-            "evals_per_hour": rate, "bound_per_hour": bound, "fraction_of_bound": rate / bound, "audited": audits}
+            "evals_per_hour": rate, "bound_per_hour": bound, "fraction_of_bound": rate / bound, "audited": audits,
+            "duplicates": duplicates}
 
 
 def main() -> None:
@@ -110,13 +116,13 @@ def main() -> None:
     table = Table(title=f"loop throughput ({args.workload}, {'in process' if args.in_process else 'sandbox'}; "
                         f"loopback LLM latency {args.latency}s)")
     for col in ("mutator", "in flight", "workers", "t_eval s", "evals/hour", "bound/hour", "of bound", "x first workers",
-                "audited"):
+                "audited", "dup."):
         table.add_column(col)
     for r in rows:
         first = next(x for x in rows if x["mutator"] == r["mutator"] and x["in_flight"] == r["in_flight"])
         table.add_row(r["mutator"], str(r["in_flight"]), str(r["workers"] or "auto"), f"{r['t_eval_s']:.2f}",
                       f"{r['evals_per_hour']:.0f}", f"{r['bound_per_hour']:.0f}", f"{r['fraction_of_bound']:.0%}",
-                      f"{r['evals_per_hour'] / first['evals_per_hour']:.2f}", str(r["audited"]))
+                      f"{r['evals_per_hour'] / first['evals_per_hour']:.2f}", str(r["audited"]), str(r["duplicates"]))
     Console().print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"workload": args.workload, "in_process": args.in_process, "command": " ".join(sys.argv),

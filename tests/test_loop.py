@@ -186,6 +186,21 @@ def test_llm_conversations_go_on_while_a_commit_is_audited(tmp_path, tiny_worklo
         assert archive.best().iteration == 1 and "audit" in archive.record(archive.best().id)
 
 
+def test_a_child_waiting_for_its_audit_holds_no_llm_slot(tmp_path, tiny_workload):
+    # One proposal at a time: while the first child's audit runs, the next proposal is requested
+    # already (the window bounds proposals being requested or scored, not commits).
+    weak = tmp_path / "weak_seed.py"
+    weak.write_text((ROOT / "seeds" / "sink_window.py").read_text().replace("window = keep - sink", "window = (keep - sink) // 4"))
+    with LoopbackOpenAI([], default=Reply(FIX_WINDOW)) as server:
+        llm = {"models": [{"name": "scripted", "base_url": server.base_url, "api_key_env": None}], "max_in_flight": 1}
+        cfg = tiny_config(iterations=2, llm=llm, seed_candidate=str(weak), heldout_workload=None)
+        scorer = _AuditWaitsForRequests(cfg, tiny_workload)
+        scorer.server, scorer.need, scorer.waited = server, 2, []
+        asyncio.run(evolve(tmp_path / "run", cfg, scorer))
+    assert scorer.waited and scorer.waited[0], "the next proposal waited for the audit"
+    assert len(server.requests) == 2
+
+
 def test_llm_outage_stops_cleanly_without_committing(tmp_path, tiny_workload):
     from adrs.llm.client import LLMError
 
