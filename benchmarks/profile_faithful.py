@@ -9,7 +9,8 @@ call, sending it, waiting for and reading the reply, and
 decoding the selection; and the worker's, from its log (``ADRS_PROFILE_SESSION=1``: each phase
 synchronised, so the profiled run is slower than the timed ones). ``--pingpong N`` also times N round trips of a one-element GPU op
 between two processes against the same ops in one process, and with the second process on the
-CPU: the floor any cross-process call pays on this machine. ``--synthetic`` runs the same calls
+CPU, for turns of 1, 10 and 40 ops: the floor any cross-process call pays on this machine.
+``--pieces`` times each piece of a call alone in one process. ``--synthetic`` runs the same calls
 without the model (random tensors of the preset's shapes). ``--scorer-calls N`` times faithful
 scores as the agent's tool gets them (a run's ``CodeScorer`` keeps the context and a warm worker)
 against a one-off ``faithful_score``. Prints a table; writes JSON
@@ -35,46 +36,112 @@ from timing import median_time  # noqa: E402
 
 _PEER = r"""
 import os, sys, torch
-device, r, w = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-x = torch.ones(1, device=device)
+device, r, w, ops = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+x = torch.ones(1024, device=device)
 while os.read(r, 1):
-    (x * 2).sum().item()
+    for _ in range(ops):
+        x = x * 1.0001
+    x.sum().item()
     os.write(w, b"x")
 """
 
 
-def pingpong(n: int, device: str) -> dict[str, float]:
-    """Microseconds per round trip: one process doing both sides' ops, and two processes with
-    the peer on ``device`` or on the CPU."""
+def pingpong(n: int, device: str, ops_per_turn: tuple[int, ...] = (1, 10, 40)) -> dict[str, float]:
+    """Microseconds per round trip, for turns of ``ops`` elementwise ops and a sync on each side:
+    one process doing both sides' turns, and two processes with the peer on ``device`` or on the
+    CPU. The two-process extra is what switching the GPU between two contexts costs a turn."""
     import torch
 
-    x = torch.ones(1, device=device)
-    for _ in range(50):
-        (x * 2).sum().item()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        (x * 2).sum().item()
-        (x * 2).sum().item()
-    out = {"one_process_us": 1e6 * (time.perf_counter() - t0) / n}
-    for label, peer_device in (("two_processes_us", device), ("peer_on_cpu_us", "cpu")):
-        to_peer_r, to_peer_w = os.pipe()
-        back_r, back_w = os.pipe()
-        peer = subprocess.Popen([sys.executable, "-c", _PEER, peer_device, str(to_peer_r), str(back_w)],
-                                pass_fds=(to_peer_r, back_w))
-        os.close(to_peer_r)
-        os.close(back_w)
+    out: dict[str, float] = {}
+    for ops in ops_per_turn:
+        x = torch.ones(1024, device=device)
+
+        def turn() -> None:
+            nonlocal x
+            for _ in range(ops):
+                x = x * 1.0001
+            x.sum().item()
+
         for _ in range(50):
-            os.write(to_peer_w, b"x")
-            os.read(back_r, 1)
+            turn()
         t0 = time.perf_counter()
         for _ in range(n):
-            (x * 2).sum().item()
-            os.write(to_peer_w, b"x")
-            os.read(back_r, 1)
-        out[label] = 1e6 * (time.perf_counter() - t0) / n
-        os.close(to_peer_w)
-        peer.wait(30)
-        os.close(back_r)
+            turn()
+            turn()
+        out[f"{ops}_ops_one_process_us"] = 1e6 * (time.perf_counter() - t0) / n
+        for label, peer_device in (("two_processes_us", device), ("peer_on_cpu_us", "cpu")):
+            to_peer_r, to_peer_w = os.pipe()
+            back_r, back_w = os.pipe()
+            peer = subprocess.Popen([sys.executable, "-c", _PEER, peer_device, str(to_peer_r), str(back_w), str(ops)],
+                                    pass_fds=(to_peer_r, back_w))
+            os.close(to_peer_r)
+            os.close(back_w)
+            for _ in range(50):
+                os.write(to_peer_w, b"x")
+                os.read(back_r, 1)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                turn()
+                os.write(to_peer_w, b"x")
+                os.read(back_r, 1)
+            out[f"{ops}_ops_{label}"] = 1e6 * (time.perf_counter() - t0) / n
+            os.close(to_peer_w)
+            peer.wait(30)
+            os.close(back_r)
+    return out
+
+
+def call_pieces(device: str, repeat: int = 200) -> dict[str, float]:
+    """Milliseconds per piece of a session call at the ``faithful`` preset's shapes, each timed alone
+    in this one process (sink_window's selection): what a call costs without a second process."""
+    import torch
+
+    from evaluator.candidate import load_masker
+    from evaluator.contract import MaskerInput
+    from evaluator.batch_scoring import validated_weights
+    from evaluator.records import AttentionRecord
+    from evaluator.sandbox.channel import pack
+    from evaluator.sandbox.devicepack import decode_dense_selection, encode_for_wire
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    q = torch.randn(16, 9, 1, 64, device=dev, dtype=dtype)
+    k = torch.randn(16, 3, 1, 64, device=dev, dtype=dtype)
+    pos = torch.arange(8160, 8161, device=dev)
+    keys = torch.randn(16, 3, 8161, 64, device=dev, dtype=dtype)
+    header = {"op": "call", "layer": 1, "call": 2, "start": 8160, "scaling": 0.125, "num_layers": 30}
+    host = {"q": q.cpu(), "k": k.cpu(), "pos": pos.cpu()}
+    masker = load_masker(REPO / "seeds" / "sink_window.py")
+    gen = torch.Generator(device=dev)
+
+    def masker_call() -> Any:
+        return masker(MaskerInput(queries=q, keys=keys.clone(), scaling=0.125, query_positions=pos, layer_idx=0,
+                                  num_layers=30, density_target=0.1, generator=gen, state={}))
+
+    shape = (16, 9, 1, 8161)
+    selection = masker_call()
+    tensors, meta = encode_for_wire(selection, shape, 3, str(dev))
+    record = AttentionRecord(-1, 0, 30, q, keys, q.new_empty(0), pos, 0.125, q.new_empty(0))
+    pieces: dict[str, Callable[[], Any]] = {
+        "parent: pack a call (3 device-to-host copies, framing)": lambda: pack(header, {n: v.cpu() for n, v in (("q", q), ("k", k), ("pos", pos))}),
+        "worker: the call onto the device": lambda: [v.to(dev) for v in host.values()],
+        "worker: masker (keys copied for it)": masker_call,
+        "worker: encode the selection": lambda: encode_for_wire(selection, shape, 3, str(dev)),
+        "worker: pack the reply": lambda: pack({"meta": meta}, tensors),
+        "parent: decode the reply": lambda: decode_dense_selection(meta, tensors, shape, 3, dev),
+        "parent: validate (in process too)": lambda: validated_weights(selection, record),
+    }
+    out = {}
+    for name, fn in pieces.items():
+        for _ in range(10):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        sync()
+        out[name] = 1e3 * (time.perf_counter() - t0) / repeat
     return out
 
 
@@ -260,11 +327,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--spec", default="faithful")
-    ap.add_argument("--seeds", type=lambda s: s.split(","), default=["sink_window"])
+    ap.add_argument("--seeds", type=lambda s: [x for x in s.split(",") if x], default=["sink_window"],
+                    help="comma-separated; empty: only --pingpong / --pieces")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--pingpong", type=int, default=600, help="round trips to time (0: skip)")
     ap.add_argument("--scorer-calls", type=int, default=0,
                     help="also time a one-off faithful_score and N faithful scores of one run's CodeScorer")
+    ap.add_argument("--pieces", action="store_true", help="also time each piece of a call alone, in one process")
     ap.add_argument("--synthetic", action="store_true",
                     help="the faithful preset's masker calls on random tensors, without the model (see SyntheticContext)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_faithful.json"))
@@ -273,11 +342,19 @@ def main() -> None:
     if args.pingpong:
         result["pingpong"] = pingpong(args.pingpong, args.device)
         print("round trip, us:", {k: round(v, 1) for k, v in result["pingpong"].items()}, flush=True)
+    if args.pieces:
+        result["call_pieces_ms"] = call_pieces(args.device)
+        for name, ms in result["call_pieces_ms"].items():
+            print(f"    one process: {name:<56} {ms:7.3f} ms", flush=True)
     if args.scorer_calls:
         row = run_scorer(args.spec, REPO / "seeds" / f"{args.seeds[0]}.py", args.scorer_calls, args.device)
         result["run_scorer"] = row
         print(f"one-off faithful_score {row['one_off_s']:.2f} s; a run's CodeScorer.faithful, call by call: "
               + ", ".join(f"{t:.2f}" for t in row["scorer_s"]) + " s", flush=True)
+    if not args.seeds:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print("wrote", args.out)
+        return
     if args.synthetic:
         ctx: Any = SyntheticContext(args.device)
     else:
