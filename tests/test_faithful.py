@@ -1,7 +1,10 @@
 """Faithful scoring on the real embedded model (the 'faithful-tiny' spec), in process and sandboxed."""
 from __future__ import annotations
 
+import os
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +160,53 @@ def test_a_warm_spare_serves_the_prefix_from_its_preload(ctx):
         ctx.close()  # the next test gets a fresh prefix file
     assert _numbers(preloaded) == _numbers(in_process)
     assert _numbers(from_file) != _numbers(in_process)
+
+
+def test_polling_sessions_score_as_sleeping_ones(ctx, monkeypatch):
+    """Where cores are plentiful both sides poll before sleeping; force it on this box too."""
+    from evaluator.sandbox.session import SPIN_ENV, session_spin_s
+
+    monkeypatch.setenv(SPIN_ENV, "2")
+    assert session_spin_s() == 0.002
+    assert _numbers(ctx.score(SINK_WINDOW, 0.10)) == _numbers(ctx.score(SINK_WINDOW, 0.10, in_process=True))
+
+
+def test_spin_until_readable_returns_on_data_or_after_its_time():
+    from evaluator.sandbox.channel import spin_until_readable
+
+    r, w = os.pipe()
+    try:
+        t0 = time.perf_counter()
+        assert not spin_until_readable(r, 0.05)  # nothing comes: gives up after its time, not before
+        assert 0.05 <= time.perf_counter() - t0 < 5
+        timer = threading.Timer(0.05, os.write, (w, b"x"))
+        timer.start()
+        assert spin_until_readable(r, 10.0)  # returns once the byte lands, long before 10 s
+        assert time.perf_counter() - t0 < 5
+        timer.join()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_session_closing_after_its_pool_starts_no_spare():
+    from evaluator.faithful.decode import CallInputs
+    from evaluator.faithful.score import session_selector
+    from evaluator.sandbox import WorkerPool
+    from evaluator.sandbox.session import SandboxSession
+
+    pool = WorkerPool(SandboxLimits(), cuda=False)
+    q, keys, pos = torch.randn(1, 3, 1, 8), torch.randn(1, 1, 16, 8), torch.tensor([15])
+    session = SandboxSession(SINK_WINDOW, "cpu", 0.5, 0, {"row_groups": 1, "max_len": 16}, pool=pool)
+    try:
+        session.start()
+        assert pool.waiting == ()  # the replacement waits for the session's end
+        weights = session_selector(session)(CallInputs(0, 1, 0, q, keys, keys[:, :, 15:], 15, pos, 0.35))
+        assert int(weights.ne(0).sum()) == 3 * 8
+    finally:
+        pool.close()
+        session.close()
+    assert pool.waiting == ()
 
 
 PER_KV_HEAD = """import torch
