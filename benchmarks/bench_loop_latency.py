@@ -10,12 +10,15 @@ GPU) and an evaluation taking t_eval seconds, a run can commit at most
 min(N / (latency + t_eval), W / t_eval) candidates a second (a proposal slot is held while its
 child is scored). ``structural``/``offline``: the LLM-free mutators (``evaluation.in_flight`` =
 N), bounded by W / t_eval. The table reports evaluations per hour against that bound and, with
-several worker counts, the speed-up over the first.
+several worker counts, the speed-up over the first; children audited (each one more evaluation)
+and duplicates (recorded, not evaluated); and, sandboxed, each slot's share of the run spent
+evaluating and (with CUDA) each GPU's kernel-time share sampled by ``nvidia-smi``.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
@@ -27,8 +30,11 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import torch  # noqa: E402
 from loopback_openai import LoopbackOpenAI, Reply  # noqa: E402
+from timing import BusySampler, SlotClock  # noqa: E402
 
 from adrs.archive import open_run  # noqa: E402
 from adrs.config import parse_config  # noqa: E402
@@ -81,9 +87,16 @@ def measure(latency: float, in_flight: int, iterations: int, workload: str, in_p
             t_eval = sorted(times)[1]
             run_dir = Path(tmp) / "run"
             asyncio.run(evolve(run_dir, cfg, scorer, iterations=0))  # the seed, outside the timed part
-            t0 = time.perf_counter()
-            asyncio.run(evolve(run_dir, cfg, scorer, iterations=iterations))
-            elapsed = time.perf_counter() - t0
+            sched = None if in_process else scorer.scheduler()
+            sampler = BusySampler(sched.slots) if sched is not None and torch.cuda.is_available() else contextlib.nullcontext()
+            clock = SlotClock(sched) if sched is not None else contextlib.nullcontext()
+            with sampler, clock:
+                t0 = time.perf_counter()
+                asyncio.run(evolve(run_dir, cfg, scorer, iterations=iterations))
+                elapsed = time.perf_counter() - t0
+            # Each slot's share of the run spent evaluating (children, audits), and its GPU's kernel-time share.
+            slot_busy = clock.share(clock.spans) if isinstance(clock, SlotClock) else None
+            gpu_busy = sampler.busy() if isinstance(sampler, BusySampler) else None
             with open_run(run_dir) as archive:  # each audited child cost one more evaluation (two if the best had none)
                 records = [archive.record(r.id) for r in archive.all() if r.iteration > 0]
                 audits = sum(1 for rec in records if "audit" in rec)
@@ -96,7 +109,11 @@ def measure(latency: float, in_flight: int, iterations: int, workload: str, in_p
     return {"mutator": mutator, "latency_s": latency if mutator == "loopback" else None, "in_flight": in_flight,
             "workers": workers, "iterations": iterations, "t_eval_s": t_eval, "elapsed_s": elapsed,
             "evals_per_hour": rate, "bound_per_hour": bound, "fraction_of_bound": rate / bound, "audited": audits,
-            "duplicates": duplicates}
+            "duplicates": duplicates, "slot_busy": slot_busy, "gpu_busy": gpu_busy}
+
+
+def _shares(values: list[float | None] | None) -> str:
+    return "-" if not values else " ".join("-" if v is None else f"{v:.0%}" for v in values)
 
 
 def main() -> None:
@@ -116,13 +133,14 @@ def main() -> None:
     table = Table(title=f"loop throughput ({args.workload}, {'in process' if args.in_process else 'sandbox'}; "
                         f"loopback LLM latency {args.latency}s)")
     for col in ("mutator", "in flight", "workers", "t_eval s", "evals/hour", "bound/hour", "of bound", "x first workers",
-                "audited", "dup."):
+                "audited", "dup.", "slots busy", "GPUs busy"):
         table.add_column(col)
     for r in rows:
         first = next(x for x in rows if x["mutator"] == r["mutator"] and x["in_flight"] == r["in_flight"])
         table.add_row(r["mutator"], str(r["in_flight"]), str(r["workers"] or "auto"), f"{r['t_eval_s']:.2f}",
                       f"{r['evals_per_hour']:.0f}", f"{r['bound_per_hour']:.0f}", f"{r['fraction_of_bound']:.0%}",
-                      f"{r['evals_per_hour'] / first['evals_per_hour']:.2f}", str(r["audited"]), str(r["duplicates"]))
+                      f"{r['evals_per_hour'] / first['evals_per_hour']:.2f}", str(r["audited"]), str(r["duplicates"]),
+                      _shares(r["slot_busy"]), _shares(r["gpu_busy"]))
     Console().print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"workload": args.workload, "in_process": args.in_process, "command": " ".join(sys.argv),

@@ -27,7 +27,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,7 +34,7 @@ from typing import Any, Iterator
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, whichever tree is measured
 
-from timing import median_time as _median, saturate, timed  # noqa: E402
+from timing import BusySampler, SlotClock, median_time as _median, saturate, timed  # noqa: E402
 
 SEEDS = ("sink_window", "oracle_topk", "vattention")
 
@@ -182,87 +181,6 @@ def part_faithful(args: argparse.Namespace) -> dict[str, Any]:
     return rows
 
 
-class _BusySampler:
-    """GPU busy share (NVML utilisation: time a kernel ran) per GPU, sampled by ``nvidia-smi``."""
-
-    def __init__(self, gpus: int) -> None:
-        self.gpus, self.samples = gpus, [[] for _ in range(gpus)]
-        self._proc: subprocess.Popen | None = None
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "_BusySampler":
-        try:
-            self._proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits",
-                                           "-lms", "200"], stdout=subprocess.PIPE, text=True)
-        except OSError:
-            return self
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-        return self
-
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
-            try:
-                index, util = (int(x) for x in line.split(","))
-            except ValueError:
-                continue
-            if index < self.gpus:
-                self.samples[index].append(util)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(5)
-
-    def busy(self) -> list[float | None]:
-        return [statistics.mean(s) / 100 if s else None for s in self.samples]
-
-
-class _SlotClock:
-    """Harness-level occupancy per slot over the timed window: the share of it each slot's thread
-    spent in ``evaluate`` (busy), and the share of it spent waiting for a sandbox worker to finish
-    starting (``Worker.wait_ready``; no candidate runs then). Wraps the calls both trees have."""
-
-    def __init__(self, sched: Any) -> None:
-        self.slots = list(getattr(sched, "_slots", []))
-        self.spans: dict[str, list[tuple[float, float]]] = {}  # thread name -> (start, end)
-        self.waits: dict[str, list[tuple[float, float]]] = {}
-        self.window = (0.0, 0.0)
-
-    def __enter__(self) -> "_SlotClock":
-        from evaluator.sandbox import Worker
-
-        def clocked(fn: Any, log: dict[str, list[tuple[float, float]]]) -> Any:
-            def call(*a: Any, **kw: Any) -> Any:
-                t = time.perf_counter()
-                try:
-                    return fn(*a, **kw)
-                finally:
-                    log.setdefault(threading.current_thread().name, []).append((t, time.perf_counter()))
-            return call
-
-        for slot in self.slots:  # an instance attribute: the serving thread looks it up per job
-            slot.evaluate = clocked(slot.evaluate, self.spans)
-        self._wait_ready = Worker.wait_ready
-        Worker.wait_ready = clocked(Worker.wait_ready, self.waits)
-        self.window = (time.perf_counter(), 0.0)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        from evaluator.sandbox import Worker
-
-        self.window = (self.window[0], time.perf_counter())
-        Worker.wait_ready = self._wait_ready
-        for slot in self.slots:
-            del slot.evaluate
-
-    def share(self, log: dict[str, list[tuple[float, float]]]) -> list[float]:
-        t0, t1 = self.window
-        return [sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in log.get(thread, [])) / (t1 - t0)
-                for thread in (f"adrs-{slot.name}" for slot in self.slots)]  # SlotScheduler's thread names
-
-
 @contextlib.contextmanager
 def _all_of(*managers: Any) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
@@ -287,7 +205,7 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
             continue
         extra = {"spares": args.spares} if takes_spares else {}
         sched = LocalScheduler(lambda which: workload, 0.10, SandboxLimits(wall_s=600), devices=devices, **extra)
-        sampler, clock = _BusySampler(slots), _SlotClock(sched)
+        sampler, clock = BusySampler(slots), SlotClock(sched)
         try:
             rows[str(slots)] = saturate(sched, code, slots, args.per_slot, during=_all_of(clock, sampler))
         finally:
