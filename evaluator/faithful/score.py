@@ -163,11 +163,12 @@ class FaithfulContext:
                     trace = self._decode(in_process_selector(_load_trusted(candidate_path), density_target, self.spec.seed),
                                          self.reference.teacher_tokens)
             else:
-                setup = {"prefix": str(self.prefix_file()), "row_groups": ROW_GROUPS,
+                prefix = self.prefix_file()
+                setup = {"prefix": str(prefix), "row_groups": ROW_GROUPS,
                          "max_len": self.spec.prompt_tokens + self.spec.decode_steps}
                 if pool is not None:
                     # The pool's next spares load these keys onto the GPU before their job arrives.
-                    pool.prefetch(self.prefix_file(), str(self.device))
+                    pool.prefetch(prefix, str(self.device))
                 with SandboxSession(candidate_path, self.device, density_target, self.spec.seed, setup, limits, pool) as session:
                     if session.worker is not None:
                         self.last_worker = (session.worker.pgid, session.worker.marker)

@@ -151,8 +151,9 @@ class MappedTensors:
 class InputReader:
     """Memory-mapped view of a workload inputs file; builds masker-ready records one by one."""
 
-    def __init__(self, fd: int, device: str) -> None:
-        self._file = MappedTensors(fd)
+    def __init__(self, source: int | MappedTensors, device: str) -> None:
+        """``source``: the file's fd, or the file already mapped."""
+        self._file = source if isinstance(source, MappedTensors) else MappedTensors(source)
         self.meta = json.loads(self._file.metadata()["records"])
         self.device = device
 

@@ -83,20 +83,21 @@ def main() -> None:
         # The workload's queries and keys, on the slot's device, before the job: the candidate's
         # clock then starts at its first masker call (they are its inputs anyway).
         _, pre_fds, _, _ = socket.recv_fds(control, 1024, 1)
-        if pre_fds and MappedTensors(pre_fds[0]).metadata().get("kind") == SESSION_PREFIX:
+        mapped = MappedTensors(pre_fds[0]) if pre_fds else None
+        if mapped is not None:
+            os.close(pre_fds[0])  # the mapping stays valid
+        if mapped is not None and mapped.metadata().get("kind") == SESSION_PREFIX:
             # A session's shared prefix keys: its key cache is filled from the device, not the file.
-            mapped = MappedTensors(pre_fds[0])
             prefix_keys = {name: mapped.get_tensor(name).to(prep["device"]) for name in mapped.keys()}
-            os.close(pre_fds[0])
-        elif pre_fds:
-            preloaded = InputReader(pre_fds[0], prep["device"]).records()
-            os.close(pre_fds[0])
+        elif mapped is not None:
+            preloaded = InputReader(mapped, prep["device"]).records()
             if cuda_job and preloaded and prep.get("rehearse", True):
                 # The kernels of the candidate's first record, loaded now rather than on its clock.
                 first = preloaded[0]
                 warm_encoder(encode_selection_on_device, save, str(first.queries.device), first.weights_shape)
                 warm_masker_ops(first)
                 torch.cuda.empty_cache()
+        del mapped  # its tensors are copied out: the file's mapping is not the candidate's
     control.send(b"R")
     names_raw, fd_list, _, _ = socket.recv_fds(control, 64 * 1024, 8)
     files = dict(zip(json.loads(names_raw or b"[]"), fd_list))
