@@ -204,13 +204,17 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
             rows[str(slots)] = {"skipped": f"{len(devices)} GPU(s) here"}
             continue
         extra = {"spares": args.spares} if takes_spares else {}
+        # A flavour's slots as threads ("0") or processes ("1"); unset: the tree's default.
+        if os.environ.get("BENCH_SLOT_PROCESSES") and "processes" in inspect.signature(LocalScheduler).parameters:
+            extra["processes"] = os.environ["BENCH_SLOT_PROCESSES"] == "1"
         sched = LocalScheduler(lambda which: workload, 0.10, SandboxLimits(wall_s=600), devices=devices, **extra)
         sampler, clock = BusySampler(slots), SlotClock(sched)
         try:
             rows[str(slots)] = saturate(sched, code, slots, args.per_slot, during=_all_of(clock, sampler))
         finally:
             sched.close()
-        rows[str(slots)].update({"spares": getattr(sched, "spares", 1), "gpu_busy": sampler.busy(),
+        rows[str(slots)].update({"spares": getattr(sched, "spares", 1), "processes": getattr(sched, "processes", False),
+                                 "gpu_busy": sampler.busy(),
                                  "slot_busy": clock.share(clock.spans), "slot_wait_worker": clock.share(clock.waits)})
         print(slots, rows[str(slots)], flush=True)
     return rows
@@ -218,7 +222,8 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
 
 PARTS = {"fast": part_fast, "faithful": part_faithful, "scale": part_scale}
 # Variants of this tree measured under their own label: the environment their child gets.
-FLAVOURS = {"after-fresh": {"ADRS_FORK_SERVER": "0"}}
+FLAVOURS = {"after-fresh": {"ADRS_FORK_SERVER": "0"}, "after-threads": {"BENCH_SLOT_PROCESSES": "0"},
+            "after-procs": {"BENCH_SLOT_PROCESSES": "1"}}
 
 
 # ---------------------------------------------------------------- parent: trees x parts, table
@@ -275,6 +280,10 @@ def main() -> None:
     ap.add_argument("--parts", type=lambda s: s.split(","), default=["fast", "scale", "faithful"])
     ap.add_argument("--fresh-workers", action="store_true",
                     help="also measure this tree with every worker a fresh interpreter (no fork server): 'after-fresh'")
+    ap.add_argument("--thread-slots", action="store_true",
+                    help="also measure this tree with every slot a thread of one process (after-threads)")
+    ap.add_argument("--process-slots", action="store_true",
+                    help="also measure this tree with every slot its own process, even one (after-procs)")
     ap.add_argument("--interleave", action="store_true",
                     help="fast part: both trees' children alive at once, candidates alternated (fair on a busy machine)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip parts once this much time is spent")
@@ -294,7 +303,9 @@ def main() -> None:
         return
 
     trees = {"after": REPO, **({"before": args.before.resolve()} if args.before else {}),
-             **({"after-fresh": REPO} if args.fresh_workers else {})}
+             **({"after-fresh": REPO} if args.fresh_workers else {}),
+             **({"after-threads": REPO} if args.thread_slots else {}),
+             **({"after-procs": REPO} if args.process_slots else {})}
     results: dict[str, dict[str, Any]] = {label: {} for label in trees}
     t_start = time.perf_counter()
     if args.interleave and "fast" in args.parts:
@@ -331,7 +342,8 @@ def main() -> None:
                 busy = ", ".join(_fmt(b, ".0%") for b in row["gpu_busy"])
                 slot_busy = ", ".join(f"{_fmt(b, '.0%')} ({_fmt(w, '.0%')} waiting for a worker)"
                                       for b, w in zip(row.get("slot_busy", []), row.get("slot_wait_worker", [])))
-                print(f"scale {label}: {slots} slot(s), {row.get('spares', 1)} spare(s) each: {row['per_minute']:.1f} evals/min, "
+                kind = "processes" if row.get("processes") else "threads"
+                print(f"scale {label}: {slots} slot(s) ({kind}), {row.get('spares', 1)} spare(s) each: {row['per_minute']:.1f} evals/min, "
                       f"mean eval {row['mean_eval_s']:.2f} s, GPU busy {busy}; slot busy {slot_busy}")
     meta = {"command": "python benchmarks/bench_throughput.py " + " ".join(sys.argv[1:]), "trees": {k: str(v) for k, v in trees.items()}}
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
