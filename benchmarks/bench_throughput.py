@@ -189,6 +189,22 @@ def _all_of(*managers: Any) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _prefilled(sched: Any) -> Iterator[None]:
+    """Every slot's spares ready before the timed part, and none started during it (``--scale-mode
+    prefilled``; ``--per-slot`` at most ``--spares``): what the scheduler does without worker start-ups beside it."""
+    from evaluator.sandbox import WorkerPool
+
+    for slot in sched._slots:
+        assert slot._pool.wait_ready(300, every=True), "spares did not start"
+    replenish = WorkerPool.replenish
+    WorkerPool.replenish = lambda self: None
+    try:
+        yield
+    finally:
+        WorkerPool.replenish = replenish
+
+
 def part_scale(args: argparse.Namespace) -> dict[str, Any]:
     from adrs.scheduler import LocalScheduler, local_devices
     from evaluator.sandbox import SandboxLimits
@@ -207,13 +223,18 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
         # A flavour's slots as threads ("0") or processes ("1"); unset: the tree's default.
         if os.environ.get("BENCH_SLOT_PROCESSES") and "processes" in inspect.signature(LocalScheduler).parameters:
             extra["processes"] = os.environ["BENCH_SLOT_PROCESSES"] == "1"
+        if args.scale_mode == "one-gpu" and devices[0] != "cpu":
+            devices = [devices[0]] * slots
+        if args.scale_mode == "prefilled":
+            extra["processes"] = False  # the pools must be reachable from here
         sched = LocalScheduler(lambda which: workload, 0.10, SandboxLimits(wall_s=600), devices=devices, **extra)
-        sampler, clock = BusySampler(slots), SlotClock(sched)
+        sampler, clock = BusySampler(len(set(devices))), SlotClock(sched)
+        during = [clock, sampler] + ([_prefilled(sched)] if args.scale_mode == "prefilled" else [])
         try:
-            rows[str(slots)] = saturate(sched, code, slots, args.per_slot, during=_all_of(clock, sampler))
+            rows[str(slots)] = saturate(sched, code, slots, args.per_slot, during=_all_of(*during))
         finally:
             sched.close()
-        rows[str(slots)].update({"spares": getattr(sched, "spares", 1), "processes": getattr(sched, "processes", False),
+        rows[str(slots)].update({"scale_mode": args.scale_mode, "spares": getattr(sched, "spares", 1), "processes": getattr(sched, "processes", False),
                                  "gpu_busy": sampler.busy(),
                                  "slot_busy": clock.share(clock.spans), "slot_wait_worker": clock.share(clock.waits)})
         print(slots, rows[str(slots)], flush=True)
@@ -249,6 +270,7 @@ def _run_child(tree: Path, part: str, args: argparse.Namespace, timeout: float, 
            "--device", args.device, "--workload", args.workload, "--faithful", args.faithful,
            "--repeat", str(args.repeat), "--faithful-repeat", str(args.faithful_repeat),
            "--seeds", ",".join(args.seeds), "--per-slot", str(args.per_slot), "--slots", *map(str, args.slots),
+           "--scale-mode", args.scale_mode,
            *_shared_flags(args)]
     t0 = time.perf_counter()
     try:
@@ -280,6 +302,9 @@ def main() -> None:
     ap.add_argument("--parts", type=lambda s: s.split(","), default=["fast", "scale", "faithful"])
     ap.add_argument("--fresh-workers", action="store_true",
                     help="also measure this tree with every worker a fresh interpreter (no fork server): 'after-fresh'")
+    ap.add_argument("--scale-mode", default="normal", choices=["normal", "prefilled", "one-gpu"],
+                    help="scale part: prefilled = every spare ready first and none started while timed (threads); "
+                         "one-gpu = all slots on the first GPU")
     ap.add_argument("--thread-slots", action="store_true",
                     help="also measure this tree with every slot a thread of one process (after-threads)")
     ap.add_argument("--process-slots", action="store_true",
