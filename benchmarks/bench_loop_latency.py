@@ -117,6 +117,11 @@ def _shares(values: list[float | None] | None) -> str:
     return "-" if not values else " ".join("-" if v is None else f"{v:.0%}" for v in values)
 
 
+def _write(args: argparse.Namespace, rows: list[dict]) -> None:
+    Path(args.out).write_text(json.dumps({"workload": args.workload, "in_process": args.in_process, "command": " ".join(sys.argv),
+                                          "rows": rows}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", type=float, default=2.0)
@@ -131,8 +136,15 @@ def main() -> None:
                         help="evaluation.slot_processes: each slot its own process (on), threads of one (off), or the default")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loop_latency.json"))
     args = parser.parse_args()
-    rows = [measure(args.latency, n, args.iterations, args.workload, args.in_process, w, m, p)
-            for m in args.mutator for p in args.slot_processes for n in args.in_flight for w in args.workers]
+    rows = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    for m in args.mutator:
+        for p in args.slot_processes:
+            for n in args.in_flight:
+                for w in args.workers:
+                    rows.append(measure(args.latency, n, args.iterations, args.workload, args.in_process, w, m, p))
+                    print(rows[-1], flush=True)
+                    _write(args, rows)  # what is measured survives a time limit
     table = Table(title=f"loop throughput ({args.workload}, {'in process' if args.in_process else 'sandbox'}; "
                         f"loopback LLM latency {args.latency}s)")
     for col in ("mutator", "slot procs", "in flight", "workers", "t_eval s", "evals/hour", "bound/hour", "of bound", "x first workers",
@@ -146,9 +158,7 @@ def main() -> None:
                       f"{r['evals_per_hour'] / first['evals_per_hour']:.2f}", str(r["audited"]), str(r["duplicates"]),
                       _shares(r["slot_busy"]), _shares(r["gpu_busy"]))
     Console().print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"workload": args.workload, "in_process": args.in_process, "command": " ".join(sys.argv),
-                                          "rows": rows}, indent=2))
+    _write(args, rows)
     print(f"wrote {args.out}")
 
 

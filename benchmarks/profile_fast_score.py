@@ -224,17 +224,32 @@ def interference(args: argparse.Namespace, workload: Any, seed: Path) -> dict[st
         f"cuda init {other}": f"import torch; torch.ones(1, device='{other}').sum().item()",
     }
     out: dict[str, float] = {}
-    kinds = ["none", *plain, "sandbox worker (cpu)", f"sandbox worker ({other})"][:args.kinds]
+    forked = {f"forked spare, inputs preloaded ({d})": d for d in dict.fromkeys(["cuda:0", other])}
+    forked_bare = {f"forked spare, nothing preloaded ({other})": other}
+    kinds = ["none", *plain, "sandbox worker (cpu)", f"sandbox worker ({other})", *forked, *forked_bare]
+    kinds = [k for k in kinds if not args.kinds or any(k.startswith(want) for want in args.kinds)]
+    from evaluator.sandbox.transport import workload_inputs
+
+    inputs = workload_inputs(workload)
     with WorkerPool(limits, cuda=True) as pool:
         pool.defer_spares = True
         run_candidate(seed, workload, 0.1, pool=pool)
         for kind in kinds:
             stop = threading.Event()
+            # The neighbours a scheduler's slots start: forked from a fork server, as many at once as --churn.
+            neighbours = WorkerPool(limits, cuda=True, device=forked.get(kind) or forked_bare.get(kind), spares=1) \
+                if kind in forked or kind in forked_bare else None
+            if kind in forked:
+                neighbours.prefetch(inputs, forked[kind])
 
             def churn() -> None:
                 while not stop.is_set():
                     if kind in plain:
                         subprocess.run([sys.executable, "-c", plain[kind]], capture_output=True)
+                    elif neighbours is not None:
+                        w = Worker(limits, True, neighbours.device, inputs if kind in forked else None, neighbours._server)
+                        w.wait_ready(120)
+                        w.release()
                     elif kind.startswith("sandbox"):
                         dev = None if "cpu" in kind else other
                         w = Worker(limits, cuda=dev is not None, device=dev)
@@ -243,14 +258,18 @@ def interference(args: argparse.Namespace, workload: Any, seed: Path) -> dict[st
                     else:
                         return
 
-            bg = threading.Thread(target=churn, daemon=True)
-            bg.start()
+            threads = [threading.Thread(target=churn, daemon=True) for _ in range(args.churn)]
+            for bg in threads:
+                bg.start()
             times = []
             for _ in range(args.repeat):
                 pool.wait_ready(120)
                 times.append(timed(lambda: run_candidate(seed, workload, 0.1, pool=pool))[0])
             stop.set()
-            bg.join(120)
+            for bg in threads:
+                bg.join(120)
+            if neighbours is not None:
+                neighbours.close()
             out[kind] = sorted(times)[len(times) // 2]
             print(f"  interference {kind}: {out[kind]:.3f} s", flush=True)
     return out
@@ -269,7 +288,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=lambda s: s.split(","), default=["sink_window", "oracle_topk"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--interference", action="store_true", help="only: the score while other processes start beside it")
-    ap.add_argument("--kinds", type=int, default=None, help="--interference: only the first N kinds of neighbour")
+    ap.add_argument("--kinds", type=lambda s: s.split(","), default=None,
+                    help="--interference: only the kinds of neighbour starting with these (comma-separated)")
+    ap.add_argument("--churn", type=int, default=1, help="--interference: neighbours starting at once")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads here (and so in the workers)")
     ap.add_argument("--records", type=int, default=None, help="only the first N records (a quick look on a CPU)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_fast_score.json"))

@@ -541,6 +541,28 @@ def test_spare_preloads_the_workload_and_scores_the_same(tiny):
     assert mixed.report.n_records == 2 and mixed.report.combined_score == score_masker(load_masker(seed), other, 0.1).combined_score
 
 
+def test_spares_started_before_the_workload_was_known_load_it_while_they_wait(tiny):
+    """Spares that were ready before the pool's first candidate load its inputs as soon as the
+    pool knows them (not on their own candidate's clock); one so loaded scores the same."""
+    from evaluator.sandbox.transport import workload_inputs
+
+    seed = SEEDS / "sink_window.py"
+    with WorkerPool(SandboxLimits(wall_s=60), device="cpu", spares=3) as pool:
+        pool.defer_spares = False
+        assert pool.wait_ready(60, every=True)
+        early = pool.waiting
+        assert all(w.preloaded is None for w in early)
+        cold = run_candidate(seed, tiny, 0.1, pool=pool)  # takes early[0]; the two others are told
+        inputs = workload_inputs(tiny)
+        assert [w.preloaded for w in early[1:]] == [inputs, inputs]
+        assert pool.wait_ready(60, every=True) and all(w.preloaded == inputs for w in pool.waiting)
+        assert pool.waiting[0] is early[1]
+        warm = run_candidate(seed, tiny, 0.1, pool=pool)  # served by early[1], preloaded late
+        assert early[1] not in pool.waiting
+    assert cold.report.valid and warm.report.valid, warm.report.reason
+    assert warm.report.combined_score == cold.report.combined_score == score_masker(load_masker(seed), tiny, 0.1).combined_score
+
+
 # ---------------------------------------------------------------- isolation level and the opt-out
 from evaluator.sandbox import IsolationUnavailable  # noqa: E402
 

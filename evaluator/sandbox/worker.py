@@ -10,9 +10,10 @@ before step 5 is trusted code:
    so a warm spare worker can do it ahead of time), on the slot's GPU (``PREP_JSON``'s device);
    a spare told to (``preload``) then loads the workload's inputs, sent as an fd on the
    control socket, onto that device;
-3. say "R" on the control socket; receive the job's files as fds there (the workload's inputs
-   unless preloaded, the result pipe, or a session's pipes), then the job (JSON line, with the
-   candidate's source) on stdin;
+3. say "R" on the control socket; a spare that loaded nothing yet may then be sent a
+   ``preload`` (it loads it and says "R" again); receive the job's files as fds there (the
+   workload's inputs unless preloaded, the result pipe, or a session's pipes), then the job
+   (JSON line, with the candidate's source) on stdin;
 4. write the candidate into scratch (the cwd), drop to ``nobody`` (root only), audit hook;
 5. load the candidate, run ``masker`` on every record, send each selection down the result
    pipe as soon as it is encoded (the parent scores while the next one is computed);
@@ -79,13 +80,14 @@ def main() -> None:
 
     preloaded = None
     prefix_keys: dict[str, torch.Tensor] | None = None
-    if prep.get("preload"):
-        # The workload's queries and keys, on the slot's device, before the job: the candidate's
-        # clock then starts at its first masker call (they are its inputs anyway).
-        _, pre_fds, _, _ = socket.recv_fds(control, 1024, 1)
-        mapped = MappedTensors(pre_fds[0]) if pre_fds else None
-        if mapped is not None:
-            os.close(pre_fds[0])  # the mapping stays valid
+
+    def preload(fd: int | None) -> None:
+        """The workload's queries and keys (or a session's prefix keys) from ``fd`` onto the slot's
+        device, before the job: the candidate's clock then starts at its first masker call."""
+        nonlocal preloaded, prefix_keys
+        mapped = MappedTensors(fd) if fd is not None else None
+        if fd is not None:
+            os.close(fd)  # the mapping stays valid
         if mapped is not None and mapped.metadata().get("kind") == SESSION_PREFIX:
             # A session's shared prefix keys: its key cache is filled from the device, not the file.
             prefix_keys = {name: mapped.get_tensor(name).to(prep["device"]) for name in mapped.keys()}
@@ -98,8 +100,17 @@ def main() -> None:
                 warm_masker_ops(first)
                 torch.cuda.empty_cache()
         del mapped  # its tensors are copied out: the file's mapping is not the candidate's
+
+    if prep.get("preload"):
+        _, pre_fds, _, _ = socket.recv_fds(control, 1024, 1)
+        preload(pre_fds[0] if pre_fds else None)
     control.send(b"R")
+    # A spare started before its pool knew the workload may be told it while it waits (once).
     names_raw, fd_list, _, _ = socket.recv_fds(control, 64 * 1024, 8)
+    if names_raw == b"preload" and "device" in prep:
+        preload(fd_list[0] if fd_list else None)
+        control.send(b"R")
+        names_raw, fd_list, _, _ = socket.recv_fds(control, 64 * 1024, 8)
     files = dict(zip(json.loads(names_raw or b"[]"), fd_list))
     control.close()  # the candidate gets no channel to the parent but its results
     job = json.loads(sys.stdin.readline())

@@ -157,6 +157,7 @@ class Worker:
         self.limits = limits
         self.marker = uuid.uuid4().hex
         self.cuda = cuda
+        self.device = device
         self.preloaded = preload if preload is not None and device is not None else None
         env = scrubbed_env(os.environ, self.marker, _REPO_ROOT)  # the launcher sets PYTHONPATH per level
         if cuda:
@@ -264,6 +265,21 @@ class Worker:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def preload_late(self, path: Path) -> bool:
+        """Have a ready spare that loaded nothing yet load ``path`` onto its device now; it says
+        ready again once done (``wait_ready``). False, and nothing sent, for any other worker."""
+        if self.preloaded is not None or self.device is None or self._ready is not True or self._closed:
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            socket.send_fds(self.control, [b"preload"], [fd])
+        except OSError:
+            return False  # the worker is gone: the pool drops it
+        finally:
+            os.close(fd)
+        self.preloaded, self._ready = path, None
+        return True
 
     def send_job(self, job: dict[str, Any], fds: dict[str, int]) -> None:
         """Hand over the job: the files it needs as fds (the worker cannot open our paths), then the JSON."""
