@@ -563,6 +563,32 @@ def test_spares_started_before_the_workload_was_known_load_it_while_they_wait(ti
     assert warm.report.combined_score == cold.report.combined_score == score_masker(load_masker(seed), tiny, 0.1).combined_score
 
 
+def test_a_harness_holding_over_1024_fds_still_runs_candidates_and_channels(tiny):
+    """select(2) refuses fds numbered 1024 or more; a slot process holding a workload's
+    shared-memory tensors has that many open, and every fd it opens next is past that line."""
+    from evaluator.sandbox.channel import DeadlineIO, pack, spin_until_readable
+
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        seed = SEEDS / "sink_window.py"
+        with WorkerPool(SandboxLimits(wall_s=60), device="cpu") as pool:
+            run = run_candidate(seed, tiny, 0.1, pool=pool)
+        assert run.report.valid, run.report.reason
+        assert run.report.combined_score == score_masker(load_masker(seed), tiny, 0.1).combined_score
+        r, w = os.pipe()
+        assert min(r, w) >= 1024
+        io = DeadlineIO(r, w, check=lambda: None, max_payload=1 << 20)
+        io.send(pack({"op": "ping"}, {"x": torch.arange(3.0)}))
+        assert spin_until_readable(r, 1.0)
+        header, tensors = io.receive()
+        assert header["op"] == "ping" and tensors["x"].tolist() == [0.0, 1.0, 2.0]
+        os.close(r)
+        os.close(w)
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 # ---------------------------------------------------------------- isolation level and the opt-out
 from evaluator.sandbox import IsolationUnavailable  # noqa: E402
 

@@ -55,7 +55,7 @@ def _die_with_parent() -> None:
 def _serve(conn: multiprocessing.connection.Connection, device: str, density_target: float, limits: SandboxLimits,
            speedup: SpeedupOptions | None, spares: int) -> None:
     """The child's main: a LocalSlot fed by the parent's messages until ``None`` or end of file."""
-    from adrs.scheduler.local import LocalSlot
+    from adrs.scheduler.local import LocalSlot, on_device
 
     _die_with_parent()
     workloads: dict[Which, Workload] = {}
@@ -73,7 +73,8 @@ def _serve(conn: multiprocessing.connection.Connection, device: str, density_tar
             kind, payload = message
             if kind == "workload":
                 which, workload = payload
-                workloads[which] = workload
+                # On its GPU at once: the shared-memory copy (an fd per tensor) is then let go.
+                workloads[which] = on_device(workload, device)
                 slot.forget(which)  # a resent workload (after recover) replaces the device copy
                 continue
             code, which = payload

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import struct
 import time
 from typing import Any, Callable
 
 import torch
 from safetensors.torch import load, save
+
+from evaluator.sandbox.fdwait import wait_readable, wait_writable
 
 _LENGTHS = struct.Struct("<QQ")
 MAX_HEADER = 1 << 20
@@ -54,7 +55,7 @@ def spin_until_readable(fd: int, spin_s: float) -> bool:
     where cores are plentiful (the caller decides)."""
     deadline = time.perf_counter() + spin_s
     while time.perf_counter() < deadline:
-        if select.select([fd], [], [], 0)[0]:
+        if wait_readable(fd, 0):
             return True
     return False
 
@@ -99,7 +100,7 @@ class DeadlineIO:
     def __init__(self, read_fd: int, write_fd: int | None, check: Callable[[], None], max_payload: int,
                  pulse: Callable[[], None] | None = None, spin_s: float = 0.0) -> None:
         """``write_fd`` None: a read-only channel (the fast score's result stream). ``spin_s``: poll
-        that long for each message before sleeping in ``select`` (``spin_until_readable``)."""
+        that long for each message before sleeping in ``poll`` (``spin_until_readable``)."""
         self.read_fd, self.write_fd, self.check, self.max_payload = read_fd, write_fd, check, max_payload
         self.pulse = pulse
         self.spin_s = spin_s
@@ -110,7 +111,7 @@ class DeadlineIO:
     def send(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            _, ready, _ = select.select([], [self.write_fd], [], 0.05)
+            ready = wait_writable(self.write_fd, 0.05)
             written = _nonblocking(os.write, self.write_fd, view[:_CHUNK]) if ready else None
             if written:
                 view = view[written:]
@@ -132,7 +133,7 @@ class DeadlineIO:
     def _read_exact(self, n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:
-            ready, _, _ = select.select([self.read_fd], [], [], 0.05)
+            ready = wait_readable(self.read_fd, 0.05)
             chunk = _nonblocking(os.read, self.read_fd, min(_CHUNK, n - len(buf))) if ready else None
             if chunk:
                 buf += chunk
@@ -146,7 +147,7 @@ class DeadlineIO:
 
 
 def _nonblocking(op: Callable[..., Any], fd: int, arg: Any) -> Any:
-    """``op(fd, arg)``, or None when the fd is not ready after all (select can wake spuriously)."""
+    """``op(fd, arg)``, or None when the fd is not ready after all (poll can wake spuriously)."""
     try:
         return op(fd, arg)
     except BlockingIOError:

@@ -29,7 +29,6 @@ import json
 import os
 import resource
 import runpy
-import select
 import signal
 import socket
 import sys
@@ -39,7 +38,7 @@ sys.path.insert(0, HERE)  # siblings as plain modules, as the launcher imports i
 import launcher  # noqa: E402
 import preimports  # noqa: E402 - what every worker imports first; its files are bound at the same paths inside
 
-_SIBLINGS = ("launcher", "seccomp_filter", "preimports")  # host-path modules a worker must not keep
+_SIBLINGS = ("launcher", "seccomp_filter", "preimports", "fdwait")  # host-path modules a worker must not keep
 _FDS = 5  # a request's fds: control, lifeline, stdin, log, status
 
 
@@ -93,14 +92,14 @@ def serve(sock: socket.socket) -> None:
     children: dict[int, tuple[int, int]] = {}  # pidfd -> (pid, status pipe)
     accepting = True
     while accepting or children:
-        ready, _, _ = select.select(([sock] if accepting else []) + list(children), [], [])
+        ready = launcher.ready_to_read(([sock.fileno()] if accepting else []) + list(children), None)
         for pidfd in [r for r in ready if r in children]:
             pid, status = children.pop(pidfd)
             _, code = os.waitpid(pid, 0)
             _write(status, f"{os.waitstatus_to_exitcode(code)}\n")
             os.close(status)
             os.close(pidfd)
-        if sock in ready:
+        if sock.fileno() in ready:
             try:
                 data, fds, _, _ = socket.recv_fds(sock, 1 << 20, _FDS)
             except OSError:

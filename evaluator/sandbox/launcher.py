@@ -40,7 +40,6 @@ import os
 import platform
 import re
 import resource
-import select
 import signal
 import socket
 import stat
@@ -69,6 +68,7 @@ _DEVICES = ("null", "zero", "full", "random", "urandom")
 _libc = ctypes.CDLL(None, use_errno=True)
 # Siblings are imported as plain modules, not through the ``evaluator`` package (torch).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fdwait import ready_to_read  # noqa: E402
 from seccomp_filter import install_seccomp  # noqa: E402
 
 
@@ -238,8 +238,8 @@ def _supervise(child: int, lifeline: int) -> None:
     """Wait for the worker; kill it if the parent goes away; exit as it exited."""
     waitable = os.pidfd_open(child) if hasattr(os, "pidfd_open") else None
     while True:
-        ready, _, _ = select.select([lifeline] + ([waitable] if waitable is not None else []), [], [],
-                                    None if waitable is not None else 0.1)
+        ready = ready_to_read([lifeline] + ([waitable] if waitable is not None else []),
+                              None if waitable is not None else 0.1)
         if lifeline in ready:
             os.kill(child, signal.SIGKILL)  # the parent is gone: nobody will read the result
         done, status = os.waitpid(child, 0 if waitable is not None and waitable in ready else os.WNOHANG)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -20,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from evaluator.sandbox.fdwait import wait_readable
 
 _HERE = Path(__file__).resolve().parent
 _LAUNCHER = str(_HERE / "launcher.py")
@@ -67,8 +68,7 @@ class ForkedProcess:
         watched = self._status if self._status is not None else self._pidfd
         if watched is None or self.returncode is not None:
             return
-        ready, _, _ = select.select([watched], [], [], max(0.0, timeout))
-        if not ready:
+        if not wait_readable(watched, timeout):
             return
         if watched == self._pidfd:
             self._set_returncode(-signal.SIGKILL)  # gone, after the server: its exit code went with it

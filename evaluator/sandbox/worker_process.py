@@ -6,7 +6,6 @@ import contextlib
 import fcntl
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from evaluator.errors import IsolationUnavailable
+from evaluator.sandbox.fdwait import wait_readable
 from evaluator.sandbox.channel import ChannelError, ChannelOverflow, DeadlineIO
 from evaluator.sandbox.isolation import NOBODY, is_root, kill_tree, scrubbed_env
 from evaluator.sandbox.limits import SandboxLimits
@@ -212,8 +212,7 @@ class Worker:
 
     def _receive(self, deadline: float) -> tuple[bytes, list[int]] | None:
         """One message from the control socket before ``deadline``, or None."""
-        ready, _, _ = select.select([self.control], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
+        if not wait_readable(self.control.fileno(), deadline - time.monotonic()):
             return None
         try:
             data, fds, _, _ = socket.recv_fds(self.control, 64 * 1024, 4)
