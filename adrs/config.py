@@ -47,10 +47,6 @@ class EvaluationConfig(BaseModel):
         "context: seconds) overlaps earlier candidates; null = 1 on CPU or a small machine, on a GPU up to 8 bounded by "
         "cores and GPU memory; each warm spare on a GPU holds a CUDA context and the workload's inputs (~2 GB for default)",
     )
-    slot_processes: bool | None = Field(
-        None, description="local: serve each evaluation slot (GPU) from its own harness process, so slots do not take "
-        "turns on one Python interpreter; null = yes with two or more GPUs",
-    )
     in_flight: int | None = Field(
         None, gt=0, description="LLM-free mutators: proposals being scored at once (null = one per evaluation worker); "
         "a run replays exactly for the same value, which is recorded in the run's config",

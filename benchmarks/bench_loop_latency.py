@@ -60,13 +60,12 @@ def masker(inp: MaskerInput) -> Selection:
 
 
 def measure(latency: float, in_flight: int, iterations: int, workload: str, in_process: bool,
-            workers: int | None = None, mutator: str = "loopback", slot_processes: str = "auto") -> dict:
+            workers: int | None = None, mutator: str = "loopback") -> dict:
     # Every reply is new code (SINK_TOKENS = 8, 9, ...): a repeated reply would be recorded as a
     # duplicate without being evaluated, and the run would measure the LLM alone.
     replies = [lambda body, n=n: Reply(REWRITE.replace("{n}", str(n)), delay_s=latency) for n in range(8, 8 + 4 * iterations + 64)]
     with LoopbackOpenAI(replies) as server, tempfile.TemporaryDirectory() as tmp:
-        evaluation = {"in_process": in_process, **({"workers": workers} if workers else {}),
-                      "slot_processes": {"auto": None, "on": True, "off": False}[slot_processes]}
+        evaluation = {"in_process": in_process, **({"workers": workers} if workers else {})}
         if mutator == "loopback":
             llm: object = {"models": [{"name": "loopback", "base_url": server.base_url, "api_key_env": None}],
                            "max_in_flight": in_flight}
@@ -107,7 +106,7 @@ def measure(latency: float, in_flight: int, iterations: int, workload: str, in_p
     w = workers or 1
     rate = iterations / elapsed * 3600
     bound = (min(in_flight / (latency + t_eval), w / t_eval) if mutator == "loopback" else w / t_eval) * 3600
-    return {"mutator": mutator, "slot_processes": slot_processes, "latency_s": latency if mutator == "loopback" else None, "in_flight": in_flight,
+    return {"mutator": mutator, "latency_s": latency if mutator == "loopback" else None, "in_flight": in_flight,
             "workers": workers, "iterations": iterations, "t_eval_s": t_eval, "elapsed_s": elapsed,
             "evals_per_hour": rate, "bound_per_hour": bound, "fraction_of_bound": rate / bound, "audited": audits,
             "duplicates": duplicates, "slot_busy": slot_busy, "gpu_busy": gpu_busy}
@@ -132,28 +131,24 @@ def main() -> None:
                         help="evaluation workers (one per GPU); default: the config's (one per visible GPU, or 1)")
     parser.add_argument("--mutator", nargs="+", default=["loopback"], choices=["loopback", "structural", "offline"])
     parser.add_argument("--in-process", action="store_true", help="score without the sandbox")
-    parser.add_argument("--slot-processes", nargs="+", default=["auto"], choices=["auto", "on", "off"],
-                        help="evaluation.slot_processes: each slot its own process (on), threads of one (off), or the default")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loop_latency.json"))
     args = parser.parse_args()
     rows = []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for m in args.mutator:
-        for p in args.slot_processes:
-            for n in args.in_flight:
-                for w in args.workers:
-                    rows.append(measure(args.latency, n, args.iterations, args.workload, args.in_process, w, m, p))
-                    print(rows[-1], flush=True)
-                    _write(args, rows)  # what is measured survives a time limit
+        for n in args.in_flight:
+            for w in args.workers:
+                rows.append(measure(args.latency, n, args.iterations, args.workload, args.in_process, w, m))
+                print(rows[-1], flush=True)
+                _write(args, rows)  # what is measured survives a time limit
     table = Table(title=f"loop throughput ({args.workload}, {'in process' if args.in_process else 'sandbox'}; "
                         f"loopback LLM latency {args.latency}s)")
-    for col in ("mutator", "slot procs", "in flight", "workers", "t_eval s", "evals/hour", "bound/hour", "of bound", "x first workers",
+    for col in ("mutator", "in flight", "workers", "t_eval s", "evals/hour", "bound/hour", "of bound", "x first workers",
                 "audited", "dup.", "slots busy", "GPUs busy"):
         table.add_column(col)
     for r in rows:
-        first = next(x for x in rows if (x["mutator"], x["slot_processes"], x["in_flight"])
-                     == (r["mutator"], r["slot_processes"], r["in_flight"]))
-        table.add_row(r["mutator"], r["slot_processes"], str(r["in_flight"]), str(r["workers"] or "auto"), f"{r['t_eval_s']:.2f}",
+        first = next(x for x in rows if x["mutator"] == r["mutator"] and x["in_flight"] == r["in_flight"])
+        table.add_row(r["mutator"], str(r["in_flight"]), str(r["workers"] or "auto"), f"{r['t_eval_s']:.2f}",
                       f"{r['evals_per_hour']:.0f}", f"{r['bound_per_hour']:.0f}", f"{r['fraction_of_bound']:.0%}",
                       f"{r['evals_per_hour'] / first['evals_per_hour']:.2f}", str(r["audited"]), str(r["duplicates"]),
                       _shares(r["slot_busy"]), _shares(r["gpu_busy"]))

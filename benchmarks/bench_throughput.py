@@ -220,13 +220,8 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
             rows[str(slots)] = {"skipped": f"{len(devices)} GPU(s) here"}
             continue
         extra = {"spares": args.spares} if takes_spares else {}
-        # A flavour's slots as threads ("0") or processes ("1"); unset: the tree's default.
-        if os.environ.get("BENCH_SLOT_PROCESSES") and "processes" in inspect.signature(LocalScheduler).parameters:
-            extra["processes"] = os.environ["BENCH_SLOT_PROCESSES"] == "1"
         if args.scale_mode == "one-gpu" and devices[0] != "cpu":
             devices = [devices[0]] * slots
-        if args.scale_mode == "prefilled":
-            extra["processes"] = False  # the pools must be reachable from here
         sched = LocalScheduler(lambda which: workload, 0.10, SandboxLimits(wall_s=600), devices=devices, **extra)
         sampler, clock = BusySampler(len(set(devices))), SlotClock(sched)
         during = [clock, sampler] + ([_prefilled(sched)] if args.scale_mode == "prefilled" else [])
@@ -234,7 +229,7 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
             rows[str(slots)] = saturate(sched, code, slots, args.per_slot, during=_all_of(*during))
         finally:
             sched.close()
-        rows[str(slots)].update({"scale_mode": args.scale_mode, "spares": getattr(sched, "spares", 1), "processes": getattr(sched, "processes", False),
+        rows[str(slots)].update({"scale_mode": args.scale_mode, "spares": getattr(sched, "spares", 1),
                                  "gpu_busy": sampler.busy(),
                                  "slot_busy": clock.share(clock.spans), "slot_wait_worker": clock.share(clock.waits)})
         print(slots, rows[str(slots)], flush=True)
@@ -243,8 +238,7 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
 
 PARTS = {"fast": part_fast, "faithful": part_faithful, "scale": part_scale}
 # Variants of this tree measured under their own label: the environment their child gets.
-FLAVOURS = {"after-fresh": {"ADRS_FORK_SERVER": "0"}, "after-threads": {"BENCH_SLOT_PROCESSES": "0"},
-            "after-procs": {"BENCH_SLOT_PROCESSES": "1"}}
+FLAVOURS = {"after-fresh": {"ADRS_FORK_SERVER": "0"}}
 
 
 # ---------------------------------------------------------------- parent: trees x parts, table
@@ -305,10 +299,6 @@ def main() -> None:
     ap.add_argument("--scale-mode", default="normal", choices=["normal", "prefilled", "one-gpu"],
                     help="scale part: prefilled = every spare ready first and none started while timed (threads); "
                          "one-gpu = all slots on the first GPU")
-    ap.add_argument("--thread-slots", action="store_true",
-                    help="also measure this tree with every slot a thread of one process (after-threads)")
-    ap.add_argument("--process-slots", action="store_true",
-                    help="also measure this tree with every slot its own process, even one (after-procs)")
     ap.add_argument("--interleave", action="store_true",
                     help="fast part: both trees' children alive at once, candidates alternated (fair on a busy machine)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip parts once this much time is spent")
@@ -328,9 +318,7 @@ def main() -> None:
         return
 
     trees = {"after": REPO, **({"before": args.before.resolve()} if args.before else {}),
-             **({"after-fresh": REPO} if args.fresh_workers else {}),
-             **({"after-threads": REPO} if args.thread_slots else {}),
-             **({"after-procs": REPO} if args.process_slots else {})}
+             **({"after-fresh": REPO} if args.fresh_workers else {}),}
     results: dict[str, dict[str, Any]] = {label: {} for label in trees}
     t_start = time.perf_counter()
     if args.interleave and "fast" in args.parts:
@@ -367,8 +355,7 @@ def main() -> None:
                 busy = ", ".join(_fmt(b, ".0%") for b in row["gpu_busy"])
                 slot_busy = ", ".join(f"{_fmt(b, '.0%')} ({_fmt(w, '.0%')} waiting for a worker)"
                                       for b, w in zip(row.get("slot_busy", []), row.get("slot_wait_worker", [])))
-                kind = "processes" if row.get("processes") else "threads"
-                print(f"scale {label}: {slots} slot(s) ({kind}), {row.get('spares', 1)} spare(s) each: {row['per_minute']:.1f} evals/min, "
+                print(f"scale {label}: {slots} slot(s), {row.get('spares', 1)} spare(s) each: {row['per_minute']:.1f} evals/min, "
                       f"mean eval {row['mean_eval_s']:.2f} s, GPU busy {busy}; slot busy {slot_busy}")
     meta = {"command": "python benchmarks/bench_throughput.py " + " ".join(sys.argv[1:]), "trees": {k: str(v) for k, v in trees.items()}}
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -564,8 +564,8 @@ def test_spares_started_before_the_workload_was_known_load_it_while_they_wait(ti
 
 
 def test_a_harness_holding_over_1024_fds_still_runs_candidates_and_channels(tiny):
-    """select(2) refuses fds numbered 1024 or more; a slot process holding a workload's
-    shared-memory tensors has that many open, and every fd it opens next is past that line."""
+    """select(2) refuses fds numbered 1024 or more; a process holding a workload's shared-memory
+    tensors has that many open, and every fd it opens next (worker sockets, pipes) is past that line."""
     from evaluator.sandbox.channel import DeadlineIO, pack, spin_until_readable
 
     held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]

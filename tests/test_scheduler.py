@@ -122,7 +122,7 @@ def test_codescorer_calls_from_two_threads_run_on_two_slots(tiny_workload):
 
 
 def test_make_scheduler_follows_the_config(tiny_workload):
-    cfg = parse_config({"workload": "tiny", "evaluation": {"workers": 2, "spares": 2, "slot_processes": False}})
+    cfg = parse_config({"workload": "tiny", "evaluation": {"workers": 2, "spares": 2}})
     with make_scheduler(cfg, lambda which: tiny_workload) as sched:
         assert isinstance(sched, LocalScheduler) and sched.devices == local_devices(2) and sched.slots == len(sched.devices)
         assert sched.wait_started(30) and sched.spares == 2
@@ -284,14 +284,12 @@ def test_wait_started_tells_a_scheduler_whose_slots_cannot_start():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("processes", [None, True, False])
-def test_one_slot_per_gpu_each_scoring_on_its_own_gpu(tiny_workload, processes):
+def test_one_slot_per_gpu_each_scoring_on_its_own_gpu(tiny_workload):
     from evaluator.workload import load_workload
 
     devices = local_devices()
     assert devices == [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    with LocalScheduler(lambda which: tiny_workload, 0.1, SandboxLimits(), devices=devices, processes=processes) as sched:
-        assert sched.processes == (len(devices) >= 2 if processes is None else processes)
+    with LocalScheduler(lambda which: tiny_workload, 0.1, SandboxLimits(), devices=devices) as sched:
         futures = [sched.submit(SEED.read_text()) for _ in range(2 * len(devices))]
         reports = [f.result(timeout=300) for f in futures]
     expected = score_file(SEED, load_workload("tiny", device="cuda:0", progress=False), 0.1).combined_score

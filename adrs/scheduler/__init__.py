@@ -51,5 +51,4 @@ def make_scheduler(config: RunConfig, workloads: WorkloadSource) -> Scheduler:
                             workers=ev.workers, max_attempts=ev.max_attempts, speedup=speedup_options(config),
                             spares=ev.spares)
     return LocalScheduler(workloads, config.density_target, sandbox_limits(config), devices=local_devices(ev.workers),
-                          max_attempts=ev.max_attempts, speedup=speedup_options(config), spares=ev.spares,
-                          processes=ev.slot_processes)
+                          max_attempts=ev.max_attempts, speedup=speedup_options(config), spares=ev.spares)

@@ -67,10 +67,6 @@ class LocalSlot(Slot):
             self._workloads[which] = on_device(self._source(which), self.device)
         return self._workloads[which]
 
-    def forget(self, which: Which) -> None:
-        """Drop the device copy of ``which``: the next evaluation copies the source's again."""
-        self._workloads.pop(which, None)
-
     def evaluate(self, code: str, which: Which) -> ScoreReport:
         wl = self.workload(which)
         with candidate_file(code) as path:
@@ -92,29 +88,15 @@ class LocalSlot(Slot):
             self._pool = None
 
 
-def auto_processes(devices: Sequence[str]) -> bool:
-    """``evaluation.slot_processes: null``: a process per slot when two or more GPUs serve the run.
-
-    A GPU slot's trusted side is host-bound Python; two of them in one interpreter take turns
-    on its lock. One slot, or CPU slots (whose cores the candidates already fill), gains
-    nothing worth a child's start-up (a torch import: seconds).
-    """
-    return sum(d.startswith("cuda") for d in devices) >= 2
-
-
 class LocalScheduler(SlotScheduler):
     """Evaluations spread over local devices, one at a time on each."""
 
     def __init__(self, workloads: WorkloadSource, density_target: float, limits: SandboxLimits,
                  devices: Sequence[str] | None = None, max_attempts: int = 3, speedup: SpeedupOptions | None = None,
-                 spares: int | None = None, processes: bool | None = None) -> None:
-        """``spares``: warm sandbox workers per slot (None: ``auto_spares`` for these devices);
-        ``processes``: serve each slot from its own process (None: ``auto_processes``)."""
-        from adrs.scheduler.process_slot import ProcessSlot
-
+                 spares: int | None = None) -> None:
+        """``spares``: warm sandbox workers per slot (None: ``auto_spares`` for these devices)."""
         self.devices = list(devices) if devices is not None else local_devices()
         self.spares = spares if spares is not None else local_spares(self.devices)
-        self.processes = auto_processes(self.devices) if processes is None else processes
-        kind = ProcessSlot if self.processes else LocalSlot
-        slots = [kind(i, d, workloads, density_target, limits, speedup, self.spares) for i, d in enumerate(self.devices)]
+        slots = [LocalSlot(i, d, workloads, density_target, limits, speedup, self.spares)
+                 for i, d in enumerate(self.devices)]
         super().__init__(slots, max_attempts)

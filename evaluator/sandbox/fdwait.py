@@ -1,9 +1,10 @@
 """Waiting on file descriptors with poll(2): select(2) refuses descriptors numbered 1024 or more.
 
-A harness process can hold that many: a slot process keeps one per shared-memory tensor of
-its workloads (``torch.multiprocessing``), and every fd it opens after those (a worker's
-control socket, a session's pipes) is then out of select's range; the launcher and the fork
-server inherit such numbers. Standard library only: they import it as a plain module.
+A harness process can hold that many (a process that received a workload through
+``torch.multiprocessing`` keeps one per shared tensor; found so on 2 x H200), and every fd it
+opens after those (a worker's control socket, a session's pipes) is then out of select's
+range; the launcher and the fork server inherit such numbers. Standard library only: they
+import it as a plain module.
 """
 from __future__ import annotations
 
