@@ -238,7 +238,7 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
 
 PARTS = {"fast": part_fast, "faithful": part_faithful, "scale": part_scale}
 # Variants of this tree measured under their own label: the environment their child gets.
-FLAVOURS = {"after-fresh": {"ADRS_FORK_SERVER": "0"}}
+FLAVOURS = {"after-fresh": {"ADRS_FORK_SERVER": "0"}, "after-norehearse": {"ADRS_SPARE_REHEARSAL": "0"}}
 
 
 # ---------------------------------------------------------------- parent: trees x parts, table
@@ -299,6 +299,8 @@ def main() -> None:
     ap.add_argument("--scale-mode", default="normal", choices=["normal", "prefilled", "one-gpu"],
                     help="scale part: prefilled = every spare ready first and none started while timed (threads); "
                          "one-gpu = all slots on the first GPU")
+    ap.add_argument("--no-rehearsal", action="store_true",
+                    help="also measure this tree with spares that skip the kernel rehearsal (ADRS_SPARE_REHEARSAL=0)")
     ap.add_argument("--interleave", action="store_true",
                     help="fast part: both trees' children alive at once, candidates alternated (fair on a busy machine)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip parts once this much time is spent")

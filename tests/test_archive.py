@@ -161,6 +161,22 @@ def test_human_and_model_authors_are_distinct(run: Path) -> None:
     assert gitc(run, "log", "-1", fmt, o.commit).startswith("Alan <alan@example.org>")
 
 
+def test_next_iteration_sees_other_writers_and_packed_refs_without_git_processes(run: Path) -> None:
+    """next_iteration reads the ref files itself (the loop asks several times per iteration): a
+    candidate another writer added counts at once, and so do refs git has packed."""
+    with open_run(run, create=True) as a, open_run(run) as other:
+        s = a.add_candidate(SEED_CODE, rec(-0.3), author="seed", summary="seed")
+        other.add_candidate("c\n", rec(-0.1), parent=s.id, iteration=7, summary="from another writer")
+        assert a.next_iteration() == 8
+        loose = Path(a.repo.common_dir) / "refs" / "candidates"
+        assert sorted(p.name for p in loose.glob("c*")) == ["c000000", "c000007"]
+        gitc(run, "pack-refs", "--all")
+        assert not list(loose.glob("c*"))  # only packed-refs now
+        assert a.next_iteration() == 8
+        a.add_candidate("d\n", rec(-0.1), parent=s.id, summary="after packing")
+        assert a.next_iteration() == 9 and sorted(gitstore.candidate_ids(a.repo)) == ["c000000", "c000007", "c000008"]
+
+
 def test_get_by_id_iteration_commit_and_best(run: Path) -> None:
     with open_run(run, create=True) as a:
         s = a.add_candidate(SEED_CODE, rec(-0.3), author="seed", summary="seed")

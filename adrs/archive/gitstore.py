@@ -95,6 +95,29 @@ def candidate_refs(repo: git.Repo) -> dict[str, str]:
     return refs_snapshot(repo)[0]
 
 
+def candidate_ids(repo: git.Repo) -> list[str]:
+    """Every candidate ref's id, read from the ref store's files (loose refs and packed-refs)
+    with no git process: the loop asks several times per iteration, and a process costs ~7 ms."""
+    root = Path(repo.common_dir)
+    if (root / "reftable").exists():  # git's other ref backend (opt-in): ask git
+        return list(candidate_refs(repo))
+    prefix = CANDIDATE_REFS + "/"
+    try:
+        # A ref being written is a ``.lock`` file beside the others until git renames it into place.
+        ids = {e.name for e in os.scandir(root / CANDIDATE_REFS) if e.is_file() and not e.name.endswith(".lock")}
+    except FileNotFoundError:
+        ids = set()
+    try:
+        packed = (root / "packed-refs").read_text()
+    except FileNotFoundError:
+        packed = ""
+    for line in packed.splitlines():  # "<sha> <refname>", plus "#" headers and "^" peeled lines
+        name = line.partition(" ")[2]
+        if name.startswith(prefix):
+            ids.add(name.removeprefix(prefix))
+    return sorted(ids)
+
+
 def refs_snapshot(repo: git.Repo) -> tuple[dict[str, str], str | None]:
     """Candidate refs and the ``best`` branch, read with a single git call."""
     out = repo.git.for_each_ref("--format=%(refname) %(objectname)", CANDIDATE_REFS, BEST_REF)

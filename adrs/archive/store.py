@@ -23,7 +23,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import git
 
@@ -268,7 +268,7 @@ class Archive:
     def next_iteration(self) -> int:
         """The iteration a resumed loop continues at: one past the highest committed one."""
         # From git refs, not the index: a candidate whose row is not written yet still counts.
-        return _next_iteration(gitstore.candidate_refs(self.repo))
+        return _next_iteration(gitstore.candidate_ids(self.repo))
 
     def get(self, cand: str | int | CandidateRef) -> CandidateRef:
         """Look up by id (``c000012``), iteration (12 or "12"), commit prefix, or ``'best'``."""
@@ -333,8 +333,8 @@ class Archive:
         return {"model": MODEL_IDENTITY, "seed": SEED_IDENTITY}.get(author) or self._human()
 
 
-def _next_iteration(refs: Mapping[str, str]) -> int:
-    its = [iteration_of(cid) for cid in refs]
+def _next_iteration(ids: Iterable[str]) -> int:
+    its = [iteration_of(cid) for cid in ids]
     return max(its) + 1 if its else 0
 
 
