@@ -320,7 +320,8 @@ def main() -> None:
         return
 
     trees = {"after": REPO, **({"before": args.before.resolve()} if args.before else {}),
-             **({"after-fresh": REPO} if args.fresh_workers else {}),}
+             **({"after-fresh": REPO} if args.fresh_workers else {}),
+             **({"after-norehearse": REPO} if args.no_rehearsal else {})}
     results: dict[str, dict[str, Any]] = {label: {} for label in trees}
     t_start = time.perf_counter()
     if args.interleave and "fast" in args.parts:
