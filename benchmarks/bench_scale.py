@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py [--workload default] [--slots 1 2] [--per-slot 6]
     python benchmarks/bench_scale.py --executor ray --ray-address HEAD:6379 --slots 1 2 4
+    python benchmarks/bench_scale.py --workload synthetic --executor ray   # no model needed (synthetic.py)
 
 Local: one slot per GPU (``cuda:0`` .. ``cuda:N-1``), or N CPU workers where there is no GPU.
 Every slot first scores two candidates (worker start-up, workload copied to its device, the
@@ -28,10 +29,18 @@ sys.path.insert(0, str(ROOT))
 
 from adrs.scheduler import LocalScheduler, Scheduler, local_devices  # noqa: E402
 from evaluator.sandbox import SandboxLimits  # noqa: E402
-from evaluator.workload import load_workload, resolve_spec  # noqa: E402
+from evaluator.workload import WorkloadSpec, load_workload, resolve_spec  # noqa: E402
+from synthetic import cached_synthetic_spec  # noqa: E402
 from timing import saturate  # noqa: E402
 
 SEED = ROOT / "seeds" / "sink_window.py"
+
+
+def _spec(args: argparse.Namespace) -> WorkloadSpec:
+    """The workload's spec; ``synthetic``: random records written into the workload cache once."""
+    if args.workload == "synthetic":
+        return cached_synthetic_spec(samples=args.synthetic_samples)
+    return resolve_spec(args.workload)
 
 
 def _scheduler(args: argparse.Namespace, slots: int) -> tuple[Scheduler, str]:
@@ -39,7 +48,7 @@ def _scheduler(args: argparse.Namespace, slots: int) -> tuple[Scheduler, str]:
     if args.executor == "ray":
         from adrs.scheduler.ray_backend import RayScheduler
 
-        sched = RayScheduler({"search": resolve_spec(args.workload)}, 0.10, limits, address=args.ray_address, workers=slots)
+        sched = RayScheduler({"search": _spec(args)}, 0.10, limits, address=args.ray_address, workers=slots)
         return sched, "ray-gpu" if sched.use_gpu else "ray-cpu"
     devices = local_devices(slots)
     if devices[0] == "cpu" and args.split_threads:
@@ -47,7 +56,7 @@ def _scheduler(args: argparse.Namespace, slots: int) -> tuple[Scheduler, str]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // slots))
     if len(devices) < slots:
         raise SystemExit(f"asked for {slots} slots, this machine has {len(devices)} GPU(s)")
-    workload = load_workload(args.workload, progress=False)
+    workload = load_workload(_spec(args), progress=False)
     return LocalScheduler(lambda which: workload, 0.10, limits, devices=devices), devices[0].split(":")[0]
 
 
@@ -63,7 +72,8 @@ def measure(args: argparse.Namespace, slots: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workload", default="default")
+    ap.add_argument("--workload", default="default", help="a preset, or synthetic (random records, no model)")
+    ap.add_argument("--synthetic-samples", type=int, default=4, help="synthetic: samples of 30 records each")
     ap.add_argument("--slots", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--per-slot", type=int, default=6, help="timed evaluations per slot")
     ap.add_argument("--executor", choices=["local", "ray"], default="local")

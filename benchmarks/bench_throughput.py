@@ -34,6 +34,7 @@ from typing import Any, Iterator
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, whichever tree is measured
 
+from synthetic import synthetic_workload  # noqa: E402
 from timing import BusySampler, SlotClock, median_time as _median, saturate, timed  # noqa: E402
 
 SEEDS = ("sink_window", "oracle_topk", "vattention")
@@ -41,36 +42,16 @@ SEEDS = ("sink_window", "oracle_topk", "vattention")
 
 # ---------------------------------------------------------------- child: one tree, one part
 def _workload(name: str, device: str, records: int | None = None) -> Any:
-    """A captured workload, or ``synthetic``: random float16-exact records of ``default``'s shapes
-    (4 samples x 30 layers x 32 queries at 8192 keys, SmolLM2's 9 query and 3 KV heads), for a
-    machine without the model; the same on every run and tree. ``records``: keep only the first
-    that many (smoke runs on a CPU)."""
+    """A captured workload, or ``synthetic`` (``synthetic.py``: random records of ``default``'s
+    shapes) for a machine without the model. ``records``: keep only the first that many (smoke runs on a CPU)."""
     import dataclasses
-
-    import torch
 
     from evaluator.workload import load_workload
 
-    if name != "synthetic":
-        workload = load_workload(name, device=device, progress=False)
-        return dataclasses.replace(workload, records=workload.records[:records]) if records else workload
-    from evaluator.records import AttentionRecord
-    from evaluator.scoring import dense_attention
-    from evaluator.workload import Workload
-    from evaluator.workload.spec import WorkloadSpec
-
-    gen = torch.Generator().manual_seed(0)
-    kept = records or 4 * 30
-    records = []
-    for sample in range(4):
-        for layer in range(30):
-            if len(records) == kept:
-                break
-            q, k, v = (torch.randn(1, h, n, 64, generator=gen).half().float().to(device)
-                       for h, n in ((9, 32), (3, 8192), (3, 8192)))
-            pos = torch.arange(8192 - 32, 8192, device=device)
-            records.append(AttentionRecord(sample, layer, 30, q, k, v, pos, 0.125, dense_attention(q, k, v, pos, 0.125)))
-    return Workload(WorkloadSpec(name="synthetic"), "synthetic", Path("/nonexistent"), tuple(records), 30)
+    if name == "synthetic":
+        return synthetic_workload(device, records)
+    workload = load_workload(name, device=device, progress=False)
+    return dataclasses.replace(workload, records=workload.records[:records]) if records else workload
 
 
 def part_fast(args: argparse.Namespace) -> dict[str, Any]:
