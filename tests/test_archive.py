@@ -252,6 +252,44 @@ def test_recover_after_partial_writes(run: Path) -> None:
         assert a.add_candidate("w\n", rec(-0.2), parent=1, summary="resumed").iteration == 2  # lock was cleared
 
 
+def test_a_commit_skips_the_full_recovery_only_while_git_is_as_the_index_last_matched(
+        run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before each write the archive makes its index agree with git; that pass (git processes and
+    every index row) is skipped while only its own writes changed git, and still repairs what
+    another writer left half done: a ref without a row, a rejection note without its index update,
+    a stale lock."""
+    passes = []
+    real = gitstore.refs_snapshot
+    monkeypatch.setattr(gitstore, "refs_snapshot", lambda repo: passes.append(1) or real(repo))
+    with open_run(run, create=True) as a:
+        s = a.add_candidate(SEED_CODE, rec(-0.3), author="seed", summary="seed")
+        before = len(passes)
+        a.add_candidate("b\n", rec(-0.2), parent=s.id)
+        a.add_candidate("c\n", rec(-0.25), parent=s.id)
+        assert len(passes) == before and a.best().id == "c000001"  # only our own writes: no full pass
+        # Another writer died after its commit and ref, before the index row.
+        meta = Meta(candidate_id(3), 3, 0, s.id, "model", "committed, not indexed", 1.0e9)
+        sha = gitstore.write_commit(a.repo, "y\n", meta, rec(-0.01), commit_message(meta, rec(-0.01), s.commit),
+                                    s.commit, Identity("adrs-model", "model@adrs.invalid"))
+        gitstore.create_ref(a.repo, meta.id, sha)
+        d = a.add_candidate("d\n", rec(-0.2), parent=s.id)
+        assert len(passes) == before + 1 and d.iteration == 4
+        assert a.get(3).commit == sha and a.best().id == "c000003"
+        # Another writer died after its rejection note, before the index update.
+        gitstore.add_rejection(a.repo, sha, "found in review", Identity("Ada", "ada@example.org"), 1.0e9)
+        a.add_candidate("e\n", rec(-0.2), parent=s.id)
+        assert len(passes) == before + 2
+        assert a.get(3).status == "rejected" and a.best().id == "c000001"
+        # A killed `git update-ref` left the lock of the next candidate's ref.
+        (run / "repo" / "refs" / "candidates" / "c000006.lock").write_text("")
+        assert a.add_candidate("f\n", rec(-0.2), parent=s.id).iteration == 6
+        assert len(passes) == before + 3
+        a.add_candidate("g\n", rec(-0.2), parent=s.id)
+        assert len(passes) == before + 3
+    with open_run(run) as fresh:  # a full pass agrees with what the skipped ones left
+        assert fresh.recovery.clean and fresh.recover().clean and len(fresh.all()) == 8
+
+
 def test_recover_report(run: Path) -> None:
     with open_run(run, create=True) as a:
         s = a.add_candidate(SEED_CODE, rec(-0.3), author="seed", summary="seed")

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Mapping
@@ -95,27 +96,59 @@ def candidate_refs(repo: git.Repo) -> dict[str, str]:
     return refs_snapshot(repo)[0]
 
 
-def candidate_ids(repo: git.Repo) -> list[str]:
-    """Every candidate ref's id, read from the ref store's files (loose refs and packed-refs)
-    with no git process: the loop asks several times per iteration, and a process costs ~7 ms."""
+@dataclass(frozen=True)
+class RefState:
+    """What the index must agree with: the candidate ids, and where ``best`` and the rejection notes point."""
+
+    ids: frozenset[str]
+    best: str | None
+    rejected: str | None
+
+
+def ref_state(repo: git.Repo) -> RefState | None:
+    """The refs that matter to the index, read from git's ref files (loose refs and packed-refs)
+    with no git process (~7 ms each); None for git's other ref backend (reftable, opt-in)."""
     root = Path(repo.common_dir)
-    if (root / "reftable").exists():  # git's other ref backend (opt-in): ask git
-        return list(candidate_refs(repo))
+    if (root / "reftable").exists():
+        return None
+    packed = _packed_refs(root)
     prefix = CANDIDATE_REFS + "/"
     try:
         # A ref being written is a ``.lock`` file beside the others until git renames it into place.
         ids = {e.name for e in os.scandir(root / CANDIDATE_REFS) if e.is_file() and not e.name.endswith(".lock")}
     except FileNotFoundError:
         ids = set()
+    ids.update(name.removeprefix(prefix) for name in packed if name.startswith(prefix))
+    return RefState(frozenset(ids), _loose_target(root, BEST_REF) or packed.get(BEST_REF),
+                    _loose_target(root, REJECT_NOTES) or packed.get(REJECT_NOTES))
+
+
+def candidate_ids(repo: git.Repo) -> list[str]:
+    """Every candidate ref's id (the loop asks several times per iteration: no git process)."""
+    state = ref_state(repo)
+    return sorted(state.ids) if state is not None else list(candidate_refs(repo))
+
+
+def _packed_refs(root: Path) -> dict[str, str]:
+    """``{refname: sha}`` from packed-refs ("<sha> <refname>" lines, "#" headers, "^" peeled tags)."""
     try:
-        packed = (root / "packed-refs").read_text()
+        text = (root / "packed-refs").read_text()
     except FileNotFoundError:
-        packed = ""
-    for line in packed.splitlines():  # "<sha> <refname>", plus "#" headers and "^" peeled lines
-        name = line.partition(" ")[2]
-        if name.startswith(prefix):
-            ids.add(name.removeprefix(prefix))
-    return sorted(ids)
+        return {}
+    refs = {}
+    for line in text.splitlines():
+        if line and line[0] not in "#^":
+            sha, _, name = line.partition(" ")
+            refs[name] = sha
+    return refs
+
+
+def _loose_target(root: Path, ref: str) -> str | None:
+    """A loose ref's content (a loose ref overrides a packed one), or None if there is no file."""
+    try:
+        return (root / ref).read_text().strip() or None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
 
 
 def refs_snapshot(repo: git.Repo) -> tuple[dict[str, str], str | None]:

@@ -66,7 +66,7 @@ class RecoverReport:
     stale_locks: int = 0
     best: str | None = None
     # Git state seen while recovering, so a caller holding the lock need not read it again.
-    refs: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    ids: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
     best_commit: str | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -90,6 +90,8 @@ class Archive:
     conn: sqlite3.Connection
     recovery: RecoverReport = field(default_factory=RecoverReport, compare=False)
     """What open_run's recover() repaired (worth a log line after a crash)."""
+    # {"state": RefState} while the index is known to match git as it stands (see _recover_locked).
+    _synced: dict[str, gitstore.RefState] = field(default_factory=dict, compare=False, repr=False)
 
     # -- paths -------------------------------------------------------------------------------
     @property
@@ -138,11 +140,11 @@ class Archive:
         if "archive" in record:
             raise ValueError("record key 'archive' is reserved for the archive's bookkeeping")
         with run_lock(self.run_dir):
-            rep = self._recover_locked()  # another writer may have died between git and index
-            refs, refs_best = rep.refs, rep.best_commit
-            it = _next_iteration(refs) if iteration is None else int(iteration)
+            rep = self._recover_locked(full=False)  # another writer may have died between git and index
+            ids, refs_best = rep.ids, rep.best_commit
+            it = _next_iteration(ids) if iteration is None else int(iteration)
             cid = candidate_id(it)
-            if it < 0 or cid in refs:
+            if it < 0 or cid in ids:
                 raise ArchiveError(f"iteration {it} is already recorded (or negative)")
             parent_ref = None if parent is None else self.get(parent)
             meta = Meta(
@@ -152,6 +154,7 @@ class Archive:
             )
             who = identity or self._default_identity(author)
             msg = commit_message(meta, record, parent_ref.commit if parent_ref else None)
+            self._synced.clear()  # until this write is done, git and the index may differ
             # 1) git: objects, then the ref that makes them reachable. This is the commit point.
             commit = gitstore.write_commit(self.repo, code, meta, record, msg,
                                            parent_ref.commit if parent_ref else None, who)
@@ -160,6 +163,7 @@ class Archive:
             row = row_from(meta, record, commit, None)
             index.insert(self.conn, row)
             self._update_best_locked(refs_best)
+            self._note_synced()
             return row
 
     def mark_rejected(self, candidate: str | int | CandidateRef, reason: str,
@@ -169,13 +173,15 @@ class Archive:
         The rejection is a git note (``refs/notes/rejected``), so a rebuild from git keeps it.
         """
         with run_lock(self.run_dir):
-            current_best = self._recover_locked().best_commit
+            current_best = self._recover_locked(full=False).best_commit
             ref = self.get(candidate)
             who = reviewer or self._human()
+            self._synced.clear()
             gitstore.add_rejection(self.repo, ref.commit, reason, who, time.time())
             reason_stored = gitstore.reject_reason(self.repo, gitstore.rejections(self.repo)[ref.commit])
             index.set_rejected(self.conn, ref.id, reason_stored, "rejected")
             self._update_best_locked(current_best)
+            self._note_synced()
             return self.get(ref.id)
 
     def add_rescore(self, candidate: str | int | CandidateRef, data: Mapping[str, Any],
@@ -221,12 +227,29 @@ class Archive:
     def reindex(self) -> int:
         """Drop every index row and rebuild from git; returns the number of candidates."""
         with run_lock(self.run_dir):
+            self._synced.clear()
             self.conn.execute("DELETE FROM candidates")
             self._recover_locked()
             return len(self.all())
 
-    def _recover_locked(self) -> RecoverReport:
+    def _note_synced(self) -> None:
+        """After a write of ours that completed: the index matches git as it stands now."""
+        state = gitstore.ref_state(self.repo)
+        if state is not None:
+            self._synced["state"] = state
+
+    def _recover_locked(self, full: bool = True) -> RecoverReport:
+        """``full=False`` (before a write of ours): skip the pass when git has not changed since
+        the index last matched it; ``recover()`` always compares everything."""
         stale = gitstore.clear_stale_locks(self.repo_dir)
+        state = gitstore.ref_state(self.repo)
+        if not full and not stale and state is not None and state == self._synced.get("state"):
+            # No writer changed git since the index last matched it (one that died halfway would
+            # have left a ref, a note or ``best`` moved): skip the full pass, two git processes
+            # and every index row read, which made each commit O(archive).
+            best = index.best(self.conn)
+            return RecoverReport(best=best.id if best else None, ids=state.ids, best_commit=state.best)
+        self._synced.clear()
         refs, best_commit = gitstore.refs_snapshot(self.repo)
         notes = gitstore.rejections(self.repo)
         rows = {r.id: r for r in index.all_rows(self.conn)}
@@ -255,8 +278,9 @@ class Archive:
             self.conn.execute("ROLLBACK")
             raise
         best = self._update_best_locked(best_commit)
+        self._note_synced()
         return RecoverReport(tuple(inserted), tuple(deleted), tuple(restatused), len(stale),
-                             best.id if best else None, refs, best.commit if best else None)
+                             best.id if best else None, frozenset(refs), best.commit if best else None)
 
     def _update_best_locked(self, current: str | None) -> CandidateRef | None:
         """Point ``best`` at the index's best row; ``current`` is where the branch is now."""
