@@ -242,8 +242,8 @@ class Archive:
         """``full=False`` (before a write of ours): skip the pass when git has not changed since
         the index last matched it; ``recover()`` always compares everything."""
         stale = gitstore.clear_stale_locks(self.repo_dir)
-        state = gitstore.ref_state(self.repo)
-        if not full and not stale and state is not None and state == self._synced.get("state"):
+        state = None if full or stale else gitstore.ref_state(self.repo)
+        if state is not None and state == self._synced.get("state"):
             # No writer changed git since the index last matched it (one that died halfway would
             # have left a ref, a note or ``best`` moved): skip the full pass, two git processes
             # and every index row read, which made each commit O(archive).

@@ -188,15 +188,10 @@ class Worker:
         self.isolation: str | None = None  # what the launcher set up, in words
         self._ready: bool | None = None  # None: not known yet
         self._refused: str | None = None  # why the launcher refused to isolate, once it said so
-        if self.preloaded is not None:
-            # Queued on the control socket: the worker reads it once torch is imported.
-            fd = os.open(self.preloaded, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                socket.send_fds(self.control, [b"preload"], [fd])
-            except OSError:
-                self.preloaded = None  # the worker is already gone: wait_ready will say so
-            finally:
-                os.close(fd)
+        if self.preloaded is not None and not self._send_preload(self.preloaded):
+            # Queued on the control socket (the worker reads it once torch is imported) unless
+            # the worker is already gone: wait_ready will say so.
+            self.preloaded = None
 
     @property
     def pgid(self) -> int | None:
@@ -270,15 +265,21 @@ class Worker:
         ready again once done (``wait_ready``). False, and nothing sent, for any other worker."""
         if self.preloaded is not None or self.device is None or self._ready is not True or self._closed:
             return False
+        if not self._send_preload(path):
+            return False  # the worker is gone: the pool drops it
+        self.preloaded, self._ready = path, None
+        return True
+
+    def _send_preload(self, path: Path) -> bool:
+        """Send ``path`` as an fd in a ``preload`` message on the control socket; False if the worker is gone."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             socket.send_fds(self.control, [b"preload"], [fd])
+            return True
         except OSError:
-            return False  # the worker is gone: the pool drops it
+            return False
         finally:
             os.close(fd)
-        self.preloaded, self._ready = path, None
-        return True
 
     def send_job(self, job: dict[str, Any], fds: dict[str, int]) -> None:
         """Hand over the job: the files it needs as fds (the worker cannot open our paths), then the JSON."""
