@@ -71,8 +71,13 @@ def measure(latency: float, in_flight: int, iterations: int, workload: str, in_p
                            "max_in_flight": in_flight}
         else:
             llm, evaluation["in_flight"] = mutator, in_flight
+        spec: object = workload
+        if workload == "synthetic":  # random records of default's shapes, from the workload cache: no model
+            from synthetic import cached_synthetic_spec
+
+            spec = cached_synthetic_spec().model_dump()
         cfg = parse_config({
-            "name": "bench", "workload": workload, "heldout_workload": None, "iterations": iterations,
+            "name": "bench", "workload": spec, "heldout_workload": None, "iterations": iterations,
             "seed_candidate": str(ROOT / "seeds" / "sink_window.py"), "evaluation": evaluation, "llm": llm,
         })
         scorer = make_scorer(cfg, progress=False)
@@ -126,7 +131,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=2.0)
     parser.add_argument("--in-flight", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--iterations", type=int, default=12)
-    parser.add_argument("--workload", default="tiny")
+    parser.add_argument("--workload", default="tiny", help="a preset, or synthetic (random records, no model)")
     parser.add_argument("--workers", type=int, nargs="+", default=[None],
                         help="evaluation workers (one per GPU); default: the config's (one per visible GPU, or 1)")
     parser.add_argument("--mutator", nargs="+", default=["loopback"], choices=["loopback", "structural", "offline"])

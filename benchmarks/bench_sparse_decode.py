@@ -228,7 +228,7 @@ def sweep_configs(layout: str) -> list:
 TUNE_KEYS = ("block_n", "num_warps", "num_stages", "ctas_per_sm", "early_v", "prefetch")
 
 
-def sweep_point(q, k, v, T, b, gen, rep_ms, copy_bw, dense_s, layouts) -> list:
+def sweep_point(q, k, v, T, b, gen, rep_ms, copy_bw, dense_s, layouts, pdl: dict) -> list:
     out = []
     n = int(round(TARGET["density"] * T))
     for layout in layouts:
@@ -238,7 +238,7 @@ def sweep_point(q, k, v, T, b, gen, rep_ms, copy_bw, dense_s, layouts) -> list:
         for cfg in configs:
             try:
                 r = run_point(q, k, v, T, b, TARGET["density"], layout, gen, rep_ms, copy_bw, dense_s,
-                              with_torch=False, sets=sets, eager=False, **cfg)
+                              with_torch=False, sets=sets, eager=False, **cfg, **pdl)
             except Exception as e:  # noqa: BLE001
                 r = dict(layout=layout, context=T, batch=b, error=repr(e)[:300])
             r.update(cfg)
@@ -291,8 +291,11 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true",
                     help="sweep every (context, batch) point at density 0.10 first and use its fastest config per layout "
                          "for that point's rows")
+    ap.add_argument("--pdl", choices=["on", "off"], default="on",
+                    help="programmatic dependent launch (the library default where supported; off: for comparison)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "sparse_decode.json"))
     args = ap.parse_args()
+    pdl = {} if args.pdl == "on" else {"pdl": False}
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     import triton
@@ -322,7 +325,7 @@ def main() -> None:
             dense_rows.append(dense)
             point_cfg: dict = {}
             if args.tune or args.sweep:
-                pt = sweep_point(q, k, v, T, b, gen, args.rep_ms, copy_bw, dense["seconds"], args.layouts)
+                pt = sweep_point(q, k, v, T, b, gen, args.rep_ms, copy_bw, dense["seconds"], args.layouts, pdl)
                 sweep += pt
                 if args.tune:
                     point_cfg = best_configs(pt, args.layouts)
@@ -334,7 +337,7 @@ def main() -> None:
             for density in args.densities:
                 for layout in args.layouts:
                     r = run_point(q, k, v, T, b, density, layout, gen, args.rep_ms, copy_bw, dense["seconds"],
-                                  with_torch=not args.no_torch, **point_cfg.get(layout, {}))
+                                  with_torch=not args.no_torch, **{**point_cfg.get(layout, {}), **pdl})
                     r["config"] = point_cfg.get(layout) or "library defaults"
                     rows.append(r)
                     print(f"  d={density:.2f} {layout:5s} kernel {r['kernel_s'] * 1e6:8.1f} us  x{r['speedup_vs_dense']:5.2f} vs dense"
@@ -379,7 +382,8 @@ def main() -> None:
         device=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
         python=platform.python_version(), shapes=dict(heads=H, kv_heads=H_KV, head_dim=D, dtype=str(DTYPE)),
         copy=copy, dense=dense_rows, rows=rows, target=TARGET,
-        target_union=target_union, targets=targets, sweep=sweep, tuned=tuned, launch_defaults=tk.DEFAULTS, wall_s=time.time() - t_start,
+        target_union=target_union, targets=targets, sweep=sweep, tuned=tuned, launch_defaults=tk.DEFAULTS, pdl=args.pdl,
+        wall_s=time.time() - t_start,
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -45,8 +45,11 @@ def _split_head(
     stride_ob, stride_oh,
     H, GROUP, T, N, CHUNK, NUM_SPLITS, scale_log2,
     HAS_W: tl.constexpr, NORMALIZE: tl.constexpr, EARLY_V: tl.constexpr, PREFETCH: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # launched before the previous kernel ended: wait for its writes, let the merge launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // H
@@ -121,8 +124,11 @@ def _split_group(
     stride_ob, stride_oh,
     H, H_KV, GROUP, T, N, CHUNK, NUM_SPLITS, scale_log2,
     HAS_W: tl.constexpr, W_PER_HEAD: tl.constexpr, NORMALIZE: tl.constexpr, EARLY_V: tl.constexpr, PREFETCH: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # as in _split_head
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_bk = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bk // H_KV
@@ -228,8 +234,11 @@ def _merge_row(OUT_ROW, M_PART, L_PART, ACC_PART, row, NUM_SPLITS,
 @triton.jit
 def _merge(
     OUT, M_PART, L_PART, ACC_PART, stride_ob, stride_oh, H, NUM_SPLITS,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # started while the split kernel runs: its partials are complete only after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
@@ -250,9 +259,12 @@ def _sm_count(device: torch.device) -> int:
 
 # Launch defaults per kernel, tuned on an H100 at Llama-3.1-8B shapes (128k context, batch 1, density 0.10) and
 # confirmed on an H200 at 32k and 128k, batch 1 (benchmarks/bench_sparse_decode.py --tune; benchmarks/results/).
+# ``pdl``: programmatic dependent launch (Hopper and later): each kernel may start while the one
+# before it in the stream finishes, and waits for its writes in-kernel, which hides most of a
+# launch's latency (a few microseconds per call at batch 1); ignored where unsupported.
 DEFAULTS = {
-    "head": dict(block_n=128, num_warps=2, num_stages=1, ctas_per_sm=4, early_v=True, prefetch=True),
-    "group": dict(block_n=32, num_warps=4, num_stages=2, ctas_per_sm=4, early_v=True, prefetch=True),
+    "head": dict(block_n=128, num_warps=2, num_stages=1, ctas_per_sm=4, early_v=True, prefetch=True, pdl=True),
+    "group": dict(block_n=32, num_warps=4, num_stages=2, ctas_per_sm=4, early_v=True, prefetch=True, pdl=True),
 }
 # With many rows (batch 8 at Llama-3.1-8B shapes: 256 query-head rows, 64 KV-head rows) fewer, longer
 # chunks win: every row already has programs on every SM, and the merge reads fewer partials. H200
@@ -264,7 +276,7 @@ LARGE_DEFAULTS = {"head": dict(ctas_per_sm=2), "group": dict(block_n=64, ctas_pe
 # Triton 3.6 was seen to crash in its layout pass (TritonGPURemoveLayoutConversions) on some
 # shape specialisations of these kernels with index prefetching on. A launch whose compilation
 # fails is retried with the simpler variants below, and the key is remembered.
-_FALLBACKS = (dict(prefetch=False), dict(prefetch=False, early_v=False, num_stages=1))
+_FALLBACKS = (dict(prefetch=False), dict(prefetch=False, early_v=False, num_stages=1, pdl=False))
 _BAD_KEYS: set = set()
 
 
@@ -286,7 +298,22 @@ def default_config(rows: int, n: int, group_kernel: bool, device: torch.device, 
     chunk = triton.cdiv(triton.cdiv(max(n, 1), num_splits), block_n) * block_n
     num_splits = triton.cdiv(max(n, 1), chunk)
     return dict(block_n=block_n, num_warps=int(base["num_warps"]), num_stages=int(base["num_stages"]),
-                num_splits=num_splits, chunk=chunk, early_v=bool(base["early_v"]), prefetch=bool(base["prefetch"]))
+                num_splits=num_splits, chunk=chunk, early_v=bool(base["early_v"]), prefetch=bool(base["prefetch"]),
+                pdl=bool(base.get("pdl", False)) and _pdl_supported(device))
+
+
+def _pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch needs a CUDA device of compute capability 9.0 or later and a
+    Triton that exposes it (not the interpreter, which runs on CPU tensors)."""
+    if device.type != "cuda" or not hasattr(tl.extra, "cuda") or not hasattr(tl.extra.cuda, "gdc_wait"):
+        return False
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(key)[0] >= 9
+
+
+def pdl_launch(c: dict) -> dict:
+    """The launch option that lets a kernel start before the previous one in its stream ends."""
+    return {"launch_pdl": True} if c["pdl"] else {}
 
 
 def sparse_decode_triton(
@@ -352,15 +379,16 @@ def sparse_decode_triton(
                 h, h_kv, group, T, n, c["chunk"], splits, scale_log2,
                 HAS_W=w is not None, W_PER_HEAD=(w is not None and w.shape[1] == h and h != h_kv),
                 NORMALIZE=normalize, EARLY_V=c["early_v"], PREFETCH=c["prefetch"], HEAD_DIM=d, BLOCK_D=block_d,
-                BLOCK_N=c["block_n"], BLOCK_H=max(16, triton.next_power_of_2(group)),
-                num_warps=c["num_warps"], num_stages=c["num_stages"],
+                BLOCK_N=c["block_n"], BLOCK_H=max(16, triton.next_power_of_2(group)), USE_PDL=c["pdl"],
+                num_warps=c["num_warps"], num_stages=c["num_stages"], **pdl_launch(c),
             )
         else:
             _split_head[grid](
                 q, k_cache, v_cache, idx, w_arg, out, m_part, l_part, acc_part, *common,
                 h, group, T, n, c["chunk"], splits, scale_log2,
                 HAS_W=w is not None, NORMALIZE=normalize, EARLY_V=c["early_v"], PREFETCH=c["prefetch"], HEAD_DIM=d,
-                BLOCK_D=block_d, BLOCK_N=c["block_n"], num_warps=c["num_warps"], num_stages=c["num_stages"],
+                BLOCK_D=block_d, BLOCK_N=c["block_n"], USE_PDL=c["pdl"], num_warps=c["num_warps"],
+                num_stages=c["num_stages"], **pdl_launch(c),
             )
 
     key = (group_kernel, w is not None, None if w is None else w.shape[1], normalize, d, q.dtype, k_cache.dtype,
@@ -368,9 +396,11 @@ def sparse_decode_triton(
     variants = [cfg] + [{**cfg, **fb} for fb in _FALLBACKS]
     if key in _BAD_KEYS:
         variants = variants[1:]
+    launched = cfg
     for i, c in enumerate(variants):
         try:
             launch(c)
+            launched = c
             break
         except Exception as e:  # a compiler crash: try the next, simpler variant
             if i == len(variants) - 1:
@@ -381,5 +411,6 @@ def sparse_decode_triton(
         _merge[(b * h,)](
             out, m_part, l_part, acc_part, out.stride(0), out.stride(1), h, splits,
             HEAD_DIM=d, BLOCK_D=block_d, CHUNK_S=min(64, max(2, triton.next_power_of_2(splits))), num_warps=4,
+            USE_PDL=launched["pdl"], **pdl_launch(launched),
         )
     return out
