@@ -258,13 +258,14 @@ def test_triton_dependent_launch_matches_plain_launch_back_to_back_and_in_a_grap
     cases = [make_case(b=1, h=32, h_kv=8, d=128, T=8192, n=819, device="cuda", dtype=torch.bfloat16,
                        layout=layout, weights="same", seed=20 + i) for i in range(4)]
     q, k, v = cases[0][:3]
-    assert tk.default_config(8, 819, layout == "group", q.device)["num_splits"] > 1  # the merge kernel runs
+    cfg = tk.default_config(8, 819, layout == "group", q.device, pdl=True)
+    assert cfg["num_splits"] > 1 and cfg["pdl"]  # the merge kernel runs, launched dependently
     plain = [sparse_decode(q, k, v, c[3], c[4], backend="triton", out_dtype=torch.float32, pdl=False) for c in cases]
     outs = [torch.empty_like(p) for p in plain]
 
     def calls() -> None:
         for c, o in zip(cases, outs):
-            o.copy_(sparse_decode(q, k, v, c[3], c[4], backend="triton", out_dtype=torch.float32))
+            o.copy_(sparse_decode(q, k, v, c[3], c[4], backend="triton", out_dtype=torch.float32, pdl=True))
 
     calls()
     torch.cuda.synchronize()

@@ -260,10 +260,13 @@ def _sm_count(device: torch.device) -> int:
 # Launch defaults per kernel, tuned on an H100 at Llama-3.1-8B shapes (128k context, batch 1, density 0.10) and
 # confirmed on an H200 at 32k and 128k, batch 1 (benchmarks/bench_sparse_decode.py --tune; benchmarks/results/).
 # ``pdl``: programmatic dependent launch (Hopper and later): each kernel may start while the one
-# before it in the stream finishes, and waits for its writes in-kernel, which hides most of a
-# launch's latency (a few microseconds per call at batch 1); ignored where unsupported.
+# before it in the stream finishes, and waits for its writes in-kernel; ignored where unsupported.
+# H200, density 0.10, batch 1 (benchmarks/results/sparse_decode_h200_pdl_*.json): per KV head it
+# hides about a microsecond of each call's two launches (32k: 10.6 -> 9.5 us, 128k: 24.4 -> 23.0-23.3);
+# per query head it costs 2-3 us (32k: 23.5 -> 25.8-26.5, 128k: 69.0 -> 71.9-72.6), so it is off there.
+# At batch 8 it changes neither by more than 1%.
 DEFAULTS = {
-    "head": dict(block_n=128, num_warps=2, num_stages=1, ctas_per_sm=4, early_v=True, prefetch=True, pdl=True),
+    "head": dict(block_n=128, num_warps=2, num_stages=1, ctas_per_sm=4, early_v=True, prefetch=True, pdl=False),
     "group": dict(block_n=32, num_warps=4, num_stages=2, ctas_per_sm=4, early_v=True, prefetch=True, pdl=True),
 }
 # With many rows (batch 8 at Llama-3.1-8B shapes: 256 query-head rows, 64 KV-head rows) fewer, longer
