@@ -19,7 +19,7 @@ NOBODY = 65534
 
 # Environment variables passed to the worker as they are; everything else is dropped.
 _KEEP = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "TZ", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-         "CUDA_VISIBLE_DEVICES", "CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED")
+         "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_MAX_CONNECTIONS", "CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED")
 # Defence in depth: even an allow-listed name is dropped if it looks like a secret.
 _SECRET = re.compile(r"(_KEY|_TOKEN|_SECRET)$|PASSWORD|^OPENAI_|^ANTHROPIC_|^ADRS_LLM_", re.IGNORECASE)
 MARKER_VAR = "ADRS_SANDBOX_RUN"

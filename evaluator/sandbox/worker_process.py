@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -140,6 +140,21 @@ def fork_server_env() -> dict[str, str]:
     return env
 
 
+def worker_env(source: Mapping[str, str], marker: str, cuda: bool) -> dict[str, str]:
+    """A worker's environment: ``source`` scrubbed (the launcher sets PYTHONPATH per level), and
+    for a GPU worker the CUDA settings it starts with."""
+    env = scrubbed_env(source, marker, _REPO_ROOT)
+    if cuda:
+        env["ADRS_SANDBOX_CUDA"] = "1"
+        # One hardware queue instead of CUDA's default 8. Making a context is serialised
+        # host-wide by the driver, and every evaluation uses up a worker's: with 8 queues a
+        # 2 x H200 host makes ~5 a second however many GPUs it has, with 1 ~8 a second
+        # (benchmarks/bench_spare_starts.py). A candidate's kernels go to one stream anyway.
+        # A value the user set is kept.
+        env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    return env
+
+
 class Worker:
     """One sandbox process: started (imports torch), then used for exactly one candidate.
 
@@ -159,9 +174,7 @@ class Worker:
         self.cuda = cuda
         self.device = device
         self.preloaded = preload if preload is not None and device is not None else None
-        env = scrubbed_env(os.environ, self.marker, _REPO_ROOT)  # the launcher sets PYTHONPATH per level
-        if cuda:
-            env["ADRS_SANDBOX_CUDA"] = "1"
+        env = worker_env(os.environ, self.marker, cuda)
         self.control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # The lifeline's write end stays here only: if this process dies, the launcher kills the worker.
         lifeline_r, self._lifeline = os.pipe()
