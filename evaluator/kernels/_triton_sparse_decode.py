@@ -23,7 +23,6 @@ Logits are kept in base 2 (``s * scaling * log2(e) + log2(w)``), so ``exp2`` rep
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional
 
