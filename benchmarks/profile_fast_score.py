@@ -10,6 +10,7 @@ Prints a table and writes JSON (``--out``, default ``benchmarks/results/profile_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import dataclasses
 import io
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -174,7 +175,8 @@ def worker_start(args: argparse.Namespace, workload: Any) -> dict[str, float]:
 
 def parent_profile(workload: Any, seed: Path, repeat: int) -> dict[str, Any]:
     """The sandboxed score, its replacement spare started during the candidate (as the pool does)
-    or after it, with and without the spare's kernel rehearsal; a profile of the parent for the first."""
+    or after it, with and without the spare's kernel rehearsal, and with the parent's decoding and
+    scoring held until the worker is done; a profile of the parent for the first."""
     from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
 
     limits = SandboxLimits(wall_s=300)
@@ -205,7 +207,48 @@ def parent_profile(workload: Any, seed: Path, repeat: int) -> dict[str, Any]:
             out[key] = sorted(times)[len(times) // 2]
             out[key.replace("sandbox_s", "worker_s")] = sorted(worker)[len(worker) // 2]
     os.environ.pop("ADRS_SPARE_REHEARSAL")
+    # The parent decodes and scores on the workload's GPU while the worker computes on it: the
+    # same score with the parent's share held back until the worker is done shows what sharing
+    # the GPU (and the host) with the parent costs the worker.
+    with WorkerPool(limits, cuda=cuda) as pool, _scoring_after_worker():
+        pool.defer_spares = True
+        run_candidate(seed, workload, 0.1, pool=pool)
+        times, worker = [], []
+        for _ in range(repeat):
+            pool.wait_ready(120)
+            time.sleep(0.5)
+            t, run = timed(lambda: run_candidate(seed, workload, 0.1, pool=pool))
+            assert run.report.valid, run.report.reason
+            times.append(t)
+            worker.append(run.outcome.elapsed_s)
+    out["sandbox_s rehearse=1 spare=after scoring=after"] = sorted(times)[len(times) // 2]
+    out["worker_s rehearse=1 spare=after scoring=after"] = sorted(worker)[len(worker) // 2]
     return out
+
+
+@contextlib.contextmanager
+def _scoring_after_worker() -> Iterator[None]:
+    """ResultStream keeps each selection as it arrives and decodes and scores them all once the
+    worker's status is in (for measurement only: the pool's path scores as they arrive)."""
+    from evaluator.sandbox.result_stream import ResultStream
+
+    take, finish = ResultStream.take, ResultStream.finish
+
+    def keep(self: Any, header: dict, tensors: dict, size: int) -> bool:
+        self.__dict__.setdefault("_kept", []).append((header, tensors, size))
+        return True
+
+    def replay(self: Any, status: Any) -> None:
+        for item in self.__dict__.pop("_kept", []):
+            if not take(self, *item):
+                break
+        finish(self, status)
+
+    ResultStream.take, ResultStream.finish = keep, replay
+    try:
+        yield
+    finally:
+        ResultStream.take, ResultStream.finish = take, finish
 
 
 def interference(args: argparse.Namespace, workload: Any, seed: Path) -> dict[str, float]:
