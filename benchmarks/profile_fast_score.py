@@ -176,7 +176,8 @@ def worker_start(args: argparse.Namespace, workload: Any) -> dict[str, float]:
 def parent_profile(workload: Any, seed: Path, repeat: int) -> dict[str, Any]:
     """The sandboxed score, its replacement spare started during the candidate (as the pool does)
     or after it, with and without the spare's kernel rehearsal, and with the parent's decoding and
-    scoring held until the worker is done; a profile of the parent for the first."""
+    scoring the other way round from the device's default (after the worker, or alongside it);
+    a profile of the parent for the first."""
     from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
 
     limits = SandboxLimits(wall_s=300)
@@ -207,10 +208,12 @@ def parent_profile(workload: Any, seed: Path, repeat: int) -> dict[str, Any]:
             out[key] = sorted(times)[len(times) // 2]
             out[key.replace("sandbox_s", "worker_s")] = sorted(worker)[len(worker) // 2]
     os.environ.pop("ADRS_SPARE_REHEARSAL")
-    # The parent decodes and scores on the workload's GPU while the worker computes on it: the
-    # same score with the parent's share held back until the worker is done shows what sharing
-    # the GPU (and the host) with the parent costs the worker.
-    with WorkerPool(limits, cuda=cuda) as pool, _scoring_after_worker():
+    # By default the parent decodes and scores as selections arrive on a GPU, after the worker on a
+    # CPU (runner.score_after_worker); the other way round shows what that choice is worth.
+    from evaluator.sandbox import runner
+
+    other = "alongside" if runner.score_after_worker(workload.records[0].queries.device) else "after"
+    with WorkerPool(limits, cuda=cuda) as pool, _scoring(other == "after"):
         pool.defer_spares = True
         run_candidate(seed, workload, 0.1, pool=pool)
         times, worker = [], []
@@ -221,34 +224,22 @@ def parent_profile(workload: Any, seed: Path, repeat: int) -> dict[str, Any]:
             assert run.report.valid, run.report.reason
             times.append(t)
             worker.append(run.outcome.elapsed_s)
-    out["sandbox_s rehearse=1 spare=after scoring=after"] = sorted(times)[len(times) // 2]
-    out["worker_s rehearse=1 spare=after scoring=after"] = sorted(worker)[len(worker) // 2]
+    out[f"sandbox_s rehearse=1 spare=after scoring={other}"] = sorted(times)[len(times) // 2]
+    out[f"worker_s rehearse=1 spare=after scoring={other}"] = sorted(worker)[len(worker) // 2]
     return out
 
 
 @contextlib.contextmanager
-def _scoring_after_worker() -> Iterator[None]:
-    """ResultStream keeps each selection as it arrives and decodes and scores them all once the
-    worker's status is in (for measurement only: the pool's path scores as they arrive)."""
-    from evaluator.sandbox.result_stream import ResultStream
+def _scoring(after: bool) -> Iterator[None]:
+    """The parent decodes and scores after the worker (or alongside it), whatever the device."""
+    from evaluator.sandbox import runner
 
-    take, finish = ResultStream.take, ResultStream.finish
-
-    def keep(self: Any, header: dict, tensors: dict, size: int) -> bool:
-        self.__dict__.setdefault("_kept", []).append((header, tensors, size))
-        return True
-
-    def replay(self: Any, status: Any) -> None:
-        for item in self.__dict__.pop("_kept", []):
-            if not take(self, *item):
-                break
-        finish(self, status)
-
-    ResultStream.take, ResultStream.finish = keep, replay
+    policy = runner.score_after_worker
+    runner.score_after_worker = lambda device: after
     try:
         yield
     finally:
-        ResultStream.take, ResultStream.finish = take, finish
+        runner.score_after_worker = policy
 
 
 def interference(args: argparse.Namespace, workload: Any, seed: Path) -> dict[str, float]:

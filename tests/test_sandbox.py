@@ -221,6 +221,37 @@ def _in_process(path: Path, workload, density_target: float):
     return score_masker(load_masker(path), workload, density_target)
 
 
+STREAM_CASES = ("forge_status", "garbage_stream", "returns_too_much", "nan_weights", "some_layers_only", "future_tokens")
+
+
+def test_scoring_after_the_worker_and_alongside_it_give_the_same_reports(tiny, monkeypatch):
+    """The parent scores a CPU slot's selections after the worker and a GPU slot's as they arrive
+    (runner.score_after_worker): both ways give identical scores for seeds, and the same category
+    and reason for candidates whose stream is forged, garbage, over the cap or invalid midway."""
+    from evaluator.sandbox import runner
+
+    reports: dict[bool, dict[str, object]] = {}
+    with WorkerPool(LIMITS, spares=2) as pool:
+        for after in (True, False):
+            monkeypatch.setattr(runner, "score_after_worker", lambda device, after=after: after)
+            got = {}
+            for seed in ("oracle_topk", "vattention"):
+                got[seed] = run_candidate(SEEDS / f"{seed}.py", tiny, 0.1, pool=pool).report
+            for case in STREAM_CASES:
+                got[case] = run_candidate(HOSTILE / f"{CASES[case][0]}.py", tiny, 0.1, pool=pool).report
+            reports[after] = got
+    for seed in ("oracle_topk", "vattention"):
+        a, b = reports[True][seed], reports[False][seed]
+        assert a.valid and b.valid, (a.reason, b.reason)
+        assert (a.error, a.density, a.kv_density) == (b.error, b.density, b.kv_density)
+    for case in STREAM_CASES:
+        category, reason = CASES[case][2], CASES[case][3]
+        for after in (True, False):
+            report = reports[after][case]
+            assert report.category == category and reason in (report.reason or ""), (case, after, report.reason)
+        assert reports[True][case].reason == reports[False][case].reason
+
+
 @pytest.mark.parametrize("seed", ["oracle_topk", "group_hybrid"])
 def test_batched_scorer_matches_record_by_record(tiny, seed):
     """The chunked scorer gives record_scores' numbers (to rounding) for every record, kv_density included

@@ -20,7 +20,8 @@ from evaluator.scoring import InvalidSelection, ScoreReport, aggregate
 
 class ResultStream:
     """The parent's side of the fast score's result stream: decodes, validates and scores each
-    record's selection as it arrives (``RecordScorer`` chunks), while the worker computes the next.
+    record's selection as it arrives (``RecordScorer`` chunks), while the worker computes the next,
+    or (``score_after``) all of them once the worker is done.
 
     The first problem (in record order) is kept and later selections are only drained, so that
     the worker's own status (an exception or memory failure further on) still takes precedence,
@@ -28,7 +29,9 @@ class ResultStream:
     """
 
     def __init__(self, workload: Any, density_target: float, limits: SandboxLimits,
-                 on_selection: SelectionHook | None) -> None:
+                 on_selection: SelectionHook | None, score_after: bool = False) -> None:
+        """``score_after``: keep each message as it arrives and decode and score them all in
+        ``finish``, after the worker, instead of alongside it (see ``runner.score_after_worker``)."""
         self.records = workload.records
         self.density_target = density_target
         self.limits = limits
@@ -36,21 +39,37 @@ class ResultStream:
         self.received = 0
         self.total = 0
         self.failure: ScoreReport | None = None
+        self._kept: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = [] if score_after else None
 
     def take(self, header: dict[str, Any], tensors: dict[str, torch.Tensor], size: int) -> bool:
         """One record's message; False once more reading is pointless (over the output cap)."""
         self.total += size + 1024
         if self.total > self.limits.output_bytes:
+            self._score_kept()  # what came before, in order: an earlier problem stays the first
             where = self._where(min(self.received, len(self.records) - 1))
             self._fail(ScoreReport.failure("output", f"selections exceed {self.limits.output_bytes} bytes (at {where})"))
             return False
+        if self._kept is not None:
+            self._kept.append((header, tensors))
+        else:
+            self._score(header, tensors)
+        return True
+
+    def _score_kept(self) -> None:
+        """Decode and score the kept messages, in arrival order."""
+        kept, self._kept = self._kept, ([] if self._kept is not None else None)
+        for header, tensors in kept or ():
+            self._score(header, tensors)
+
+    def _score(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Check, decode and score one record's message (keeping the first problem)."""
         if self.failure is not None:
-            return True  # drained: the worker's status may still explain more than the first problem
+            return  # drained: the worker's status may still explain more than the first problem
         i = self.received
         if i >= len(self.records) or header.get("i") != i:
             self._fail(ScoreReport.failure("crash", f"the candidate process wrote a malformed result: "
                                            f"selection {str(header.get('i'))[:40]} where {i} was due"))
-            return True
+            return
         rec = self.records[i]
         try:
             meta = header.get("meta")
@@ -65,14 +84,14 @@ class ResultStream:
                 weights = plain_weights(decode_selection(None, meta, rec, tensors=tensors), rec)
         except InvalidSelection as exc:
             self._fail(ScoreReport.failure("invalid", f"{self._where(i)}: {exc}"))
-            return True
+            return
         except ProtocolError as exc:
             self._fail(ScoreReport.failure("crash", f"the candidate process wrote a malformed result: {exc}"))
-            return True
+            return
         except Exception as exc:  # noqa: BLE001 - a corrupt message must not crash the evaluator
             self._fail(ScoreReport.failure("crash", f"the candidate process wrote an unreadable result for {self._where(i)}: "
                                            f"{type(exc).__name__}: {exc}"[:1000]))
-            return True
+            return
         self.received += 1
         try:
             # Outside the try above: the scorer and the on_selection hook are trusted code, whose
@@ -80,10 +99,10 @@ class ResultStream:
             self.scorer.add(i, weights)
         except RecordInvalid as exc:
             self._fail(ScoreReport.failure("invalid", f"{exc.where}: {exc}"))
-        return True
 
     def finish(self, status: dict[str, Any] | None) -> None:
-        """Score what is still pending, if the worker's ``status`` says it is done."""
+        """Score the kept messages and what is still pending, if the worker's ``status`` says it is done."""
+        self._score_kept()
         if self.failure is None and status is not None and status.get("ok") \
                 and self.received == len(self.records):
             try:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.pool import WorkerPool
 from evaluator.sandbox.result_stream import ResultStream, SelectionHook
@@ -79,7 +81,7 @@ def run_candidate(
         job["preloaded"] = True  # the warm worker holds these inputs on the device already
     else:
         fds["inputs"] = os.open(inputs, os.O_RDONLY | os.O_CLOEXEC)
-    stream = ResultStream(workload, density_target, limits, on_selection)
+    stream = ResultStream(workload, density_target, limits, on_selection, score_after=score_after_worker(device))
     try:
         outcome = worker.run(job, fds, stream.take)  # IsolationUnavailable passes through
         stream.finish(outcome.status)  # the last chunk is scored while the killed worker is torn down
@@ -95,6 +97,17 @@ def run_candidate(
             # which it slowed 3-6x on 2 cores.
             pool.replenish()
     return SandboxRun(_done(report, label, t_start), outcome, worker.pgid, worker.marker)
+
+
+def score_after_worker(device: torch.device) -> bool:
+    """Whether the parent decodes and scores a fast score's selections after the worker is done
+    rather than as they arrive. On a CPU slot both sides compute on the host with every core
+    (``evaluation_threads``), so running them side by side only makes them take turns at a
+    higher price: on the 2-core box, 16 records of ``default``'s shapes, sink_window took 1.23 s
+    scored after the worker against 1.49-1.53 s alongside it, oracle_topk 3.30 against 3.81-4.23
+    (``benchmarks/profile_fast_score.py --device cpu --records 16``). On a GPU the host only
+    launches kernels, and the parent keeps pace with the worker."""
+    return device.type == "cpu"
 
 
 def _done(report: ScoreReport, label: str, t_start: float) -> ScoreReport:
