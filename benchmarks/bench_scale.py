@@ -1,6 +1,6 @@
 """Evaluations per minute with 1..N evaluation slots (GPUs, CPU workers or Ray actors).
 
-    python benchmarks/bench_scale.py [--workload default] [--slots 1 2] [--per-slot 6]
+    python benchmarks/bench_scale.py [--workload default] [--slots 1 2] [--per-slot N]
     python benchmarks/bench_scale.py --executor ray --ray-address HEAD:6379 --slots 1 2 4
     python benchmarks/bench_scale.py --workload synthetic --executor ray   # no model needed (synthetic.py)
 
@@ -31,7 +31,7 @@ from adrs.scheduler import LocalScheduler, Scheduler, local_devices  # noqa: E40
 from evaluator.sandbox import SandboxLimits  # noqa: E402
 from evaluator.workload import WorkloadSpec, load_workload, resolve_spec  # noqa: E402
 from synthetic import cached_synthetic_spec  # noqa: E402
-from timing import saturate  # noqa: E402
+from timing import saturate, steady_per_slot  # noqa: E402
 
 SEED = ROOT / "seeds" / "sink_window.py"
 
@@ -64,7 +64,7 @@ def measure(args: argparse.Namespace, slots: int) -> dict:
     code = SEED.read_text()
     sched, kind = _scheduler(args, slots)
     try:
-        row = saturate(sched, code, slots, args.per_slot)
+        row = saturate(sched, code, slots, args.per_slot or steady_per_slot(sched))
     finally:
         sched.close()
     return {"slots": slots, "kind": kind, "torch_threads": torch.get_num_threads(), **row}
@@ -75,7 +75,8 @@ def main() -> None:
     ap.add_argument("--workload", default="default", help="a preset, or synthetic (random records, no model)")
     ap.add_argument("--synthetic-samples", type=int, default=4, help="synthetic: samples of 30 records each")
     ap.add_argument("--slots", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--per-slot", type=int, default=6, help="timed evaluations per slot")
+    ap.add_argument("--per-slot", type=int, default=None,
+                    help="timed evaluations per slot (default: 4x the slot's spares, at least 8, for a steady rate)")
     ap.add_argument("--executor", choices=["local", "ray"], default="local")
     ap.add_argument("--ray-address", default=None)
     ap.add_argument("--split-threads", action="store_true",

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, whichever tree is measured
 
 from synthetic import synthetic_workload  # noqa: E402
-from timing import BusySampler, SlotClock, median_time as _median, saturate, timed  # noqa: E402
+from timing import BusySampler, SlotClock, median_time as _median, saturate, steady_per_slot, timed  # noqa: E402
 
 SEEDS = ("sink_window", "oracle_topk", "vattention")
 
@@ -207,7 +207,8 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
         sampler, clock = BusySampler(len(set(devices))), SlotClock(sched)
         during = [clock, sampler] + ([_prefilled(sched)] if args.scale_mode == "prefilled" else [])
         try:
-            rows[str(slots)] = saturate(sched, code, slots, args.per_slot, during=_all_of(*during))
+            per_slot = args.per_slot or (sched.spares if args.scale_mode == "prefilled" else steady_per_slot(sched))
+            rows[str(slots)] = saturate(sched, code, slots, per_slot, during=_all_of(*during))
         finally:
             sched.close()
         rows[str(slots)].update({"scale_mode": args.scale_mode, "spares": getattr(sched, "spares", 1),
@@ -244,7 +245,8 @@ def _run_child(tree: Path, part: str, args: argparse.Namespace, timeout: float, 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", part, "--child-out", str(out),
            "--device", args.device, "--workload", args.workload, "--faithful", args.faithful,
            "--repeat", str(args.repeat), "--faithful-repeat", str(args.faithful_repeat),
-           "--seeds", ",".join(args.seeds), "--per-slot", str(args.per_slot), "--slots", *map(str, args.slots),
+           "--seeds", ",".join(args.seeds), *(["--per-slot", str(args.per_slot)] if args.per_slot else []),
+           "--slots", *map(str, args.slots),
            "--scale-mode", args.scale_mode,
            *_shared_flags(args)]
     t0 = time.perf_counter()
@@ -270,7 +272,9 @@ def main() -> None:
     ap.add_argument("--faithful-repeat", type=int, default=2)
     ap.add_argument("--seeds", type=lambda s: s.split(","), default=list(SEEDS))
     ap.add_argument("--slots", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--per-slot", type=int, default=8)
+    ap.add_argument("--per-slot", type=int, default=None,
+                    help="scale: timed evaluations per slot (default: 4x the slot's spares, at least 8, for a steady "
+                         "rate; prefilled: the spares)")
     ap.add_argument("--spares", type=int, default=None,
                     help="scale: warm sandbox workers per slot (default: automatic, as evaluation.spares: null)")
     ap.add_argument("--records", type=int, default=None, help="keep only the workload's first N records (smoke runs)")

@@ -33,6 +33,13 @@ def median_time(fn: Callable[[], Any], repeat: int, before: Callable[[], Any] | 
     return statistics.median(times), out
 
 
+def steady_per_slot(sched: Any) -> int:
+    """Timed evaluations per slot for a steady rate: four times the slot's warm spares (at least
+    8). The warm-up leaves every spare made; with as many evaluations as spares, the rate would
+    be that of spares made beforehand, not of making them (Ray's actors keep theirs: 8)."""
+    return max(8, 4 * int(getattr(sched, "spares", 2)))
+
+
 def saturate(sched: Any, code: str, slots: int, per_slot: int,
              during: ContextManager[Any] | None = None) -> dict[str, Any]:
     """Evaluations per minute of a scheduler kept full: every slot warmed (twice: its pool then
