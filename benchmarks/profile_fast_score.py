@@ -178,55 +178,54 @@ def parent_profile(workload: Any, seed: Path, repeat: int) -> dict[str, Any]:
     or after it, with and without the spare's kernel rehearsal, and with the parent's decoding and
     scoring the other way round from the device's default (after the worker, or alongside it);
     a profile of the parent for the first."""
-    from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
+    from evaluator.sandbox import runner
 
-    limits = SandboxLimits(wall_s=300)
-    cuda = str(workload.records[0].queries.device).startswith("cuda")
     out: dict[str, Any] = {}
     for rehearse in ("1", "0"):
         os.environ["ADRS_SPARE_REHEARSAL"] = rehearse
         for defer in (False, True):
-            with WorkerPool(limits, cuda=cuda) as pool:
-                pool.defer_spares = defer
-                run_candidate(seed, workload, 0.1, pool=pool)
-                times, worker = [], []
-                for i in range(repeat):
-                    pool.wait_ready(120)
-                    time.sleep(0.5)  # whatever the spare still does after saying ready
-                    prof = cProfile.Profile()
-                    if i == 0 and rehearse == "1" and not defer:
-                        prof.enable()
-                    t, run = timed(lambda: run_candidate(seed, workload, 0.1, pool=pool))
-                    prof.disable()
-                    if i == 0 and rehearse == "1" and not defer:
-                        s = io.StringIO()
-                        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
-                        out["profile"] = s.getvalue()[-5000:]
-                    times.append(t)
-                    worker.append(run.outcome.elapsed_s)
             key = f"sandbox_s rehearse={rehearse} spare={'after' if defer else 'during'}"
-            out[key] = sorted(times)[len(times) // 2]
-            out[key.replace("sandbox_s", "worker_s")] = sorted(worker)[len(worker) // 2]
+            profile = rehearse == "1" and not defer
+            out[key], out[key.replace("sandbox_s", "worker_s")], text = _pool_runs(workload, seed, repeat, defer, profile)
+            if profile:
+                out["profile"] = text
     os.environ.pop("ADRS_SPARE_REHEARSAL")
     # By default the parent decodes and scores as selections arrive on a GPU, after the worker on a
     # CPU (runner.score_after_worker); the other way round shows what that choice is worth.
-    from evaluator.sandbox import runner
-
     other = "alongside" if runner.score_after_worker(workload.records[0].queries.device) else "after"
-    with WorkerPool(limits, cuda=cuda) as pool, _scoring(other == "after"):
-        pool.defer_spares = True
+    with _scoring(other == "after"):
+        key = f"sandbox_s rehearse=1 spare=after scoring={other}"
+        out[key], out[key.replace("sandbox_s", "worker_s")], _ = _pool_runs(workload, seed, repeat, True)
+    return out
+
+
+def _pool_runs(workload: Any, seed: Path, repeat: int, defer: bool, profile: bool = False) -> tuple[float, float, str]:
+    """Median seconds of a sandboxed score and of its worker's run, through a warmed pool whose
+    replacement spare starts during the candidate or (``defer``) after it; with ``profile``, the
+    parent's cProfile of the first timed score."""
+    from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
+
+    cuda = str(workload.records[0].queries.device).startswith("cuda")
+    times, worker, text = [], [], ""
+    with WorkerPool(SandboxLimits(wall_s=300), cuda=cuda) as pool:
+        pool.defer_spares = defer
         run_candidate(seed, workload, 0.1, pool=pool)
-        times, worker = [], []
-        for _ in range(repeat):
+        for i in range(repeat):
             pool.wait_ready(120)
-            time.sleep(0.5)
+            time.sleep(0.5)  # whatever the spare still does after saying ready
+            prof = cProfile.Profile()
+            if profile and i == 0:
+                prof.enable()
             t, run = timed(lambda: run_candidate(seed, workload, 0.1, pool=pool))
+            prof.disable()
+            if profile and i == 0:
+                s = io.StringIO()
+                pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
+                text = s.getvalue()[-5000:]
             assert run.report.valid, run.report.reason
             times.append(t)
             worker.append(run.outcome.elapsed_s)
-    out[f"sandbox_s rehearse=1 spare=after scoring={other}"] = sorted(times)[len(times) // 2]
-    out[f"worker_s rehearse=1 spare=after scoring={other}"] = sorted(worker)[len(worker) // 2]
-    return out
+    return sorted(times)[len(times) // 2], sorted(worker)[len(worker) // 2], text
 
 
 @contextlib.contextmanager

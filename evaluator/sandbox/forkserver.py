@@ -36,6 +36,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # siblings as plain modules, as the launcher imports its own
 import launcher  # noqa: E402
+from fdwait import ready_to_read  # noqa: E402
 import preimports  # noqa: E402 - what every worker imports first; its files are bound at the same paths inside
 
 _SIBLINGS = ("launcher", "seccomp_filter", "preimports", "fdwait")  # host-path modules a worker must not keep
@@ -92,7 +93,7 @@ def serve(sock: socket.socket) -> None:
     children: dict[int, tuple[int, int]] = {}  # pidfd -> (pid, status pipe)
     accepting = True
     while accepting or children:
-        ready = launcher.ready_to_read(([sock.fileno()] if accepting else []) + list(children), None)
+        ready = ready_to_read(([sock.fileno()] if accepting else []) + list(children), None)
         for pidfd in [r for r in ready if r in children]:
             pid, status = children.pop(pidfd)
             _, code = os.waitpid(pid, 0)
