@@ -220,7 +220,17 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
 
 PARTS = {"fast": part_fast, "faithful": part_faithful, "scale": part_scale}
 # Variants of this tree measured under their own label: the environment their child gets.
-FLAVOURS = {"after-fresh": {"ADRS_FORK_SERVER": "0"}, "after-norehearse": {"ADRS_SPARE_REHEARSAL": "0"}}
+FLAVOURS = {"after-fresh": {"ADRS_FORK_SERVER": "0"}, "after-norehearse": {"ADRS_SPARE_REHEARSAL": "0"},
+            "after-flipped": {"BENCH_SCORING_FLIP": "1"}}
+
+
+def _flip_scoring() -> None:
+    """``after-flipped``'s child: the parent scores the other way round from its default (after the
+    worker, or alongside it; ``runner.score_after_worker``), in this process and its slot threads."""
+    from evaluator.sandbox import runner
+
+    policy = runner.score_after_worker
+    runner.score_after_worker = lambda device: not policy(device)
 
 
 # ---------------------------------------------------------------- parent: trees x parts, table
@@ -286,6 +296,9 @@ def main() -> None:
                          "one-gpu = all slots on the first GPU")
     ap.add_argument("--no-rehearsal", action="store_true",
                     help="also measure this tree with spares that skip the kernel rehearsal (ADRS_SPARE_REHEARSAL=0)")
+    ap.add_argument("--flip-scoring", action="store_true",
+                    help="also measure this tree with the parent scoring the other way round from its default "
+                         "(after the worker or alongside it): 'after-flipped'")
     ap.add_argument("--interleave", action="store_true",
                     help="fast part: both trees' children alive at once, candidates alternated (fair on a busy machine)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip parts once this much time is spent")
@@ -295,6 +308,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         sys.path.insert(0, os.getcwd())
+        if os.environ.get("BENCH_SCORING_FLIP") == "1":
+            _flip_scoring()
         if args.child == "serve-fast":
             serve_fast(args)
             return
@@ -306,7 +321,8 @@ def main() -> None:
 
     trees = {"after": REPO, **({"before": args.before.resolve()} if args.before else {}),
              **({"after-fresh": REPO} if args.fresh_workers else {}),
-             **({"after-norehearse": REPO} if args.no_rehearsal else {})}
+             **({"after-norehearse": REPO} if args.no_rehearsal else {}),
+             **({"after-flipped": REPO} if args.flip_scoring else {})}
     results: dict[str, dict[str, Any]] = {label: {} for label in trees}
     t_start = time.perf_counter()
     if args.interleave and "fast" in args.parts:

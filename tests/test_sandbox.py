@@ -471,6 +471,37 @@ def test_worker_encoding_is_the_transport_encoding(kind, tmp_path):
         assert torch.equal(got.view(torch.int32), expected.contiguous().view(torch.int32)), kind  # bit for bit
 
 
+def _batch_decodes(device: str) -> None:
+    """The stacked decoder on ``device`` against each record decoded alone on the host, bit for bit,
+    for one batch of every kind, sent per query head and per KV head (195 weights: padded bits;
+    odd counts of selected weights: padded ``ne1`` bytes in the middle of the batch)."""
+    sels = _selections("cpu")
+    for heads, kv_heads in ((3, 3), (6, 3)):
+        sent, want = [], []
+        for sel in sels.values():
+            tensors, meta = devicepack.encode_selection_on_device(sel, ENC_SHAPE, "cpu")
+            meta = {**meta, "device": str(torch.device(device))}
+            x = devicepack.dense_selection_bytes(meta, tensors, (1, heads, 5, 13), kv_heads, torch.device(device))
+            assert x is not None and x.heads == heads
+            sent.append(x)
+            want.append(devicepack.decode_dense_batch([x], torch.device("cpu"))[0])
+        got = devicepack.decode_stacked(sent, torch.device(device))
+        assert len(got) == len(want)
+        for kind, g, w in zip(sels, got, want):
+            assert g.device.type == torch.device(device).type and g.shape == (1, heads, 5, 13) == w.shape, kind
+            assert torch.equal(g.cpu().view(torch.int32), w.view(torch.int32)), kind
+
+
+def test_a_batch_of_selections_decodes_as_each_alone():
+    _batch_decodes("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_batch_of_selections_decodes_as_each_alone_on_the_gpu():
+    _batch_decodes("cuda")
+
+
 def test_device_decoder_rejects_tampered_data():
     """A worker that lies about its data gets ProtocolError (a crash report), never wrong weights."""
     sel = _selections("cpu")["weighted"]

@@ -23,8 +23,9 @@ Logits are kept in base 2 (``s * scaling * log2(e) + log2(w)``), so ``exp2`` rep
 """
 from __future__ import annotations
 
+import functools
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import triton
@@ -244,16 +245,20 @@ def _merge(
     _merge_row(OUT + b * stride_ob + h * stride_oh, M_PART, L_PART, ACC_PART, pid, NUM_SPLITS, HEAD_DIM, BLOCK_D, CHUNK_S)
 
 
-_SM_COUNT: dict = {}
+@functools.lru_cache(maxsize=None)
+def _properties(index: int) -> Any:
+    """The CUDA device's properties, asked of the driver once per device (not on every launch)."""
+    return torch.cuda.get_device_properties(index)
+
+
+def _device_properties(device: torch.device) -> Any:
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1) runs on CPU tensors
         return 132
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SM_COUNT:
-        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return _SM_COUNT[key]
+    return _device_properties(device).multi_processor_count
 
 
 # Launch defaults per kernel, tuned on an H100 at Llama-3.1-8B shapes (128k context, batch 1, density 0.10) and
@@ -309,8 +314,7 @@ def _pdl_supported(device: torch.device) -> bool:
     Triton that exposes it (not the interpreter, which runs on CPU tensors)."""
     if device.type != "cuda" or not hasattr(tl.extra, "cuda") or not hasattr(tl.extra.cuda, "gdc_wait"):
         return False
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(key)[0] >= 9
+    return _device_properties(device).major >= 9
 
 
 def pdl_launch(c: dict) -> dict:

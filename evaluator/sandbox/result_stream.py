@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from evaluator.batch_scoring import RecordInvalid, RecordScorer, SelectionHook, plain_weights
-from evaluator.sandbox.devicepack import decode_dense_selection
+from evaluator.sandbox.devicepack import DenseBytes, batchable, decode_dense_batch, dense_selection_bytes
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.transport import ProtocolError, decode_selection
 from evaluator.scoring import InvalidSelection, ScoreReport, aggregate
@@ -40,12 +40,14 @@ class ResultStream:
         self.total = 0
         self.failure: ScoreReport | None = None
         self._kept: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = [] if score_after else None
+        self._batch: list[DenseBytes] = []  # checked dense selections not yet decoded, from record ``received - len``
 
     def take(self, header: dict[str, Any], tensors: dict[str, torch.Tensor], size: int) -> bool:
         """One record's message; False once more reading is pointless (over the output cap)."""
         self.total += size + 1024
         if self.total > self.limits.output_bytes:
             self._score_kept()  # what came before, in order: an earlier problem stays the first
+            self._decode_batch()
             where = self._where(min(self.received, len(self.records) - 1))
             self._fail(ScoreReport.failure("output", f"selections exceed {self.limits.output_bytes} bytes (at {where})"))
             return False
@@ -75,12 +77,13 @@ class ResultStream:
             meta = header.get("meta")
             if not isinstance(meta, dict):
                 raise ProtocolError(f"no metadata for {self._where(i)}")
-            # The common case, a dense selection (per query head or per KV head), is unpacked on
-            # the workload's device (1/32 of the float32 bytes cross to it). Anything else goes
-            # through decode_selection, which words the validator's reason for a wrong type,
-            # shape, device or dtype.
-            weights = decode_dense_selection(meta, tensors, rec.weights_shape, rec.keys.shape[1], rec.queries.device)
-            if weights is None:
+            # The common case, a dense selection (per query head or per KV head), is checked on
+            # the host now and unpacked on the workload's device with the rest of its chunk
+            # (1/32 of the float32 bytes cross to it). Anything else goes through
+            # decode_selection, which words the validator's reason for a wrong type, shape,
+            # device or dtype.
+            sent = dense_selection_bytes(meta, tensors, rec.weights_shape, rec.keys.shape[1], rec.queries.device)
+            if sent is None:
                 weights = plain_weights(decode_selection(None, meta, rec, tensors=tensors), rec)
         except InvalidSelection as exc:
             self._fail(ScoreReport.failure("invalid", f"{self._where(i)}: {exc}"))
@@ -93,16 +96,45 @@ class ResultStream:
                                            f"{type(exc).__name__}: {exc}"[:1000]))
             return
         self.received += 1
+        if sent is None:
+            self._decode_batch()  # the records before it, in order
+            self._add([(i, weights)])
+            return
+        if self._batch and not batchable(self._batch[0], sent):
+            self._decode_batch()
+        self._batch.append(sent)
+        if len(self._batch) == self.scorer.chunk or self.received == len(self.records):
+            self._decode_batch()
+
+    def _decode_batch(self) -> None:
+        """Decode the checked selections waiting in ``_batch`` and hand them to the scorer."""
+        if self.failure is not None:
+            self._batch = []  # drained
+            return
+        self._add(self._take_batch())
+
+    def _take_batch(self) -> list[tuple[int, torch.Tensor]]:
+        """Empty ``_batch``: its records' indices and decoded weights."""
+        batch, self._batch = self._batch, []
+        if not batch:
+            return []
+        first = self.received - len(batch)
+        return list(enumerate(decode_dense_batch(batch, self.records[first].queries.device), first))
+
+    def _add(self, weights: list[tuple[int, torch.Tensor]]) -> None:
+        """Give records' validated-shape weights to the scorer; an invalid one becomes the failure."""
         try:
-            # Outside the try above: the scorer and the on_selection hook are trusted code, whose
+            # Outside _score's try: the scorer and the on_selection hook are trusted code, whose
             # failure is ours, not the candidate's (weights reaching them are well-formed).
-            self.scorer.add(i, weights)
+            for i, w in weights:
+                self.scorer.add(i, w)
         except RecordInvalid as exc:
             self._fail(ScoreReport.failure("invalid", f"{exc.where}: {exc}"))
 
     def finish(self, status: dict[str, Any] | None) -> None:
         """Score the kept messages and what is still pending, if the worker's ``status`` says it is done."""
         self._score_kept()
+        self._decode_batch()
         if self.failure is None and status is not None and status.get("ok") \
                 and self.received == len(self.records):
             try:
@@ -123,6 +155,8 @@ class ResultStream:
         if self.failure is not None:
             return
         try:
+            for i, w in self._take_batch():
+                self.scorer.add(i, w)
             self.scorer.flush()
         except RecordInvalid as exc:
             report = ScoreReport.failure("invalid", f"{exc.where}: {exc}")
