@@ -19,9 +19,10 @@ from evaluator.scoring import InvalidSelection, ScoreReport, aggregate
 
 
 class ResultStream:
-    """The parent's side of the fast score's result stream: decodes, validates and scores each
-    record's selection as it arrives (``RecordScorer`` chunks), while the worker computes the next,
-    or (``score_after``) all of them once the worker is done.
+    """The parent's side of the fast score's result stream. Each record's message is checked on the
+    host as it arrives (order, metadata, sizes); the device work, decoding and scoring in
+    ``RecordScorer`` chunks, runs either per chunk alongside the worker or (``score_after``) once
+    the worker is done.
 
     The first problem (in record order) is kept and later selections are only drained, so that
     the worker's own status (an exception or memory failure further on) still takes precedence,
@@ -30,41 +31,34 @@ class ResultStream:
 
     def __init__(self, workload: Any, density_target: float, limits: SandboxLimits,
                  on_selection: SelectionHook | None, score_after: bool = False) -> None:
-        """``score_after``: keep each message as it arrives and decode and score them all in
-        ``finish``, after the worker, instead of alongside it (see ``runner.score_after_worker``)."""
+        """``score_after``: leave decoding and scoring until ``finish``, after the worker, instead of
+        doing them chunk by chunk alongside it (see ``runner.score_after_worker``)."""
         self.records = workload.records
         self.density_target = density_target
         self.limits = limits
         self.scorer = RecordScorer(self.records, on_selection)
+        self.score_after = score_after
         self.received = 0
         self.total = 0
         self.failure: ScoreReport | None = None
-        self._kept: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = [] if score_after else None
-        self._batch: list[DenseBytes] = []  # checked dense selections not yet decoded, from record ``received - len``
+        # Checked selections not yet scored, from record ``received - len``: a dense one's bytes
+        # (decoded with its neighbours) or, for any other kind, its weights.
+        self._pending: list[DenseBytes | torch.Tensor] = []
 
     def take(self, header: dict[str, Any], tensors: dict[str, torch.Tensor], size: int) -> bool:
         """One record's message; False once more reading is pointless (over the output cap)."""
         self.total += size + 1024
         if self.total > self.limits.output_bytes:
-            self._score_kept()  # what came before, in order: an earlier problem stays the first
-            self._decode_batch()
             where = self._where(min(self.received, len(self.records) - 1))
             self._fail(ScoreReport.failure("output", f"selections exceed {self.limits.output_bytes} bytes (at {where})"))
             return False
-        if self._kept is not None:
-            self._kept.append((header, tensors))
-        else:
-            self._score(header, tensors)
+        self._check(header, tensors)
+        if not self.score_after and (len(self._pending) >= self.scorer.chunk or self.received == len(self.records)):
+            self._score_now()
         return True
 
-    def _score_kept(self) -> None:
-        """Decode and score the kept messages, in arrival order."""
-        kept, self._kept = self._kept, ([] if self._kept is not None else None)
-        for header, tensors in kept or ():
-            self._score(header, tensors)
-
-    def _score(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Check, decode and score one record's message (keeping the first problem)."""
+    def _check(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Check one record's message and queue its selection (keeping the first problem)."""
         if self.failure is not None:
             return  # drained: the worker's status may still explain more than the first problem
         i = self.received
@@ -78,13 +72,13 @@ class ResultStream:
             if not isinstance(meta, dict):
                 raise ProtocolError(f"no metadata for {self._where(i)}")
             # The common case, a dense selection (per query head or per KV head), is checked on
-            # the host now and unpacked on the workload's device with the rest of its chunk
-            # (1/32 of the float32 bytes cross to it). Anything else goes through
-            # decode_selection, which words the validator's reason for a wrong type, shape,
-            # device or dtype.
-            sent = dense_selection_bytes(meta, tensors, rec.weights_shape, rec.keys.shape[1], rec.queries.device)
-            if sent is None:
-                weights = plain_weights(decode_selection(None, meta, rec, tensors=tensors), rec)
+            # the host here and unpacked on the workload's device with its chunk (1/32 of the
+            # float32 bytes cross to it). Anything else goes through decode_selection, which
+            # words the validator's reason for a wrong type, shape, device or dtype.
+            item: DenseBytes | torch.Tensor | None = dense_selection_bytes(
+                meta, tensors, rec.weights_shape, rec.keys.shape[1], rec.queries.device)
+            if item is None:
+                item = plain_weights(decode_selection(None, meta, rec, tensors=tensors), rec)
         except InvalidSelection as exc:
             self._fail(ScoreReport.failure("invalid", f"{self._where(i)}: {exc}"))
             return
@@ -96,45 +90,43 @@ class ResultStream:
                                            f"{type(exc).__name__}: {exc}"[:1000]))
             return
         self.received += 1
-        if sent is None:
-            self._decode_batch()  # the records before it, in order
-            self._add([(i, weights)])
-            return
-        if self._batch and not batchable(self._batch[0], sent):
-            self._decode_batch()
-        self._batch.append(sent)
-        if len(self._batch) == self.scorer.chunk or self.received == len(self.records):
-            self._decode_batch()
+        self._pending.append(item)
 
-    def _decode_batch(self) -> None:
-        """Decode the checked selections waiting in ``_batch`` and hand them to the scorer."""
+    def _score_now(self) -> None:
+        """Decode and score what is pending; an invalid selection becomes the failure."""
         if self.failure is not None:
-            self._batch = []  # drained
             return
-        self._add(self._take_batch())
-
-    def _take_batch(self) -> list[tuple[int, torch.Tensor]]:
-        """Empty ``_batch``: its records' indices and decoded weights."""
-        batch, self._batch = self._batch, []
-        if not batch:
-            return []
-        first = self.received - len(batch)
-        return list(enumerate(decode_dense_batch(batch, self.records[first].queries.device), first))
-
-    def _add(self, weights: list[tuple[int, torch.Tensor]]) -> None:
-        """Give records' validated-shape weights to the scorer; an invalid one becomes the failure."""
         try:
-            # Outside _score's try: the scorer and the on_selection hook are trusted code, whose
+            # Outside _check's try: the scorer and the on_selection hook are trusted code, whose
             # failure is ours, not the candidate's (weights reaching them are well-formed).
-            for i, w in weights:
-                self.scorer.add(i, w)
+            self._score_pending()
         except RecordInvalid as exc:
             self._fail(ScoreReport.failure("invalid", f"{exc.where}: {exc}"))
 
+    def _score_pending(self) -> None:
+        """Hand the pending selections to the scorer in record order, decoding runs of like dense
+        ones a chunk at a time (so at most a chunk of float32 weights is decoded at once); may
+        raise RecordInvalid."""
+        pending, self._pending = self._pending, []  # once a record is invalid, the rest is drained
+        index = self.received - len(pending)
+        start = 0
+        while start < len(pending):
+            first, end = pending[start], start + 1
+            if isinstance(first, DenseBytes):
+                while (end < len(pending) and end - start < self.scorer.chunk
+                       and isinstance(pending[end], DenseBytes) and batchable(first, pending[end])):
+                    end += 1
+                weights = decode_dense_batch(pending[start:end], self.records[index].queries.device)
+            else:
+                weights = [first]
+            for w in weights:
+                self.scorer.add(index, w)
+                index += 1
+            start = end
+
     def finish(self, status: dict[str, Any] | None) -> None:
-        """Score the kept messages and what is still pending, if the worker's ``status`` says it is done."""
-        self._score_kept()
-        self._decode_batch()
+        """Score what is pending, if the worker's ``status`` says it is done."""
+        self._score_now()
         if self.failure is None and status is not None and status.get("ok") \
                 and self.received == len(self.records):
             try:
@@ -151,12 +143,11 @@ class ResultStream:
         return aggregate(self.scorer.rows(), self.density_target)
 
     def _fail(self, report: ScoreReport) -> None:
-        """Keep the first problem; an invalid selection in a record still pending comes before it."""
+        """Keep the first problem; an invalid selection in a record checked before it comes first."""
         if self.failure is not None:
             return
         try:
-            for i, w in self._take_batch():
-                self.scorer.add(i, w)
+            self._score_pending()
             self.scorer.flush()
         except RecordInvalid as exc:
             report = ScoreReport.failure("invalid", f"{exc.where}: {exc}")
