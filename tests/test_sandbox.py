@@ -252,6 +252,51 @@ def test_scoring_after_the_worker_and_alongside_it_give_the_same_reports(tiny, m
         assert reports[True][case].reason == reports[False][case].reason
 
 
+REUSES_ITS_BUFFER = '''
+import torch
+from evaluator.contract import MaskerInput, budget, causal_mask
+
+BUFFERS = {}
+
+
+def masker(inp: MaskerInput):
+    """Sinks and a window, every third key weighted by layer (so values travel, and another layer's
+    would change the score), written into one buffer that every call returns and the next overwrites."""
+    b, h = inp.queries.shape[:2]
+    shape = (b, h, inp.query_positions.shape[0], inp.num_keys)
+    out = BUFFERS.setdefault(shape, torch.empty(shape, device=inp.keys.device))
+    keep = budget(inp)
+    k = torch.arange(inp.num_keys, device=inp.keys.device)[None, :]
+    pos = inp.query_positions.to(inp.keys.device)[:, None]
+    selected = ((k < 2) | (k > pos - keep[:, None] + 2)) & causal_mask(inp)
+    out.copy_((selected * (1.0 + (k % 3 == 0) * inp.layer_idx / 7)).expand(shape))
+    return out
+'''
+
+
+def _reused_buffer_scores_as_in_process(workload, tmp_path) -> None:
+    path = tmp_path / "reuses_its_buffer.py"
+    path.write_text(REUSES_ITS_BUFFER)
+    sandboxed = evaluate_in_sandbox(path, workload, 0.1, limits=LIMITS)
+    expected = _in_process(path, workload, 0.1)
+    assert sandboxed.valid and expected.valid, (sandboxed.reason, expected.reason)
+    assert [(x.error, x.density) for x in sandboxed.per_layer] == [(x.error, x.density) for x in expected.per_layer]
+
+
+def test_a_masker_that_reuses_its_output_buffer_scores_as_in_process(tiny, tmp_path):
+    """The worker finishes a record's encoding after the next masker call has begun (one record in
+    flight); a masker that overwrites the tensor it returned must not change what was sent."""
+    _reused_buffer_scores_as_in_process(tiny, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_masker_that_reuses_its_output_buffer_scores_as_in_process_on_the_gpu(tmp_path):
+    """As above where it matters: on a GPU the packing and copy to the host are queued, not done."""
+    full = load_workload("tiny", device="cuda", progress=False)
+    _reused_buffer_scores_as_in_process(replace(full, records=full.records[:12]), tmp_path)
+
+
 @pytest.mark.parametrize("seed", ["oracle_topk", "group_hybrid"])
 def test_batched_scorer_matches_record_by_record(tiny, seed):
     """The chunked scorer gives record_scores' numbers (to rounding) for every record, kv_density included

@@ -30,6 +30,7 @@ import json
 import os
 import socket
 import sys
+from typing import Callable
 
 from evaluator.sandbox import preimports
 from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, limit_address_space
@@ -60,7 +61,7 @@ def main() -> None:
         torch.set_num_threads(int(prep["threads"]))  # until the job's own count: see Worker's prep
     from evaluator import contract  # noqa: F401
     from evaluator.candidate import load_masker, masker_input
-    from evaluator.sandbox.devicepack import encode_for_wire, encode_selection_on_device
+    from evaluator.sandbox.devicepack import encode_selection_on_device, start_wire_encoding
     from evaluator.sandbox.transport import SESSION_PREFIX, InputReader, MappedTensors
     from evaluator.sandbox.channel import pack, write_blocking
     from evaluator.sandbox.session_worker import serve_session  # before the drop: imports may fail after
@@ -172,16 +173,13 @@ def main() -> None:
         serve_session(job, files, masker, finish, prefix_keys if job.get("prefix_preloaded") else None)
 
     sent, written = 0, 0
-    for i, rec in enumerate(records):
-        where = f"sample {rec.sample}, layer {rec.layer}"
+
+    def send(i: int, where: str, encoding: Callable[[], tuple[dict, dict]]) -> None:
+        nonlocal sent, written
         try:
-            selection = masker(masker_input(rec, job["density_target"], job["base_seed"], state={}))
-            # Packed where the selection lives: only bits and non-unit values cross to the host.
-            tensors, meta = encode_for_wire(selection, rec.weights_shape, rec.keys.shape[1], str(rec.queries.device))
+            tensors, meta = encoding()
         except BaseException as exc:  # noqa: BLE001
-            category = "memory" if is_memory_error(exc) else "exception"
-            finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc} ({where})"[:1000],
-                    "details": candidate_traceback(exc, candidate)})
+            failed(exc, where)
         # Check the size before sending: the parent stops reading past the output limit.
         written += sum(t.numel() * t.element_size() for t in tensors.values()) + 1024
         if written > limits.output_bytes:
@@ -189,8 +187,32 @@ def main() -> None:
                     "reason": f"selections exceed {limits.output_bytes} bytes (at {where}); return fewer or sparser tensors"})
         write_blocking(results, pack({"i": i, "meta": meta}, tensors))
         sent += 1
+
+    def failed(exc: BaseException, where: str) -> None:
+        category = "memory" if is_memory_error(exc) else "exception"
+        finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc} ({where})"[:1000],
+                "details": candidate_traceback(exc, candidate)})
+
+    # One record in flight: its packing is queued on the device, and it is sent once the next
+    # record's masker is queued too, so the host never waits for the device between the two.
+    in_flight: tuple[int, str, Callable[[], tuple[dict, dict]]] | None = None
+    for i, rec in enumerate(records):
+        where = f"sample {rec.sample}, layer {rec.layer}"
+        try:
+            selection = masker(masker_input(rec, job["density_target"], job["base_seed"], state={}))
+            # Packed where the selection lives: only bits and non-unit values cross to the host.
+            encoding = start_wire_encoding(selection, rec.weights_shape, rec.keys.shape[1], str(rec.queries.device))
+        except BaseException as exc:  # noqa: BLE001
+            if in_flight is not None:
+                send(*in_flight)  # the records before it reach the parent first, as they would have
+            failed(exc, where)
+        if in_flight is not None:
+            send(*in_flight)
+        in_flight = (i, where, encoding)
         records[i] = None  # type: ignore[call-overload] - its inputs are no longer needed
-        del selection, tensors
+        del selection
+    if in_flight is not None:
+        send(*in_flight)
     finish({"ok": True, "records": sent})
 
 
