@@ -101,14 +101,16 @@ def run_candidate(
 
 def score_after_worker(device: torch.device) -> bool:
     """Whether the parent decodes and scores a fast score's selections after the worker is done
-    rather than as they arrive. On a CPU slot both sides compute on the host with every core
+    rather than a chunk at a time as they arrive (each message is checked on the host as it
+    arrives either way). On a CPU slot both sides compute on the host with every core
     (``evaluation_threads``), so running them side by side only makes them take turns at a
     higher price: on the 2-core box, 16 records of ``default``'s shapes, sink_window took 1.23 s
     scored after the worker against 1.49-1.53 s alongside it, oracle_topk 3.30 against 3.81-4.23
-    (``benchmarks/profile_fast_score.py --device cpu --records 16``). On a GPU the host mostly
-    launches kernels and the parent's share is small beside the worker's (decoding 0.06 s,
-    scoring 0.02 s per candidate against 0.21-0.61 s of worker time on an H200), so it overlaps."""
-    return True
+    (``benchmarks/profile_fast_score.py --device cpu --records 16``). On an H200 scoring alongside
+    did better: one slot of the scheduler ran 238, 255 and 244 evaluations a minute alongside
+    against 228, 240 and 220 after, in three runs alternating the two in one call
+    (``benchmarks/bench_throughput.py --parts scale --slots 1 --flip-scoring``, synthetic)."""
+    return device.type == "cpu"
 
 
 def _done(report: ScoreReport, label: str, t_start: float) -> ScoreReport:
