@@ -297,6 +297,24 @@ def test_a_masker_that_reuses_its_output_buffer_scores_as_in_process_on_the_gpu(
     _reused_buffer_scores_as_in_process(replace(full, records=full.records[:12]), tmp_path)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_workers_batched_encoding_scores_and_reports_as_expected():
+    """On a GPU the worker encodes selections a batch at a time (encode_batch): seeds still score
+    exactly as in process, and the stream-sensitive hostile cases (a bad selection midway, a
+    forged status, garbage, too much) still get their category and the first problem's place."""
+    full = load_workload("tiny", device="cuda", progress=False)
+    gpu = replace(full, records=tuple(r for r in full.records if r.layer in (0, 3, 5, full.num_layers - 1)))
+    with WorkerPool(LIMITS, cuda=True, spares=2) as pool:
+        for seed in ("sink_window", "oracle_topk", "vattention"):
+            got = run_candidate(SEEDS / f"{seed}.py", gpu, 0.1, pool=pool).report
+            expected = _in_process(SEEDS / f"{seed}.py", gpu, 0.1)
+            assert got.valid and got.combined_score == expected.combined_score, (seed, got.reason)
+        for case in STREAM_CASES:
+            report = run_candidate(HOSTILE / f"{CASES[case][0]}.py", gpu, 0.1, pool=pool).report
+            assert report.category == CASES[case][2] and CASES[case][3] in (report.reason or ""), (case, report.reason)
+
+
 @pytest.mark.parametrize("seed", ["oracle_topk", "group_hybrid"])
 def test_batched_scorer_matches_record_by_record(tiny, seed):
     """The chunked scorer gives record_scores' numbers (to rounding) for every record, kv_density included
@@ -545,6 +563,50 @@ def test_a_batch_of_selections_decodes_as_each_alone():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_batch_of_selections_decodes_as_each_alone_on_the_gpu():
     _batch_decodes("cuda")
+
+
+def _batch_encodes(device: str) -> None:
+    """The worker's batch encoder gives every row the bytes and metadata of the one-record encoder,
+    for every kind of dense selection, sent per query head and per KV head, including rows a
+    masker returned in a tensor it then overwrites for the next record."""
+    from evaluator.sandbox.encode_batch import EncodeBatch
+
+    shape = (1, 6, 4, 16)  # 384 weights: whole bytes per row; per KV head (3 heads) 192
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.rand(shape, generator=gen) < 0.3
+    weighted = mask.float() * torch.where(torch.rand(shape, generator=gen) < 0.5, 1.0, 1 / 0.3)
+    nan = weighted.clone()
+    nan[0, 1, 2, :2] = torch.tensor([float("nan"), float("inf")])
+    per_query = [mask, mask.float(), weighted, nan, weighted.half(), torch.zeros(shape, dtype=torch.bool), torch.ones(shape),
+                 mask[:, :1].expand(shape)]
+    per_kv = [mask[:, ::2].float(), weighted[:, ::2], nan[:, ::2]]
+    dev = "cuda:0" if device == "cuda" else "cpu"
+    for sels in (per_query, per_kv):
+        sels = [s.to(device) for s in sels]
+        batch = EncodeBatch(dev, capacity=len(sels) + 1)
+        for sel in sels:
+            assert batch.add(sel, shape, 3)
+        reused = sels[2].clone()
+        assert batch.add(reused, shape, 3)
+        reused.fill_(7.0)  # the masker's next call overwrites the tensor it returned
+        assert not batch.add([1, 2], shape, 3)  # not a tensor: encoded alone
+        other = per_kv[0] if sels[0].shape == shape else per_query[0]
+        assert not batch.add(other.to(device), shape, 3) and len(batch) == len(sels) + 1  # another wire shape
+        got = batch.drain()
+        want = [devicepack.encode_for_wire(sel, shape, 3, dev) for sel in sels + [sels[2]]]
+        assert len(got) == len(want) and len(batch) == 0
+        for k, ((tensors, meta), (ref, ref_meta)) in enumerate(zip(got, want)):
+            assert meta == ref_meta and _same_bytes(tensors, ref), k
+
+
+def test_a_batch_of_selections_encodes_as_each_alone():
+    _batch_encodes("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_batch_of_selections_encodes_as_each_alone_on_the_gpu():
+    _batch_encodes("cuda")
 
 
 def test_device_decoder_rejects_tampered_data():

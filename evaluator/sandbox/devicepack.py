@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,69 +74,38 @@ def _unpackbits_torch(packed: torch.Tensor, count: int) -> torch.Tensor:
     return ((packed.reshape(-1, 1) & _bit_weights(packed.device)) != 0).reshape(-1)[:count]
 
 
-Encoded = tuple[dict[str, torch.Tensor], dict[str, Any]]
-
-
-def encode_selection_on_device(sel: Any, shape: tuple[int, ...], device: str) -> Encoded:
+def encode_selection_on_device(sel: Any, shape: tuple[int, ...], device: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``encode_selection`` for well-formed dense tensors, packing before leaving the device."""
-    return start_encoding(sel, shape, device)()
-
-
-def start_encoding(sel: Any, shape: tuple[int, ...], device: str) -> Callable[[], Encoded]:
-    """``encode_selection_on_device`` in two steps: this call queues the packing and the copy of
-    the packed bits to the host; the function it returns waits for them and finishes the encoding.
-    Between the two, the worker can queue the next record's masker, so the GPU packs one record
-    while the host launches the next (a copy to the host right away waits for everything queued).
-    The selection's values are copied first when they would be read after the next masker call,
-    which may reuse the tensor it returned."""
-    if not (type(sel) is torch.Tensor and tuple(sel.shape) == tuple(shape) and str(sel.device) == device
-            and (sel.dtype.is_floating_point or sel.dtype == torch.bool)):
-        done = encode_selection(sel, shape, device)
-        return lambda: done
+    if not is_dense_tensor(sel, shape, device):
+        return encode_selection(sel, shape, device)
     meta = {"kind": "dense", **_tensor_meta(sel)}
-    flat = sel.detach().reshape(-1)
-    count = flat.numel()
+    nz = sel.detach().reshape(-1)
     if sel.dtype == torch.bool:
         # A bool mask is 0/1 once cast to float32: every selected weight is exactly 1, so ``ne1``
         # is all zero bits and ``vals`` empty; skipping the masked gather gives the same bytes.
-        bits = _to_host(packbits(flat))
-        return lambda: (_unit_weights(bits(), count), meta)
-    w = flat.to(torch.float32, copy=True)
+        nz_bytes = packbits(nz).cpu()
+        return unit_weights(nz_bytes, nz.numel()), meta
+    w = nz.to(torch.float32)
     nz = w != 0  # NaN != 0, so NaN travels as a value and is rejected by the parent
     # The common case, weights all 0 or 1, costs one transfer: the packed mask with a flag byte.
     non_unit = (nz & (w != 1)).any().to(torch.uint8).reshape(1)
-    flagged = _to_host(torch.cat([packbits(nz), non_unit]))
-
-    def finish() -> Encoded:
-        host = flagged()
-        nz_bytes = host[:-1].clone()
-        if not bool(host[-1]):
-            return _unit_weights(nz_bytes, count), meta
-        vals = w[nz]
-        not_one = vals != 1
-        return {"nz": nz_bytes, "ne1": packbits(not_one).cpu(), "vals": vals[not_one].cpu().contiguous()}, meta
-    if flat.device.type != "cuda":
-        done = finish()  # nothing queued on the host: finish now and let the float32 copy go
-        return lambda: done
-    return finish
+    host = torch.cat([packbits(nz), non_unit]).cpu()
+    nz_bytes = host[:-1].clone()
+    if not bool(host[-1]):
+        return unit_weights(nz_bytes, w.numel()), meta
+    vals = w[nz]
+    not_one = vals != 1
+    tensors = {"nz": nz_bytes, "ne1": packbits(not_one).cpu(), "vals": vals[not_one].cpu().contiguous()}
+    return tensors, meta
 
 
-def _to_host(t: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """Queue ``t``'s copy to the host; the returned function waits for it and gives the copy."""
-    if t.device.type != "cuda":
-        return lambda: t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-
-    def wait() -> torch.Tensor:
-        copied.synchronize()
-        return host
-    return wait
+def is_dense_tensor(sel: Any, shape: tuple[int, ...], device: str) -> bool:
+    """Whether ``sel`` is a plain float or bool tensor of ``shape`` on ``device`` (the fast path's form)."""
+    return (type(sel) is torch.Tensor and tuple(sel.shape) == tuple(shape) and str(sel.device) == device
+            and (sel.dtype.is_floating_point or sel.dtype == torch.bool))
 
 
-def _unit_weights(nz_bytes: torch.Tensor, count: int) -> dict[str, torch.Tensor]:
+def unit_weights(nz_bytes: torch.Tensor, count: int) -> dict[str, torch.Tensor]:
     """The encoding of a selection whose selected weights are all exactly 1."""
     n_sel = popcount(nz_bytes, count)
     return {"nz": nz_bytes, "ne1": torch.zeros((n_sel + 7) // 8, dtype=torch.uint8), "vals": torch.zeros(0, dtype=torch.float32)}
@@ -147,22 +116,22 @@ def _kv_shape(shape: tuple[int, ...], num_kv_heads: int) -> tuple[int, ...]:
     return (shape[0], int(num_kv_heads), *shape[2:])
 
 
-def encode_for_wire(sel: Any, shape: tuple[int, ...], num_kv_heads: int, device: str) -> Encoded:
-    """What a worker sends for a masker's selection for query-head ``shape``: a well-formed dense
-    per-KV-head tensor ``[b, h_kv, q, k]`` travels as it is (a GQA group's heads share it: 1/G of
-    the bytes and of the packing; ``decode_dense_selection`` repeats it for each query head);
-    any other per-KV-head selection is repeated here; everything goes through
-    ``encode_selection_on_device``."""
-    return start_wire_encoding(sel, shape, num_kv_heads, device)()
+def encode_for_wire(sel: Any, shape: tuple[int, ...], num_kv_heads: int, device: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What a worker sends for a masker's selection for query-head ``shape`` (see ``wire_form``),
+    through ``encode_selection_on_device``."""
+    sel, at = wire_form(sel, shape, num_kv_heads, device)
+    return encode_selection_on_device(sel, at, device)
 
 
-def start_wire_encoding(sel: Any, shape: tuple[int, ...], num_kv_heads: int, device: str) -> Callable[[], Encoded]:
-    """``encode_for_wire`` in two steps, as ``start_encoding``."""
+def wire_form(sel: Any, shape: tuple[int, ...], num_kv_heads: int, device: str) -> tuple[Any, tuple[int, ...]]:
+    """A selection for query-head ``shape`` as it travels, and the shape it travels at: a
+    well-formed dense per-KV-head tensor ``[b, h_kv, q, k]`` as it is (a GQA group's heads share
+    it: 1/G of the bytes and of the packing; ``decode_dense_selection`` repeats it for each query
+    head); anything else repeated for the query heads if it is per KV head."""
     kv = _kv_shape(shape, num_kv_heads)
-    if (kv != tuple(shape) and type(sel) is torch.Tensor and tuple(sel.shape) == kv and str(sel.device) == device
-            and (sel.dtype.is_floating_point or sel.dtype == torch.bool)):
-        return start_encoding(sel, kv, device)
-    return start_encoding(per_query_heads(sel, shape[1], int(num_kv_heads)), tuple(shape), device)
+    if kv != tuple(shape) and is_dense_tensor(sel, kv, device):
+        return sel, kv
+    return per_query_heads(sel, shape[1], int(num_kv_heads)), tuple(shape)
 
 
 @dataclass(frozen=True)

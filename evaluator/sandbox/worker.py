@@ -30,7 +30,6 @@ import json
 import os
 import socket
 import sys
-from typing import Callable
 
 from evaluator.sandbox import preimports
 from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, limit_address_space
@@ -61,7 +60,8 @@ def main() -> None:
         torch.set_num_threads(int(prep["threads"]))  # until the job's own count: see Worker's prep
     from evaluator import contract  # noqa: F401
     from evaluator.candidate import load_masker, masker_input
-    from evaluator.sandbox.devicepack import encode_selection_on_device, start_wire_encoding
+    from evaluator.sandbox.devicepack import encode_for_wire, encode_selection_on_device
+    from evaluator.sandbox.encode_batch import EncodeBatch, warm_batch_encoder
     from evaluator.sandbox.transport import SESSION_PREFIX, InputReader, MappedTensors
     from evaluator.sandbox.channel import pack, write_blocking
     from evaluator.sandbox.session_worker import serve_session  # before the drop: imports may fail after
@@ -98,6 +98,7 @@ def main() -> None:
                 # The kernels of the candidate's first record, loaded now rather than on its clock.
                 first = preloaded[0]
                 warm_encoder(encode_selection_on_device, save, str(first.queries.device), first.weights_shape)
+                warm_batch_encoder(str(first.queries.device), first.weights_shape, first.keys.shape[1])
                 warm_masker_ops(first)
                 torch.cuda.empty_cache()
         del mapped  # its tensors are copied out: the file's mapping is not the candidate's
@@ -174,12 +175,8 @@ def main() -> None:
 
     sent, written = 0, 0
 
-    def send(i: int, where: str, encoding: Callable[[], tuple[dict, dict]]) -> None:
+    def send(i: int, where: str, tensors: dict, meta: dict) -> None:
         nonlocal sent, written
-        try:
-            tensors, meta = encoding()
-        except BaseException as exc:  # noqa: BLE001
-            failed(exc, where)
         # Check the size before sending: the parent stops reading past the output limit.
         written += sum(t.numel() * t.element_size() for t in tensors.values()) + 1024
         if written > limits.output_bytes:
@@ -193,26 +190,43 @@ def main() -> None:
         finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc} ({where})"[:1000],
                 "details": candidate_traceback(exc, candidate)})
 
-    # One record in flight: its packing is queued on the device, and it is sent once the next
-    # record's masker is queued too, so the host never waits for the device between the two.
-    in_flight: tuple[int, str, Callable[[], tuple[dict, dict]]] | None = None
+    # On a GPU, dense selections wait in a batch and are encoded a few records at a time
+    # (encode_batch); the records before anything sent alone, or before a failure, go first.
+    batch = EncodeBatch(job["device"]) if job["device"].startswith("cuda") else None
+    waiting: list[tuple[int, str]] = []
+
+    def send_batch() -> None:
+        if not waiting:
+            return
+        try:
+            encoded = batch.drain()
+        except BaseException as exc:  # noqa: BLE001 - e.g. an asynchronous CUDA error of the candidate's kernels
+            failed(exc, waiting[0][1])
+        for (i, where), (tensors, meta) in zip(waiting, encoded):
+            send(i, where, tensors, meta)
+        waiting.clear()
+
     for i, rec in enumerate(records):
         where = f"sample {rec.sample}, layer {rec.layer}"
+        alone = None
         try:
             selection = masker(masker_input(rec, job["density_target"], job["base_seed"], state={}))
-            # Packed where the selection lives: only bits and non-unit values cross to the host.
-            encoding = start_wire_encoding(selection, rec.weights_shape, rec.keys.shape[1], str(rec.queries.device))
+            if batch is None or not batch.add(selection, rec.weights_shape, rec.keys.shape[1]):
+                # Packed where the selection lives: only bits and non-unit values cross to the host.
+                alone = encode_for_wire(selection, rec.weights_shape, rec.keys.shape[1], str(rec.queries.device))
         except BaseException as exc:  # noqa: BLE001
-            if in_flight is not None:
-                send(*in_flight)  # the records before it reach the parent first, as they would have
+            send_batch()
             failed(exc, where)
-        if in_flight is not None:
-            send(*in_flight)
-        in_flight = (i, where, encoding)
+        if alone is None:
+            waiting.append((i, where))
+            if batch.full():
+                send_batch()
+        else:
+            send_batch()
+            send(i, where, *alone)
         records[i] = None  # type: ignore[call-overload] - its inputs are no longer needed
-        del selection
-    if in_flight is not None:
-        send(*in_flight)
+        del selection, alone
+    send_batch()
     finish({"ok": True, "records": sent})
 
 
