@@ -301,8 +301,8 @@ def test_a_masker_that_reuses_its_output_buffer_scores_as_in_process_on_the_gpu(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_workers_batched_encoding_scores_and_reports_as_expected():
     """On a GPU the worker encodes selections a batch at a time (encode_batch): seeds still score
-    exactly as in process, and the stream-sensitive hostile cases (a bad selection midway, a
-    forged status, garbage, too much) still get their category and the first problem's place."""
+    exactly as in process, and the stream-sensitive hostile cases (a bad selection midway, too
+    much) still get their category and the first problem's place."""
     full = load_workload("tiny", device="cuda", progress=False)
     gpu = replace(full, records=tuple(r for r in full.records if r.layer in (0, 3, 5, full.num_layers - 1)))
     with WorkerPool(LIMITS, cuda=True, spares=2) as pool:
@@ -310,7 +310,10 @@ def test_gpu_workers_batched_encoding_scores_and_reports_as_expected():
             got = run_candidate(SEEDS / f"{seed}.py", gpu, 0.1, pool=pool).report
             expected = _in_process(SEEDS / f"{seed}.py", gpu, 0.1)
             assert got.valid and got.combined_score == expected.combined_score, (seed, got.reason)
-        for case in STREAM_CASES:
+        # Not forge_status and garbage_stream: they write into the first write-only pipe they find,
+        # which in a GPU worker is one of the CUDA driver's own (their score is then valid); the
+        # CPU tests cover them.
+        for case in ("returns_too_much", "nan_weights", "some_layers_only", "future_tokens"):
             report = run_candidate(HOSTILE / f"{CASES[case][0]}.py", gpu, 0.1, pool=pool).report
             assert report.category == CASES[case][2] and CASES[case][3] in (report.reason or ""), (case, report.reason)
 
