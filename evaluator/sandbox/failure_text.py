@@ -6,7 +6,7 @@ import traceback
 
 MAX_DETAILS = 4000
 # The worker's own frames: the model should see its code, not ours.
-_OURS = (os.path.join("sandbox", "worker.py"), os.path.join("sandbox", "session_worker.py"))
+_OURS = tuple(os.path.join("sandbox", name) for name in ("worker.py", "fast_worker.py", "session_worker.py", "encode_batch.py"))
 
 
 def trim(text: str, limit: int = MAX_DETAILS) -> str:

@@ -59,9 +59,10 @@ def main() -> None:
     if "threads" in prep:
         torch.set_num_threads(int(prep["threads"]))  # until the job's own count: see Worker's prep
     from evaluator import contract  # noqa: F401
-    from evaluator.candidate import load_masker, masker_input
-    from evaluator.sandbox.devicepack import encode_for_wire, encode_selection_on_device
-    from evaluator.sandbox.encode_batch import EncodeBatch, warm_batch_encoder
+    from evaluator.candidate import load_masker
+    from evaluator.sandbox.devicepack import encode_selection_on_device
+    from evaluator.sandbox.encode_batch import warm_batch_encoder
+    from evaluator.sandbox.fast_worker import serve_records
     from evaluator.sandbox.transport import SESSION_PREFIX, InputReader, MappedTensors
     from evaluator.sandbox.channel import pack, write_blocking
     from evaluator.sandbox.session_worker import serve_session  # before the drop: imports may fail after
@@ -173,61 +174,7 @@ def main() -> None:
         # Many calls over pipes (evaluator.sandbox.session); exits.
         serve_session(job, files, masker, finish, prefix_keys if job.get("prefix_preloaded") else None)
 
-    sent, written = 0, 0
-
-    def send(i: int, where: str, tensors: dict, meta: dict) -> None:
-        nonlocal sent, written
-        # Check the size before sending: the parent stops reading past the output limit.
-        written += sum(t.numel() * t.element_size() for t in tensors.values()) + 1024
-        if written > limits.output_bytes:
-            finish({"ok": False, "category": "output",
-                    "reason": f"selections exceed {limits.output_bytes} bytes (at {where}); return fewer or sparser tensors"})
-        write_blocking(results, pack({"i": i, "meta": meta}, tensors))
-        sent += 1
-
-    def failed(exc: BaseException, where: str) -> None:
-        category = "memory" if is_memory_error(exc) else "exception"
-        finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc} ({where})"[:1000],
-                "details": candidate_traceback(exc, candidate)})
-
-    # On a GPU, dense selections wait in a batch and are encoded a few records at a time
-    # (encode_batch); the records before anything sent alone, or before a failure, go first.
-    batch = EncodeBatch(job["device"]) if job["device"].startswith("cuda") else None
-    waiting: list[tuple[int, str]] = []
-
-    def send_batch() -> None:
-        if not waiting:
-            return
-        try:
-            encoded = batch.drain()
-        except BaseException as exc:  # noqa: BLE001 - e.g. an asynchronous CUDA error of the candidate's kernels
-            failed(exc, waiting[0][1])
-        for (i, where), (tensors, meta) in zip(waiting, encoded):
-            send(i, where, tensors, meta)
-        waiting.clear()
-
-    for i, rec in enumerate(records):
-        where = f"sample {rec.sample}, layer {rec.layer}"
-        alone = None
-        try:
-            selection = masker(masker_input(rec, job["density_target"], job["base_seed"], state={}))
-            if batch is None or not batch.add(selection, rec.weights_shape, rec.keys.shape[1]):
-                # Packed where the selection lives: only bits and non-unit values cross to the host.
-                alone = encode_for_wire(selection, rec.weights_shape, rec.keys.shape[1], str(rec.queries.device))
-        except BaseException as exc:  # noqa: BLE001
-            send_batch()
-            failed(exc, where)
-        if alone is None:
-            waiting.append((i, where))
-            if batch.full():
-                send_batch()
-        else:
-            send_batch()
-            send(i, where, *alone)
-        records[i] = None  # type: ignore[call-overload] - its inputs are no longer needed
-        del selection, alone
-    send_batch()
-    finish({"ok": True, "records": sent})
+    serve_records(job, records, masker, results, limits.output_bytes, finish, candidate)
 
 
 if __name__ == "__main__":
