@@ -224,12 +224,33 @@ def _in_process(path: Path, workload, density_target: float):
 STREAM_CASES = ("forge_status", "garbage_stream", "returns_too_much", "nan_weights", "some_layers_only", "future_tokens")
 
 
-def test_scoring_after_the_worker_and_alongside_it_give_the_same_reports(tiny, monkeypatch):
+SPARSE_SINKS_AND_WINDOW = '''
+import torch
+from evaluator.contract import MaskerInput, SparseSelection
+
+
+def masker(inp: MaskerInput):
+    """The first 4 keys and the 12 before each query, in sparse form (weights 1 and 2)."""
+    b, h = inp.queries.shape[:2]
+    pos = inp.query_positions.to(inp.keys.device)[:, None]
+    window = pos - torch.arange(12, device=pos.device)[None, :]
+    idx = torch.cat([torch.arange(4, device=pos.device).expand(pos.shape[0], 4), window], dim=1)
+    idx = torch.where((idx >= 0) & ((idx >= 4) | (torch.arange(16, device=pos.device) < 4)), idx, -1)
+    w = torch.ones(idx.shape, device=idx.device)
+    w[:, 4] = 2.0
+    return SparseSelection(idx.expand(b, h, -1, -1), w.expand(b, h, -1, -1))
+'''
+
+
+def test_scoring_after_the_worker_and_alongside_it_give_the_same_reports(tiny, monkeypatch, tmp_path):
     """The parent scores a CPU slot's selections after the worker and a GPU slot's as they arrive
-    (runner.score_after_worker): both ways give identical scores for seeds, and the same category
-    and reason for candidates whose stream is forged, garbage, over the cap or invalid midway."""
+    (runner.score_after_worker): both ways give identical scores for seeds and for a sparse-form
+    candidate (its weights are scored as they arrive in either mode), and the same category and
+    reason for candidates whose stream is forged, garbage, over the cap or invalid midway."""
     from evaluator.sandbox import runner
 
+    sparse = tmp_path / "sparse.py"
+    sparse.write_text(SPARSE_SINKS_AND_WINDOW)
     reports: dict[bool, dict[str, object]] = {}
     with WorkerPool(LIMITS, spares=2) as pool:
         for after in (True, False):
@@ -237,13 +258,16 @@ def test_scoring_after_the_worker_and_alongside_it_give_the_same_reports(tiny, m
             got = {}
             for seed in ("oracle_topk", "vattention"):
                 got[seed] = run_candidate(SEEDS / f"{seed}.py", tiny, 0.1, pool=pool).report
+            got["sparse"] = run_candidate(sparse, tiny, 0.1, pool=pool).report
             for case in STREAM_CASES:
                 got[case] = run_candidate(HOSTILE / f"{CASES[case][0]}.py", tiny, 0.1, pool=pool).report
             reports[after] = got
-    for seed in ("oracle_topk", "vattention"):
+    for seed in ("oracle_topk", "vattention", "sparse"):
         a, b = reports[True][seed], reports[False][seed]
         assert a.valid and b.valid, (a.reason, b.reason)
         assert (a.error, a.density, a.kv_density) == (b.error, b.density, b.kv_density)
+    expected = _in_process(sparse, tiny, 0.1)
+    assert reports[True]["sparse"].combined_score == expected.combined_score
     for case in STREAM_CASES:
         category, reason = CASES[case][2], CASES[case][3]
         for after in (True, False):

@@ -251,8 +251,9 @@ def decode_stacked(sent: list[DenseBytes], device: torch.device) -> list[torch.T
 
 def stage_bytes(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:
     """``parts`` (host uint8) end to end in one new buffer, page-locked if ``pin``. numpy copies on
-    this thread: torch's multi-threaded ``cat`` took 60-440 ms here instead of under 1 ms once
-    sandbox workers were about (an H200 host, 16 cores)."""
+    this thread: in the harness process on an H200 host (16 cores), torch's multi-threaded ``cat``
+    into the page-locked buffer took 60-440 ms a chunk, against 0.3-0.7 ms in a quiet process and
+    1-4 ms for numpy in the harness (cause not pinned down; threads waking late is the guess)."""
     staged = torch.empty(sum(p.numel() for p in parts), dtype=torch.uint8, pin_memory=pin)
     np.concatenate([p.numpy() for p in parts], out=staged.numpy())
     return staged

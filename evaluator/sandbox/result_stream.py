@@ -53,7 +53,11 @@ class ResultStream:
             self._fail(ScoreReport.failure("output", f"selections exceed {self.limits.output_bytes} bytes (at {where})"))
             return False
         self._check(header, tensors)
-        if not self.score_after and (len(self._pending) >= self.scorer.chunk or self.received == len(self.records)):
+        due = len(self._pending) >= self.scorer.chunk or self.received == len(self.records)
+        # Any other kind than a dense selection is float32 weights already: scored now in either
+        # mode, so that no more than a chunk of them is ever held (a sparse candidate's 120
+        # records of ``default`` would be 1.1 GB).
+        if (due and not self.score_after) or (self._pending and isinstance(self._pending[-1], torch.Tensor)):
             self._score_now()
         return True
 
