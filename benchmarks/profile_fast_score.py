@@ -1,7 +1,8 @@
 """Where a sandboxed fast score's time goes: each stage of the worker's and the parent's
 per-record pipeline timed on its own (warm, in this process), a fresh process's first pass over
-the records against its second (CUDA loads kernels lazily), a worker's start-up phases, and a
-profile of the parent during ``run_candidate``.
+the records against its second (CUDA loads kernels lazily), a worker's start-up phases, a
+profile of the parent during ``run_candidate``, and the worker's own clock of each sandboxed run
+(``worker_clock``: from the job to the first masker call, that call, and the rest).
 
     python benchmarks/profile_fast_score.py --workload synthetic --device cuda --seeds sink_window,oracle_topk
 
@@ -17,6 +18,7 @@ import io
 import json
 import os
 import pstats
+import statistics
 import struct
 import subprocess
 import sys
@@ -186,7 +188,8 @@ def parent_profile(workload: Any, seed: Path, repeat: int) -> dict[str, Any]:
         for defer in (False, True):
             key = f"sandbox_s rehearse={rehearse} spare={'after' if defer else 'during'}"
             profile = rehearse == "1" and not defer
-            out[key], out[key.replace("sandbox_s", "worker_s")], text = _pool_runs(workload, seed, repeat, defer, profile)
+            out[key], out[key.replace("sandbox_s", "worker_s")], text, out[key.replace("sandbox_s", "worker_clock")] = \
+                _pool_runs(workload, seed, repeat, defer, profile)
             if profile:
                 out["profile"] = text
     os.environ.pop("ADRS_SPARE_REHEARSAL")
@@ -195,18 +198,20 @@ def parent_profile(workload: Any, seed: Path, repeat: int) -> dict[str, Any]:
     other = "alongside" if runner.score_after_worker(workload.records[0].queries.device) else "after"
     with _scoring(other == "after"):
         key = f"sandbox_s rehearse=1 spare=after scoring={other}"
-        out[key], out[key.replace("sandbox_s", "worker_s")], _ = _pool_runs(workload, seed, repeat, True)
+        out[key], out[key.replace("sandbox_s", "worker_s")], _, out[key.replace("sandbox_s", "worker_clock")] = \
+            _pool_runs(workload, seed, repeat, True)
     return out
 
 
-def _pool_runs(workload: Any, seed: Path, repeat: int, defer: bool, profile: bool = False) -> tuple[float, float, str]:
+def _pool_runs(workload: Any, seed: Path, repeat: int, defer: bool, profile: bool = False) -> tuple[float, float, str, dict]:
     """Median seconds of a sandboxed score and of its worker's run, through a warmed pool whose
     replacement spare starts during the candidate or (``defer``) after it; with ``profile``, the
-    parent's cProfile of the first timed score."""
+    parent's cProfile of the first timed score; the medians of the worker's own clock (its
+    status's ``timing``: to the first masker call, that call, the rest)."""
     from evaluator.sandbox import SandboxLimits, WorkerPool, run_candidate
 
     cuda = str(workload.records[0].queries.device).startswith("cuda")
-    times, worker, text = [], [], ""
+    times, worker, text, clocks = [], [], "", []
     with WorkerPool(SandboxLimits(wall_s=300), cuda=cuda) as pool:
         pool.defer_spares = defer
         run_candidate(seed, workload, 0.1, pool=pool)
@@ -225,7 +230,9 @@ def _pool_runs(workload: Any, seed: Path, repeat: int, defer: bool, profile: boo
             assert run.report.valid, run.report.reason
             times.append(t)
             worker.append(run.outcome.elapsed_s)
-    return sorted(times)[len(times) // 2], sorted(worker)[len(worker) // 2], text
+            clocks.append(run.outcome.status.get("timing") or {})
+    timing = {k: statistics.median(c[k] for c in clocks if k in c) for k in clocks[0]} if clocks else {}
+    return sorted(times)[len(times) // 2], sorted(worker)[len(worker) // 2], text, timing
 
 
 @contextlib.contextmanager

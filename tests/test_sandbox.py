@@ -427,6 +427,17 @@ def _seed_files(tmp_path: Path) -> list[Path]:
     return [path]
 
 
+def test_a_workers_status_carries_its_own_clock(tiny, tmp_path):
+    """A successful worker reports where its time went (for benchmarks): three non-negative parts
+    that fit inside the parent's own measure of the run."""
+    run = run_candidate(_seed_files(tmp_path)[0], tiny, 0.1, limits=LIMITS)
+    assert run.report.valid, run.report.reason
+    timing = run.outcome.status["timing"]
+    assert set(timing) == {"to_first_call_s", "first_call_s", "after_first_call_s"}
+    assert all(isinstance(v, float) and v >= 0 for v in timing.values()), timing
+    assert sum(timing.values()) <= run.outcome.elapsed_s, (timing, run.outcome.elapsed_s)
+
+
 def test_seeds_score_exactly_as_in_process(tiny, tmp_path):
     """Every seed (deterministic, sampled and sparse-form ones) scores bit-identically."""
     seeds = _seed_files(tmp_path)

@@ -6,9 +6,14 @@ so every limit is in place. One message per record goes down the result pipe
 GPU, dense selections wait in a batch and are encoded a few records at a time
 (``encode_batch``); the records before one encoded alone, or before a failure, are sent first,
 so the parent reads the same stream either way.
+
+A successful status carries the worker's own clock (``timing``): from the job to the first
+masker call, that call, and the rest. It is the candidate process's word, so nothing scores
+with it; benchmarks read it to see where a worker's time goes (``profile_fast_score.py``).
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from evaluator.candidate import masker_input
@@ -21,9 +26,10 @@ from evaluator.sandbox.failure_text import candidate_traceback, is_memory_error
 
 
 def serve_records(job: dict[str, Any], records: list[AttentionRecord], masker: Callable[[MaskerInput], Any], results: int,
-                  output_bytes: int, finish: Callable[[dict], None], candidate: str) -> None:
+                  output_bytes: int, finish: Callable[[dict], None], candidate: str, job_received: float) -> None:
     """Run ``masker`` on each record and stream its selection to the ``results`` pipe; never
-    returns (``finish`` exits). ``output_bytes``: the cap on all selections together."""
+    returns (``finish`` exits). ``output_bytes``: the cap on all selections together;
+    ``job_received``: ``time.perf_counter()`` when the job arrived."""
     sent, written = 0, 0
 
     def send(i: int, where: str, tensors: dict, meta: dict) -> None:
@@ -57,11 +63,14 @@ def serve_records(job: dict[str, Any], records: list[AttentionRecord], masker: C
             send(i, where, tensors, meta)
         waiting.clear()
 
+    first_call: tuple[float, float] | None = None
     for i, rec in enumerate(records):
         where = f"sample {rec.sample}, layer {rec.layer}"
         alone = None
         try:
+            called = time.perf_counter()
             selection = masker(masker_input(rec, job["density_target"], job["base_seed"], state={}))
+            first_call = first_call or (called, time.perf_counter())
             if batch is None or not batch.add(selection, rec.weights_shape, rec.keys.shape[1]):
                 # Packed where the selection lives: only bits and non-unit values cross to the host.
                 alone = encode_for_wire(selection, rec.weights_shape, rec.keys.shape[1], str(rec.queries.device))
@@ -78,4 +87,8 @@ def serve_records(job: dict[str, Any], records: list[AttentionRecord], masker: C
         records[i] = None  # type: ignore[call-overload] - its inputs are no longer needed
         del selection, alone
     send_batch()
-    finish({"ok": True, "records": sent})
+    timing = {}
+    if first_call is not None:
+        timing = {"to_first_call_s": first_call[0] - job_received, "first_call_s": first_call[1] - first_call[0],
+                  "after_first_call_s": time.perf_counter() - first_call[1]}
+    finish({"ok": True, "records": sent, "timing": timing})

@@ -30,6 +30,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 from evaluator.sandbox import preimports
 from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, limit_address_space
@@ -117,6 +118,7 @@ def main() -> None:
     files = dict(zip(json.loads(names_raw or b"[]"), fd_list))
     control.close()  # the candidate gets no channel to the parent but its results
     job = json.loads(sys.stdin.readline())
+    job_received = time.perf_counter()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
@@ -174,7 +176,7 @@ def main() -> None:
         # Many calls over pipes (evaluator.sandbox.session); exits.
         serve_session(job, files, masker, finish, prefix_keys if job.get("prefix_preloaded") else None)
 
-    serve_records(job, records, masker, results, limits.output_bytes, finish, candidate)
+    serve_records(job, records, masker, results, limits.output_bytes, finish, candidate, job_received)
 
 
 if __name__ == "__main__":
