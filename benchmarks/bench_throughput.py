@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, whichever tree is measured
 
 from synthetic import synthetic_workload  # noqa: E402
-from timing import BusySampler, SlotClock, median_time as _median, saturate, steady_per_slot, timed  # noqa: E402
+from timing import BusySampler, SlotClock, flipped_scoring, median_time as _median, saturate, steady_per_slot, timed  # noqa: E402
 
 SEEDS = ("sink_window", "oracle_topk", "vattention")
 
@@ -224,13 +224,15 @@ FLAVOURS = {"after-fresh": {"ADRS_FORK_SERVER": "0"}, "after-norehearse": {"ADRS
             "after-flipped": {"BENCH_SCORING_FLIP": "1"}}
 
 
-def _flip_scoring() -> None:
-    """``after-flipped``'s child: the parent scores the other way round from its default (after the
-    worker, or alongside it; ``runner.score_after_worker``), in this process and its slot threads."""
-    from evaluator.sandbox import runner
-
-    policy = runner.score_after_worker
-    runner.score_after_worker = lambda device: not policy(device)
+def run_child(args: argparse.Namespace) -> None:
+    """One tree's child: ``serve-fast``, or its parts in order, each written out once done."""
+    if args.child == "serve-fast":
+        serve_fast(args)
+        return
+    done: dict[str, Any] = {}
+    for part in args.child.split(","):
+        done[part] = PARTS[part](args)
+        Path(args.child_out).write_text(json.dumps(done))  # what is done survives a timeout
 
 
 # ---------------------------------------------------------------- parent: trees x parts, table
@@ -308,15 +310,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         sys.path.insert(0, os.getcwd())
-        if os.environ.get("BENCH_SCORING_FLIP") == "1":
-            _flip_scoring()
-        if args.child == "serve-fast":
-            serve_fast(args)
-            return
-        done: dict[str, Any] = {}
-        for part in args.child.split(","):
-            done[part] = PARTS[part](args)
-            Path(args.child_out).write_text(json.dumps(done))  # what is done survives a timeout
+        # after-flipped's child scores the other way round from its tree's default.
+        with flipped_scoring() if os.environ.get("BENCH_SCORING_FLIP") == "1" else contextlib.nullcontext():
+            run_child(args)
         return
 
     trees = {"after": REPO, **({"before": args.before.resolve()} if args.before else {}),

@@ -11,7 +11,6 @@ Prints a table and writes JSON (``--out``, default ``benchmarks/results/profile_
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import dataclasses
 import io
@@ -24,13 +23,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
 
-from timing import median_time, timed  # noqa: E402
+from timing import flipped_scoring, median_time, timed  # noqa: E402
 
 
 def stages(workload: Any, seed: Path, repeat: int) -> dict[str, float]:
@@ -196,7 +195,7 @@ def parent_profile(workload: Any, seed: Path, repeat: int) -> dict[str, Any]:
     # By default the parent decodes and scores as selections arrive on a GPU, after the worker on a
     # CPU (runner.score_after_worker); the other way round shows what that choice is worth.
     other = "alongside" if runner.score_after_worker(workload.records[0].queries.device) else "after"
-    with _scoring(other == "after"):
+    with flipped_scoring():
         key = f"sandbox_s rehearse=1 spare=after scoring={other}"
         out[key], out[key.replace("sandbox_s", "worker_s")], _, out[key.replace("sandbox_s", "worker_clock")] = \
             _pool_runs(workload, seed, repeat, True)
@@ -233,19 +232,6 @@ def _pool_runs(workload: Any, seed: Path, repeat: int, defer: bool, profile: boo
             clocks.append(run.outcome.status.get("timing") or {})
     timing = {k: statistics.median(c[k] for c in clocks if k in c) for k in clocks[0]} if clocks else {}
     return sorted(times)[len(times) // 2], sorted(worker)[len(worker) // 2], text, timing
-
-
-@contextlib.contextmanager
-def _scoring(after: bool) -> Iterator[None]:
-    """The parent decodes and scores after the worker (or alongside it), whatever the device."""
-    from evaluator.sandbox import runner
-
-    policy = runner.score_after_worker
-    runner.score_after_worker = lambda device: after
-    try:
-        yield
-    finally:
-        runner.score_after_worker = policy
 
 
 def interference(args: argparse.Namespace, workload: Any, seed: Path) -> dict[str, float]:

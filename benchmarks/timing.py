@@ -6,7 +6,7 @@ import statistics
 import subprocess
 import threading
 import time
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterator
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -31,6 +31,21 @@ def median_time(fn: Callable[[], Any], repeat: int, before: Callable[[], Any] | 
         t, out = timed(fn)
         times.append(t)
     return statistics.median(times), out
+
+
+@contextlib.contextmanager
+def flipped_scoring() -> Iterator[None]:
+    """While in the block, the parent scores a fast score's selections the other way round from
+    its default: after the worker where it would score alongside, and the reverse
+    (``runner.score_after_worker`` of the tree on the path, imported only here)."""
+    from evaluator.sandbox import runner
+
+    policy = runner.score_after_worker
+    runner.score_after_worker = lambda device: not policy(device)
+    try:
+        yield
+    finally:
+        runner.score_after_worker = policy
 
 
 def steady_per_slot(sched: Any) -> int:

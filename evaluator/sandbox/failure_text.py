@@ -29,3 +29,11 @@ def candidate_traceback(exc: BaseException, candidate: str) -> str:
     tb = traceback.TracebackException.from_exception(exc, limit=-12)
     tb.stack = traceback.StackSummary.from_list([f for f in tb.stack if not f.filename.endswith(_OURS)])
     return trim("".join(tb.format()))
+
+
+def failure_status(exc: BaseException, candidate: str, category: str = "exception", where: str | None = None) -> dict:
+    """A worker's status for a failure the candidate caused: ``category`` (``memory`` for an
+    out-of-memory failure), the error and where it happened, its traceback without our frames."""
+    reason = f"{type(exc).__name__}: {exc}" + (f" ({where})" if where else "")
+    return {"ok": False, "category": "memory" if is_memory_error(exc) else category, "reason": reason[:1000],
+            "details": candidate_traceback(exc, candidate)}

@@ -22,7 +22,7 @@ from evaluator.records import AttentionRecord
 from evaluator.sandbox.channel import pack, write_blocking
 from evaluator.sandbox.devicepack import encode_for_wire
 from evaluator.sandbox.encode_batch import EncodeBatch
-from evaluator.sandbox.failure_text import candidate_traceback, is_memory_error
+from evaluator.sandbox.failure_text import failure_status
 
 
 def serve_records(job: dict[str, Any], records: list[AttentionRecord], masker: Callable[[MaskerInput], Any], results: int,
@@ -43,9 +43,7 @@ def serve_records(job: dict[str, Any], records: list[AttentionRecord], masker: C
         sent += 1
 
     def failed(exc: BaseException, where: str) -> None:
-        category = "memory" if is_memory_error(exc) else "exception"
-        finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc} ({where})"[:1000],
-                "details": candidate_traceback(exc, candidate)})
+        finish(failure_status(exc, candidate, where=where))
 
     # On a GPU, dense selections wait in a batch and are encoded a few records at a time
     # (encode_batch); the records before anything sent alone, or before a failure, go first.

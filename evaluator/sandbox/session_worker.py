@@ -20,7 +20,7 @@ from evaluator.contract import MaskerInput
 from evaluator.records import record_seed
 from evaluator.sandbox.channel import pack, read_blocking, write_blocking
 from evaluator.sandbox.devicepack import encode_for_wire
-from evaluator.sandbox.failure_text import candidate_traceback, is_memory_error
+from evaluator.sandbox.failure_text import failure_status
 from evaluator.sandbox.transport import MappedTensors
 
 
@@ -77,10 +77,7 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
             tensors, meta = encode_for_wire(selection, shape, inp.num_kv_heads, device)
             lap("encode")
         except BaseException as exc:  # noqa: BLE001 - anything raised here is the candidate's
-            category = "memory" if is_memory_error(exc) else "exception"
-            finish({"ok": False, "category": category,
-                    "reason": f"{type(exc).__name__}: {exc} (call {call}, layer {layer})"[:1000],
-                    "details": candidate_traceback(exc, job["candidate"])})
+            finish(failure_status(exc, job["candidate"], where=f"call {call}, layer {layer}"))
         reply = pack({"meta": meta}, tensors)
         lap("pack")
         write_blocking(resp, reply)

@@ -34,7 +34,7 @@ import time
 
 from evaluator.sandbox import preimports
 from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, limit_address_space
-from evaluator.sandbox.failure_text import candidate_traceback, is_memory_error
+from evaluator.sandbox.failure_text import failure_status
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.warmup import warm_encoder, warm_masker_ops
 
@@ -169,9 +169,7 @@ def main() -> None:
     try:
         masker = load_masker(candidate)
     except BaseException as exc:  # noqa: BLE001 - anything at import time is the candidate's
-        category = "memory" if is_memory_error(exc) else "import"
-        finish({"ok": False, "category": category, "reason": f"{type(exc).__name__}: {exc}"[:1000],
-                "details": candidate_traceback(exc, candidate)})
+        finish(failure_status(exc, candidate, "import"))
     if records is None:
         # Many calls over pipes (evaluator.sandbox.session); exits.
         serve_session(job, files, masker, finish, prefix_keys if job.get("prefix_preloaded") else None)
