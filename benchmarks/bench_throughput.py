@@ -197,12 +197,12 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
     rows = {}
     for slots in args.slots:
         devices = ["cpu"] * slots if args.device == "cpu" else local_devices(slots)
+        if args.scale_mode == "one-gpu" and devices[0] != "cpu":
+            devices = [devices[0]] * slots  # needs one GPU only
         if len(devices) < slots or (args.device != "cpu" and devices[0] == "cpu"):
             rows[str(slots)] = {"skipped": f"{len(devices)} GPU(s) here"}
             continue
         extra = {"spares": args.spares} if takes_spares else {}
-        if args.scale_mode == "one-gpu" and devices[0] != "cpu":
-            devices = [devices[0]] * slots
         sched = LocalScheduler(lambda which: workload, 0.10, SandboxLimits(wall_s=600), devices=devices, **extra)
         sampler, clock = BusySampler(len(set(devices))), SlotClock(sched)
         during = [clock, sampler] + ([_prefilled(sched)] if args.scale_mode == "prefilled" else [])

@@ -37,7 +37,9 @@ def stages(workload: Any, seed: Path, repeat: int) -> dict[str, float]:
     from evaluator.batch_scoring import RecordScorer
     from evaluator.candidate import load_masker, masker_input
     from evaluator.sandbox.channel import pack, unpack
+    from evaluator.inprocess import score_masker
     from evaluator.sandbox.devicepack import decode_dense_selection, encode_for_wire
+    from evaluator.sandbox.encode_batch import EncodeBatch
 
     masker = load_masker(seed)
     recs = workload.records
@@ -78,9 +80,27 @@ def stages(workload: Any, seed: Path, repeat: int) -> dict[str, float]:
             s.add(i, w)
         s.rows()
 
+    def batch_encoded() -> list:
+        # As a GPU worker does (fast_worker.serve_records): dense selections wait in a batch.
+        out, batch = [], EncodeBatch(d)
+        for rec in recs:
+            sel = masker(masker_input(rec, 0.1, workload.spec.seed, state={}))
+            if not batch.add(sel, rec.weights_shape, rec.keys.shape[1]):
+                out += batch.drain()
+                out.append(encode_for_wire(sel, rec.weights_shape, rec.keys.shape[1], d))
+            elif batch.full():
+                out += batch.drain()
+        return out + batch.drain()
+
+    def in_process() -> None:
+        score_masker(masker, workload, 0.1)
+
     res = {}
-    for name, fn in (("masker", masker_only), ("masker+encode", encoded), ("pack", packed),
-                     ("unpack+decode", parent_decode), ("score", score)):
+    stages_ = [("masker", masker_only), ("masker+encode", encoded), ("pack", packed),
+               ("unpack+decode", parent_decode), ("score", score), ("in process", in_process)]
+    if d.startswith("cuda"):
+        stages_.insert(2, ("masker+batch encode", batch_encoded))
+    for name, fn in stages_:
         fn()
         res[name] = median_time(fn, repeat)[0]
     res["bytes_per_candidate"] = sum(len(m) for m in msgs)

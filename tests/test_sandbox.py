@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -429,13 +430,17 @@ def _seed_files(tmp_path: Path) -> list[Path]:
 
 def test_a_workers_status_carries_its_own_clock(tiny, tmp_path):
     """A successful worker reports where its time went (for benchmarks): three non-negative parts
-    that fit inside the parent's own measure of the run."""
+    that fit inside the parent's own measure of the run, the last split into masker, encoding and
+    sending time that fit inside it."""
     run = run_candidate(_seed_files(tmp_path)[0], tiny, 0.1, limits=LIMITS)
     assert run.report.valid, run.report.reason
     timing = run.outcome.status["timing"]
-    assert set(timing) == {"to_first_call_s", "first_call_s", "after_first_call_s"}
+    parts = ("to_first_call_s", "first_call_s", "after_first_call_s")
+    phases = ("masker_s", "encode_s", "send_s")
+    assert set(timing) == {*parts, *phases}
     assert all(isinstance(v, float) and v >= 0 for v in timing.values()), timing
-    assert sum(timing.values()) <= run.outcome.elapsed_s, (timing, run.outcome.elapsed_s)
+    assert sum(timing[k] for k in parts) <= run.outcome.elapsed_s, (timing, run.outcome.elapsed_s)
+    assert 0 < sum(timing[k] for k in phases) <= timing["after_first_call_s"], timing
 
 
 def test_seeds_score_exactly_as_in_process(tiny, tmp_path):
@@ -526,11 +531,12 @@ def test_spare_warm_up_runs_on_workload_shapes(tiny):
     shapes, leaves the record untouched, and the encoder it warms still encodes exactly."""
     from safetensors.torch import save
 
-    from evaluator.sandbox.warmup import warm_encoder, warm_masker_ops
+    from evaluator.sandbox.warmup import warm_encoder, warm_masker_ops, warm_seed_ops
 
     rec = tiny.records[0]
     before = (rec.queries.clone(), rec.keys.clone())
     warm_masker_ops(rec)
+    warm_seed_ops(rec)
     warm_encoder(devicepack.encode_selection_on_device, save, "cpu", rec.weights_shape)
     assert torch.equal(rec.queries, before[0]) and torch.equal(rec.keys, before[1])
 
@@ -619,7 +625,8 @@ def _batch_encodes(device: str) -> None:
                  mask[:, :1].expand(shape)]
     per_kv = [mask[:, ::2].float(), weighted[:, ::2], nan[:, ::2]]
     dev = "cuda:0" if device == "cuda" else "cpu"
-    for sels in (per_query, per_kv):
+    unit_only = per_query[:2] + per_query[5:7]  # the path with one wait for the device
+    for sels in (per_query, per_kv, unit_only):
         sels = [s.to(device) for s in sels]
         batch = EncodeBatch(dev, capacity=len(sels) + 1)
         for sel in sels:
@@ -806,6 +813,58 @@ def test_a_harness_holding_over_1024_fds_still_runs_candidates_and_channels(tiny
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_read_ahead_keeps_order_bounds_what_it_holds_and_ends_where_the_stream_ends():
+    """The parent's result reader: messages come out in order, whole even when a message needs
+    many reads; past its limit it leaves the rest in the pipe (the writer waits, memory stays
+    bounded); what ended the stream is raised after the messages read before it."""
+    import fcntl
+    import termios
+    import threading
+
+    from evaluator.sandbox.channel import DeadlineIO, ReadAhead, pack, write_blocking
+    from evaluator.sandbox.worker_process import widen_pipe
+
+    class Ended(Exception):
+        pass
+
+    r, w = os.pipe()
+    widen_pipe(w, 1 << 20)  # room for every message: only the reader's limit can leave them there
+    msgs = [pack({"i": i}, {"x": torch.full((5000,), float(i))}) for i in range(12)]  # ~20 KB each
+    writer = threading.Thread(target=lambda: [write_blocking(w, m) for m in msgs])
+    writer.start()
+    closed = threading.Event()
+
+    def check() -> None:
+        if closed.is_set():
+            raise Ended()
+
+    reader = ReadAhead(DeadlineIO(r, None, check, max_payload=1 << 20), limit=30_000, last_key="status")
+    try:
+        deadline = time.monotonic() + 5
+        unread = bytearray(4)
+        while time.monotonic() < deadline:  # the reader holds its limit's worth and stops
+            fcntl.ioctl(r, termios.FIONREAD, unread)
+            if not writer.is_alive():
+                break
+            time.sleep(0.01)
+        time.sleep(0.1)  # time for the reader to take what it would
+        fcntl.ioctl(r, termios.FIONREAD, unread)
+        assert int.from_bytes(unread, sys.byteorder) > 100_000, "the reader drained past its limit"
+        got = [reader.get() for _ in msgs]
+        assert [h["i"] for h, _, _ in got] == list(range(12))
+        assert all(torch.equal(t["x"], torch.full((5000,), float(i))) and n == 20_000 for i, (_, t, n) in enumerate(got))
+        writer.join()
+        os.close(w)
+        closed.set()
+        with pytest.raises(Ended):
+            reader.get()
+    finally:
+        reader.stop()
+        closed.set()
+        reader.join()
+        os.close(r)
 
 
 # ---------------------------------------------------------------- isolation level and the opt-out

@@ -8,7 +8,9 @@ GPU, dense selections wait in a batch and are encoded a few records at a time
 so the parent reads the same stream either way.
 
 A successful status carries the worker's own clock (``timing``): from the job to the first
-masker call, that call, and the rest. It is the candidate process's word, so nothing scores
+masker call, that call, and the rest; and the rest's seconds in the masker, in encoding and in
+sending (blocked on a full pipe, the parent being behind). Host time: device work lands in
+whichever phase waits for it first. It is the candidate process's word, so nothing scores
 with it; benchmarks read it to see where a worker's time goes (``profile_fast_score.py``).
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ def serve_records(job: dict[str, Any], records: list[AttentionRecord], masker: C
     returns (``finish`` exits). ``output_bytes``: the cap on all selections together;
     ``job_received``: ``time.perf_counter()`` when the job arrived."""
     sent, written = 0, 0
+    spent = {"masker_s": 0.0, "encode_s": 0.0, "send_s": 0.0}  # after the first call
 
     def send(i: int, where: str, tensors: dict, meta: dict) -> None:
         nonlocal sent, written
@@ -39,7 +42,9 @@ def serve_records(job: dict[str, Any], records: list[AttentionRecord], masker: C
         if written > output_bytes:
             finish({"ok": False, "category": "output",
                     "reason": f"selections exceed {output_bytes} bytes (at {where}); return fewer or sparser tensors"})
+        t = time.perf_counter()
         write_blocking(results, pack({"i": i, "meta": meta}, tensors))
+        spent["send_s"] += time.perf_counter() - t
         sent += 1
 
     def failed(exc: BaseException, where: str) -> None:
@@ -54,7 +59,9 @@ def serve_records(job: dict[str, Any], records: list[AttentionRecord], masker: C
         if not waiting:
             return
         try:
+            t = time.perf_counter()
             encoded = batch.drain()
+            spent["encode_s"] += time.perf_counter() - t
         except BaseException as exc:  # noqa: BLE001 - e.g. an asynchronous CUDA error of the candidate's kernels
             failed(exc, waiting[0][1])
         for (i, where), (tensors, meta) in zip(waiting, encoded):
@@ -68,10 +75,15 @@ def serve_records(job: dict[str, Any], records: list[AttentionRecord], masker: C
         try:
             called = time.perf_counter()
             selection = masker(masker_input(rec, job["density_target"], job["base_seed"], state={}))
-            first_call = first_call or (called, time.perf_counter())
+            returned = time.perf_counter()
+            if first_call is None:
+                first_call = (called, returned)
+            else:
+                spent["masker_s"] += returned - called
             if batch is None or not batch.add(selection, rec.weights_shape, rec.keys.shape[1]):
                 # Packed where the selection lives: only bits and non-unit values cross to the host.
                 alone = encode_for_wire(selection, rec.weights_shape, rec.keys.shape[1], str(rec.queries.device))
+            spent["encode_s"] += time.perf_counter() - returned
         except BaseException as exc:  # noqa: BLE001
             send_batch()
             failed(exc, where)
@@ -88,5 +100,5 @@ def serve_records(job: dict[str, Any], records: list[AttentionRecord], masker: C
     timing = {}
     if first_call is not None:
         timing = {"to_first_call_s": first_call[0] - job_received, "first_call_s": first_call[1] - first_call[0],
-                  "after_first_call_s": time.perf_counter() - first_call[1]}
+                  "after_first_call_s": time.perf_counter() - first_call[1], **spent}
     finish({"ok": True, "records": sent, "timing": timing})

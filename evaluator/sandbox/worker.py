@@ -36,7 +36,7 @@ from evaluator.sandbox import preimports
 from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, limit_address_space
 from evaluator.sandbox.failure_text import failure_status
 from evaluator.sandbox.limits import SandboxLimits
-from evaluator.sandbox.warmup import warm_encoder, warm_masker_ops
+from evaluator.sandbox.warmup import warm_encoder, warm_masker_ops, warm_seed_ops
 
 
 def main() -> None:
@@ -102,6 +102,7 @@ def main() -> None:
                 warm_encoder(encode_selection_on_device, save, str(first.queries.device), first.weights_shape)
                 warm_batch_encoder(str(first.queries.device), first.weights_shape, first.keys.shape[1])
                 warm_masker_ops(first)
+                warm_seed_ops(first)
                 torch.cuda.empty_cache()
         del mapped  # its tensors are copied out: the file's mapping is not the candidate's
 

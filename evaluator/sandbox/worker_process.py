@@ -21,7 +21,7 @@ import torch
 
 from evaluator.errors import IsolationUnavailable
 from evaluator.sandbox.fdwait import wait_readable
-from evaluator.sandbox.channel import ChannelError, ChannelOverflow, DeadlineIO
+from evaluator.sandbox.channel import ChannelError, ChannelOverflow, DeadlineIO, ReadAhead
 from evaluator.sandbox.isolation import NOBODY, is_root, kill_tree, scrubbed_env
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.scratch import OverCap, ScratchView
@@ -33,6 +33,7 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 _READ_CHUNK = 64 * 1024
 _MAX_STATUS = 4 * 1024 * 1024
 _RESULT_PIPE_BYTES = 8 << 20
+_READ_AHEAD_BYTES = 64 << 20  # read but not yet scored: about 200 records of ``default``
 
 
 class _CappedReader(threading.Thread):
@@ -315,6 +316,7 @@ class Worker:
         status = None
         channel_error = None
         res_r, res_w = os.pipe()
+        reader: ReadAhead | None = None
         widen_pipe(res_w, _RESULT_PIPE_BYTES)
         deadline = t0 + self.limits.wall_s
 
@@ -339,13 +341,13 @@ class Worker:
             job_sent = True
             t0 = time.monotonic()
             deadline = t0 + self.limits.wall_s
-            io = DeadlineIO(res_r, None, check, self.limits.output_bytes, pulse)
+            # Read on a thread while on_result decodes and scores: the worker then seldom waits on a full pipe.
+            reader = ReadAhead(DeadlineIO(res_r, None, check, self.limits.output_bytes, pulse), _READ_AHEAD_BYTES, "status")
             while True:
-                header, tensors = io.receive()
+                header, tensors, size = reader.get()
                 if "status" in header:
                     status = header["status"] if isinstance(header["status"], dict) else None
                     break
-                size = sum(t.numel() * t.element_size() for t in tensors.values())
                 if not on_result(header, tensors, size):
                     break
         except _StreamEnded as end:
@@ -357,9 +359,13 @@ class Worker:
         except (_StartupFailed, BrokenPipeError, OSError):
             pass  # the worker died or hung before taking the job: a harness failure
         finally:
-            os.close(res_r)
             # Everything we score is in our memory now: kill at once, reap in close() while we score.
+            if reader is not None:
+                reader.stop()
             self._kill_group()
+            if reader is not None:
+                reader.join()  # its next check() sees the worker gone
+            os.close(res_r)
         return WorkerOutcome(self.proc.poll(), timed_out, self._reader.exceeded.is_set(), "", status,
                              time.monotonic() - t0, job_sent, channel_error)
 
