@@ -138,7 +138,7 @@ class DeadlineIO:
         at most before ``unpack`` (a fast score moves up to ~100 MB per candidate this way)."""
         if n == 0:
             return b""  # e.g. a status message's empty payload: a read of 0 bytes would look like end of file
-        first = self._read_some(n)
+        first = self._read(os.read, min(_CHUNK, n))
         if len(first) == n:
             return first
         buf = bytearray(n)
@@ -146,35 +146,22 @@ class DeadlineIO:
         view[:len(first)] = first
         got = len(first)
         while got < n:
-            got += _nonblocking_into(self, view[got:got + _CHUNK])
+            got += self._read(os.readv, [view[got:got + _CHUNK]])
         return bytes(buf)
 
-    def _read_some(self, n: int) -> bytes:
-        """Up to ``n`` (at least 1) bytes, waiting for them as ``check`` allows."""
+    def _read(self, op: Callable[[int, Any], Any], arg: Any) -> Any:
+        """``op(read_fd, arg)`` (``os.read`` or ``os.readv``) once it yields bytes, waiting for
+        them as ``check`` allows."""
         while True:
             ready = wait_readable(self.read_fd, 0.05)
-            chunk = _nonblocking(os.read, self.read_fd, min(_CHUNK, n)) if ready else None
-            if chunk:
+            got = _nonblocking(op, self.read_fd, arg) if ready else None
+            if got:
                 if self.pulse is not None:
                     self.pulse()
-                return chunk
-            if chunk == b"":
+                return got
+            if got is not None:
                 time.sleep(0.002)  # end of file: the peer is exiting; let check() see it go without spinning
             self.check()
-
-
-def _nonblocking_into(io: DeadlineIO, view: memoryview) -> int:
-    """Bytes read into ``view`` (at least 1), waiting for them as ``io.check`` allows."""
-    while True:
-        ready = wait_readable(io.read_fd, 0.05)
-        got = _nonblocking(os.readv, io.read_fd, [view]) if ready else None
-        if got:
-            if io.pulse is not None:
-                io.pulse()
-            return got
-        if got == 0:
-            time.sleep(0.002)  # end of file, as in _read_some
-        io.check()
 
 
 def _nonblocking(op: Callable[..., Any], fd: int, arg: Any) -> Any:
