@@ -867,6 +867,38 @@ def test_read_ahead_keeps_order_bounds_what_it_holds_and_ends_where_the_stream_e
         os.close(r)
 
 
+def test_a_stopped_read_ahead_ends_while_its_writer_still_writes():
+    """What kills the worker may leave a descendant holding the pipe and trickling bytes; the
+    reader must not outlive the run until the deadline: stopped, it ends within a wait or a chunk."""
+    import struct
+    import threading
+
+    from evaluator.sandbox.channel import DeadlineIO, ReadAhead
+
+    r, w = os.pipe()
+    done = threading.Event()
+
+    def trickle() -> None:  # a header announced, then a byte at a time: no whole message for 10 s
+        os.write(w, struct.pack("<QQ", 1000, 0))
+        while not done.wait(0.01):
+            os.write(w, b"x")
+
+    writer = threading.Thread(target=trickle)
+    writer.start()
+    reader = ReadAhead(DeadlineIO(r, None, lambda: None, max_payload=1 << 20), limit=1 << 20, last_key="status")
+    try:
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        reader.stop()
+        reader.join()
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        done.set()
+        writer.join()
+        os.close(w)
+        os.close(r)
+
+
 # ---------------------------------------------------------------- isolation level and the opt-out
 from evaluator.sandbox import IsolationUnavailable  # noqa: E402
 

@@ -186,7 +186,8 @@ class ReadAhead:
     the pipe as before and memory stays bounded. ``get`` hands the messages over in order, and
     then what ended the reading (an exception of ``receive``, e.g. the channel's own errors or
     whatever ``check`` raised), at its place in the stream. The reader stops after a message
-    whose header has ``last_key`` (the status), or at ``stop``."""
+    whose header has ``last_key`` (the status), or soon after ``stop``: within one wait for data
+    (50 ms) or one chunk, even if something still holds the pipe open and writes."""
 
     def __init__(self, io: DeadlineIO, limit: int, last_key: str) -> None:
         self.io, self.limit, self.last_key = io, limit, last_key
@@ -194,6 +195,20 @@ class ReadAhead:
         self._items: collections.deque[tuple[dict[str, Any], dict[str, torch.Tensor], int] | BaseException] = collections.deque()
         self._held = 0
         self._stopped = False
+        check, pulse = io.check, io.pulse
+
+        def stop_check() -> None:
+            if self._stopped:
+                raise _Stopped()
+            check()
+
+        def stop_pulse() -> None:
+            if self._stopped:
+                raise _Stopped()
+            if pulse is not None:
+                pulse()
+
+        io.check, io.pulse = stop_check, stop_pulse  # the io is this reader's from now on
         self._thread = threading.Thread(target=self._read, name="adrs-result-reader", daemon=True)
         self._thread.start()
 
@@ -212,6 +227,8 @@ class ReadAhead:
                     self._cond.notify_all()
                 if self.last_key in header:
                     return
+        except _Stopped:
+            return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, in order
             with self._cond:
                 self._items.append(exc)
@@ -236,6 +253,9 @@ class ReadAhead:
             self._cond.notify_all()
 
     def join(self) -> None:
-        """Wait for the reader (``stop`` it first, and make its ``check`` end a wait for data,
-        e.g. by killing the writer); the fd may then be closed."""
+        """Wait for the reader (``stop`` it first); the fd may then be closed."""
         self._thread.join()
+
+
+class _Stopped(Exception):
+    """Raised inside a ``ReadAhead``'s reads once it is stopped."""

@@ -364,7 +364,7 @@ class Worker:
                 reader.stop()
             self._kill_group()
             if reader is not None:
-                reader.join()  # its next check() sees the worker gone
+                reader.join()  # within 50 ms: stopped, it reads no further
             os.close(res_r)
         return WorkerOutcome(self.proc.poll(), timed_out, self._reader.exceeded.is_set(), "", status,
                              time.monotonic() - t0, job_sent, channel_error)
