@@ -255,7 +255,10 @@ def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None
 def test_ctrl_c_prints_the_resume_hint_last(tmp_path, tiny_workload):
     from adrs.archive import open_run
 
-    cfg = write_config(tmp_path / "cfg.yaml", 30)
+    # Far more iterations than the interrupts let run: a run that finished first would exit 0 and
+    # prove nothing (a CI run on 2 cores did finish 30 once: 70 evaluations a minute), while one
+    # that ignored Ctrl-C still fails, on communicate's timeout.
+    cfg = write_config(tmp_path / "cfg.yaml", 1000)
     run = tmp_path / "run"
 
     def count() -> int:
