@@ -253,13 +253,22 @@ def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None
 
 
 def test_ctrl_c_prints_the_resume_hint_last(tmp_path, tiny_workload):
-    from adrs.archive import open_run
-
     # Far more iterations than the interrupts let run: a run that finished first would exit 0 and
-    # prove nothing (a CI run on 2 cores did finish 30 once: 70 evaluations a minute), while one
-    # that ignored Ctrl-C still fails, on communicate's timeout.
+    # prove nothing, while one that ignores Ctrl-C fails on communicate's timeout.
     cfg = write_config(tmp_path / "cfg.yaml", 1000)
     run = tmp_path / "run"
+    # The children must start with Ctrl-C live, as a terminal's foreground job does. A shell starts
+    # a background job (``.ci/run &``) with SIGINT ignored, and an ignored signal stays ignored
+    # across fork and exec: the runs then ignored the test's interrupt, as they should there.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_runs(cfg, run)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_runs(cfg: Path, run: Path) -> None:
+    from adrs.archive import open_run
 
     def count() -> int:
         if not (run / "repo").is_dir():
