@@ -335,12 +335,14 @@ class Worker:
             try:
                 if not self.wait_ready(self.limits.startup_s):
                     raise _StartupFailed()
+                # The candidate's clock starts as the job goes out: the worker may start on it
+                # before send_job returns here.
+                t0 = time.monotonic()
+                deadline = t0 + self.limits.wall_s
                 self.send_job(job, {**fds, "results": res_w})
             finally:
                 os.close(res_w)  # the worker holds its own copy: its death reads as end of file here
             job_sent = True
-            t0 = time.monotonic()
-            deadline = t0 + self.limits.wall_s
             # Read on a thread while on_result decodes and scores: the worker then seldom waits on a full pipe.
             reader = ReadAhead(DeadlineIO(res_r, None, check, self.limits.output_bytes, pulse), _READ_AHEAD_BYTES, "status")
             while True:

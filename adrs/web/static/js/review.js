@@ -7,18 +7,24 @@ ADRS.reviewPanel = function reviewPanel(container, run, checkpoints, onDone, emp
     container.append(el("p", {class: "hint"}, emptyText || "no checkpoints (config: review.every / review.on_new_best)"));
     return;
   }
-  const status = el("p", {class: "hint review-status", role: "status"});
+  // The outcome of the last review stays on screen: onDone redraws this panel, which would
+  // otherwise replace the line saying what was recorded with an empty one.
+  const status = el("p", {class: "hint review-status", role: "status"}, container.dataset.reviewStatus || "");
+  const say = (message) => {
+    status.textContent = message;
+    container.dataset.reviewStatus = message;
+  };
   const rows = checkpoints.map((c) => {
     const text = el("input", {type: "text", class: "review-text", placeholder: "reason or note", size: 28});
     const send = async (action) => {
-      status.textContent = `${action}: sending…`;
+      say(`${action}: sending…`);
       try {
         const done = await postJSON(ADRS.apiUrl(run, "review"), {action, text: text.value, checkpoint: c.name});
-        status.textContent = `${action} recorded on ${done.checkpoint.name}`;
+        say(`${action} recorded on ${done.checkpoint.name}`);
         text.value = "";
         if (onDone) await onDone();
       } catch (err) {
-        status.textContent = `${action} refused: ${err.message}`;
+        say(`${action} refused: ${err.message}`);
       }
     };
     const actions = el("td", {class: "actions"}, text,
