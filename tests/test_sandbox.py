@@ -821,7 +821,6 @@ def test_read_ahead_keeps_order_bounds_what_it_holds_and_ends_where_the_stream_e
     bounded); what ended the stream is raised after the messages read before it."""
     import fcntl
     import termios
-    import threading
 
     from evaluator.sandbox.channel import DeadlineIO, ReadAhead, pack, write_blocking
     from evaluator.sandbox.worker_process import widen_pipe
@@ -842,14 +841,9 @@ def test_read_ahead_keeps_order_bounds_what_it_holds_and_ends_where_the_stream_e
 
     reader = ReadAhead(DeadlineIO(r, None, check, max_payload=1 << 20), limit=30_000, last_key="status")
     try:
-        deadline = time.monotonic() + 5
-        unread = bytearray(4)
-        while time.monotonic() < deadline:  # the reader holds its limit's worth and stops
-            fcntl.ioctl(r, termios.FIONREAD, unread)
-            if not writer.is_alive():
-                break
-            time.sleep(0.01)
+        writer.join(timeout=5)  # every message in the pipe or in the reader, which stops at its limit
         time.sleep(0.1)  # time for the reader to take what it would
+        unread = bytearray(4)
         fcntl.ioctl(r, termios.FIONREAD, unread)
         assert int.from_bytes(unread, sys.byteorder) > 100_000, "the reader drained past its limit"
         got = [reader.get() for _ in msgs]
@@ -871,7 +865,6 @@ def test_a_stopped_read_ahead_ends_while_its_writer_still_writes():
     """What kills the worker may leave a descendant holding the pipe and trickling bytes; the
     reader must not outlive the run until the deadline: stopped, it ends within a wait or a chunk."""
     import struct
-    import threading
 
     from evaluator.sandbox.channel import DeadlineIO, ReadAhead
 

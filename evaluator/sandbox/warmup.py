@@ -80,7 +80,8 @@ def warm_seed_ops(rec: AttentionRecord, density_target: float = 0.1) -> None:
     top = torch.minimum(budget(inp, 0.04), (total - fixed.sum(-1)).clamp(min=0))
     chosen = top_per_query(logits.masked_fill(fixed, float("-inf")), top) | fixed
     rest = causal & ~chosen
-    n_rest, n_rest_f = rest.sum(-1), rest.sum(-1).float()
+    n_rest = rest.sum(-1)
+    n_rest_f = n_rest.float()
     e = torch.exp(logits - logits.amax(-1, keepdim=True)).masked_fill(~causal, 0.0)
     mean = (e * rest).sum(-1) / n_rest_f.clamp(min=1)
     spread = (((e * rest - mean[..., None]) ** 2 * rest).sum(-1) / n_rest_f.clamp(min=1)).sqrt()
