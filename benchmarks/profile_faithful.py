@@ -13,7 +13,9 @@ CPU, for turns of 1, 10 and 40 ops: the floor any cross-process call pays on thi
 ``--pieces`` times each piece of a call alone in one process. ``--synthetic`` runs the same calls
 without the model (random tensors of the preset's shapes). ``--scorer-calls N`` times faithful
 scores as the agent's tool gets them (a run's ``CodeScorer`` keeps the context and a warm worker)
-against a one-off ``faithful_score``. Prints a table; writes JSON
+against a one-off ``faithful_score``. Sandboxed scores are timed with the session's shared device
+block (``evaluator.sandbox.devshare``, where the GPU allows) and again over pipes only
+(``ADRS_SESSION_SHARED=0``), in the same run. Prints a table; writes JSON
 (``--out``, default ``benchmarks/results/profile_faithful.json``).
 """
 from __future__ import annotations
@@ -220,7 +222,7 @@ class SyntheticContext:
 
         from evaluator.candidate import load_masker
         from evaluator.faithful.score import in_process_selector, session_selector
-        from evaluator.sandbox.session import SandboxSession
+        from evaluator.sandbox.session import SandboxSession, shared_sizes
 
         def run(select: Any) -> float:
             total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -235,7 +237,9 @@ class SyntheticContext:
         if in_process:
             checksum, candidate_s = run(in_process_selector(load_masker(seed), density_target, 0)), None
         else:
-            setup = {"prefix": str(self.prefix), "row_groups": 2, "max_len": self.max_len}
+            q = self.calls[-1][3]
+            setup = {"prefix": str(self.prefix), "row_groups": 2, "max_len": self.max_len,
+                     "shared": shared_sizes(q.shape[0], q.shape[1], 3, q.shape[3], self.max_len)}
             if pool is not None:
                 pool.prefetch(self.prefix, str(self.device))  # as FaithfulContext.score does
             with SandboxSession(seed, self.device, density_target, 0, setup, pool=pool) as session:
@@ -264,11 +268,19 @@ def profile_seed(ctx: Any, seed: Path, repeat: int) -> dict[str, Any]:
         ctx.score(seed, 0.1, pool=pool)
         t_sb, rep = median_time(lambda: ctx.score(seed, 0.1, pool=pool), repeat, warm)
         row.update(sandbox_s=t_sb, candidate_s=rep.candidate_s, exact=rep.valid and rep.error == ref.error)
+        os.environ[session.SHARED_ENV] = "0"  # the same tree over pipes only: the shared block's gain in one run
+        try:
+            t_pipes, rep_pipes = median_time(lambda: ctx.score(seed, 0.1, pool=pool), repeat, warm)
+        finally:
+            os.environ.pop(session.SHARED_ENV)
+        row.update(sandbox_pipes_s=t_pipes, exact_pipes=rep_pipes.valid and rep_pipes.error == ref.error)
         clock = _PhaseClock()
         clock.wrap(session, "pack", "pack")
         clock.wrap(channel.DeadlineIO, "send", "send")
         clock.wrap(channel.DeadlineIO, "receive", "wait + read the reply")
         clock.wrap(session, "decode_dense_selection", "decode")
+        clock.wrap(session.SandboxSession, "_put_inputs", "inputs into the shared block")
+        clock.wrap(session.SandboxSession, "_shared_selection", "clone the shared selection")
         logs: list[str] = []
         release = worker_process.Worker.release
 
@@ -368,7 +380,9 @@ def main() -> None:
         per_call = 1e3 * (row["sandbox_s"] - row["in_process_s"]) / max(1, row["calls"])
         print(f"{name}: in process {row['in_process_s']:.3f} s, sandboxed {row['sandbox_s']:.3f} s "
               f"({row['sandbox_s'] / row['in_process_s']:.2f}x, {per_call:.2f} ms more per call over {row['calls']} calls), "
-              f"waiting on the candidate {row['candidate_s']:.3f} s, exact {row['exact']}", flush=True)
+              f"waiting on the candidate {row['candidate_s']:.3f} s, exact {row['exact']}; over pipes only "
+              f"{row['sandbox_pipes_s']:.3f} s ({row['sandbox_pipes_s'] / row['in_process_s']:.2f}x), exact {row['exact_pipes']}",
+              flush=True)
         for side in ("parent", "worker"):
             for phase, ms in (row[f"{side}_ms_per_call"] or {}).items():
                 print(f"    {side} {phase:<28} {ms:7.3f} ms per call", flush=True)

@@ -37,7 +37,7 @@ from evaluator.faithful.spec import FaithfulSpec, resolve_faithful_spec
 from evaluator.records import AttentionRecord, record_seed
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.pool import WorkerPool
-from evaluator.sandbox.session import SandboxSession, SessionFailure
+from evaluator.sandbox.session import SandboxSession, SessionFailure, shared_sizes
 from evaluator.sandbox.transport import SESSION_PREFIX, remove_file, shared_dir
 from evaluator.batch_scoring import validated_weights
 from evaluator.scoring import InvalidSelection
@@ -165,7 +165,7 @@ class FaithfulContext:
             else:
                 prefix = self.prefix_file()
                 setup = {"prefix": str(prefix), "row_groups": ROW_GROUPS,
-                         "max_len": self.spec.prompt_tokens + self.spec.decode_steps}
+                         "max_len": self.spec.prompt_tokens + self.spec.decode_steps, "shared": self._shared_sizes()}
                 if pool is not None:
                     # The pool's next spares load these keys onto the GPU before their job arrives.
                     pool.prefetch(prefix, str(self.device))
@@ -185,6 +185,14 @@ class FaithfulContext:
         report.candidate_s = candidate_s
         report.isolation = isolation
         return report
+
+    def _shared_sizes(self) -> dict[str, int]:
+        """The session's shared device block, sized for this model's single-token calls."""
+        cfg = self.model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return shared_sizes(self.decoder.rows, heads, cfg.num_key_value_heads, head_dim,
+                            self.spec.prompt_tokens + self.spec.decode_steps)
 
     def _failed(self, category: str, reason: str, details: str | None, t0: float) -> FaithfulReport:
         report = FaithfulReport.failure(category, reason, details, **self._shape())

@@ -155,11 +155,19 @@ def dense_selection_bytes(meta: dict[str, Any], tensors: dict[str, torch.Tensor]
     """The bytes of a well-formed dense selection sent at query-head ``shape`` or per KV head, checked
     against their metadata on the host; None when the metadata is neither, for the validator's path
     to word why. ProtocolError if the data does not match its metadata."""
+    sent = dense_shape_sent(meta, shape, num_kv_heads, device)
+    return None if sent is None else _checked_bytes(tensors, sent, int(shape[1]))
+
+
+def dense_shape_sent(meta: dict[str, Any], shape: tuple[int, ...], num_kv_heads: int,
+                     device: torch.device) -> tuple[int, ...] | None:
+    """The shape a well-formed dense selection for query-head ``shape`` was sent at (that shape, or
+    per KV head), per its declared metadata; None when it is neither."""
     if dense_meta_ok(meta, shape, device):
-        return _checked_bytes(tensors, tuple(shape), int(shape[1]))
+        return tuple(shape)
     kv = _kv_shape(shape, num_kv_heads)
     if kv != tuple(shape) and dense_meta_ok(meta, kv, device):
-        return _checked_bytes(tensors, kv, int(shape[1]))
+        return kv
     return None
 
 

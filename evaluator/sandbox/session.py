@@ -10,6 +10,12 @@ two pipes handed to it as fds with the job (``evaluator.sandbox.channel``):
   (never values or dense outputs); keys of a long shared prefix can be sent once, as a
   read-only file (sent as an fd) the worker copies into its own key cache (``setup["prefix"]``);
   a spare of a pool that ``prefetch``-ed that file holds its keys on the device before the job;
+* on a GPU, both directions can go through one block of device memory the parent owns and
+  maps into the worker (``evaluator.sandbox.devshare``; ``setup["shared"]`` sizes its input
+  and output regions): a call's tensors are copied into the input region and a well-formed
+  dense selection comes back as float32 in the output region, which the parent clones before
+  it validates anything; the pipes then carry headers only. Calls that do not fit, and any
+  other selection, take the pipe path below;
 * worker -> parent, per call: the selection in the exact compact form of
   ``evaluator.sandbox.transport.encode_selection``, bit-packed on the worker's device and
   unpacked on ours (``evaluator.sandbox.devicepack``); sparse and malformed selections go
@@ -25,6 +31,7 @@ worker's whole process tree is killed on close, whatever happened.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from pathlib import Path
@@ -33,7 +40,9 @@ from typing import Any
 import torch
 
 from evaluator.records import AttentionRecord
-from evaluator.sandbox.devicepack import decode_dense_selection
+from evaluator.contract import per_query_heads
+from evaluator.sandbox import devshare
+from evaluator.sandbox.devicepack import decode_dense_selection, dense_shape_sent
 from evaluator.sandbox.channel import ChannelError, ChannelOverflow, DeadlineIO, pack
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.pool import SMALL_MACHINE_CORES, WorkerPool
@@ -49,6 +58,7 @@ SESSION_PIPE_BYTES = 1 << 20  # a whole call or reply of the faithful preset (~1
 # about one layer's turn of the faithful preset. "0" turns it off, for measurement.
 SPIN_ENV = "ADRS_SESSION_SPIN_MS"
 SPIN_S = 0.005
+SHARED_ENV = "ADRS_SESSION_SHARED"  # "0": never offer a shared device block (measurement, or a misbehaving driver)
 PROFILE_ENV = "ADRS_PROFILE_SESSION"  # "1": the worker logs the mean time of each phase of a call
 
 
@@ -58,6 +68,14 @@ def session_spin_s() -> float:
     if os.environ.get(SPIN_ENV):
         return float(os.environ[SPIN_ENV]) / 1e3
     return SPIN_S if (os.cpu_count() or 1) > SMALL_MACHINE_CORES else 0.0
+
+
+def shared_sizes(rows: int, heads: int, kv_heads: int, head_dim: int, max_len: int) -> dict[str, int]:
+    """``setup["shared"]`` for single-token calls (a decode's all but first): the input region holds
+    queries, new keys and positions (at most 8 bytes an element, plus alignment), the output region
+    the largest well-formed dense selection (float32, every query head)."""
+    inputs = 8 * rows * (heads + kv_heads) * head_dim + 8 + 3 * devshare.ALIGN
+    return {"in": inputs, "out": 4 * rows * heads * max_len}
 
 
 class SessionFailure(Exception):
@@ -98,6 +116,10 @@ class SandboxSession:
         self.candidate_s = 0.0  # time spent waiting on the candidate, against limits.wall_s
         self._wait_started = 0.0
         self.calls = 0
+        self.shared: devshare.SharedBlock | None = None  # until the worker's hello says it mapped it too
+        self._shared_offered = False
+        self._out_at = 0
+        self.shared_calls = 0  # calls answered through the shared block
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -121,6 +143,7 @@ class SandboxSession:
         prefix_path = self.setup.pop("prefix", None)
         if prefix_path:
             worker_fds["prefix"] = os.open(prefix_path, os.O_RDONLY | os.O_CLOEXEC)
+        self._offer_shared(worker_fds)
         spin_s = session_spin_s()
         self.io = DeadlineIO(resp_r, req_w, self._check, self.limits.output_bytes, self._pulse, spin_s)
         job = {"candidate_name": self.candidate_path.name, "source": source, "device": str(self.device),
@@ -146,6 +169,21 @@ class SandboxSession:
             for fd in worker_fds.values():
                 os.close(fd)  # the worker holds its own copies now: its death reads as EOF here
 
+    def _offer_shared(self, worker_fds: dict[str, int]) -> None:
+        """Allocate the shared block the setup asks for and add its fd to the worker's files;
+        without CUDA or driver support the setup loses the request and calls use the pipes."""
+        wanted = self.setup.pop("shared", None)
+        if not wanted or self.device.type != "cuda" or os.environ.get(SHARED_ENV) == "0":
+            return
+        out_at = -(-int(wanted["in"]) // devshare.ALIGN) * devshare.ALIGN
+        block = devshare.allocate(out_at + int(wanted["out"]), self.device)
+        if block is None:
+            return
+        assert block.fd is not None
+        worker_fds["shared"], block.fd = block.fd, None  # closed with the other handed-over fds
+        self.shared, self._shared_offered, self._out_at = block, True, out_at
+        self.setup["shared"] = {"bytes": block.size, "out_at": out_at}
+
     @property
     def isolation(self) -> str | None:
         """How the worker is contained, in words (None before start)."""
@@ -161,6 +199,7 @@ class SandboxSession:
             self.worker.release()
             if self.pool is not None:
                 self.pool.replenish()
+        self.close_shared()
         for fd in self._fds:
             os.close(fd)
         self._fds = []
@@ -186,7 +225,19 @@ class SandboxSession:
         assert self.io is not None, "call() before start()"
         self._wait_started = time.monotonic()
         try:
-            self.io.send(pack({"op": "call", **header}, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+            if self._shared_offered:
+                self._shared_offered = False
+                hello, _ = self.io.receive()  # whether the worker mapped the block
+                if hello.get("op") != "hello":
+                    raise ChannelError("the worker did not say whether it mapped the shared block")
+                if hello.get("shared") is not True:
+                    self.close_shared()
+            via_shared = self._shared_fits(tensors, record)
+            if via_shared:
+                places = self._put_inputs(tensors)
+                self.io.send(pack({"op": "call", **header, "shared": places}, {}))
+            else:
+                self.io.send(pack({"op": "call", **header}, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
             reply, data = self.io.receive()
         except _Abort as exc:
             raise SessionFailure(exc.report) from None
@@ -203,6 +254,10 @@ class SandboxSession:
         try:
             if not isinstance(meta, dict):
                 raise ProtocolError("no selection metadata")
+            if reply.get("shared") is not None:
+                if reply.get("shared") is not True or not via_shared:
+                    raise ProtocolError("a selection in the shared block that was not asked for")
+                return self._shared_selection(meta, record)
             dense = decode_dense_selection(meta, data, record.weights_shape, record.keys.shape[1], record.queries.device)
             if dense is not None:
                 return dense
@@ -214,6 +269,42 @@ class SandboxSession:
         except Exception as exc:  # noqa: BLE001 - corrupt data must not crash the evaluator
             raise SessionFailure(ScoreReport.failure(
                 "crash", f"the candidate process wrote an unreadable result for {where}: {type(exc).__name__}: {exc}"[:1000])) from None
+
+    def close_shared(self) -> None:
+        """Unmap the shared block (the worker could not map it, or the session ends); calls then go over the pipes."""
+        if self.shared is not None:
+            torch.cuda.synchronize(self.device)  # no copy of ours may still read or write the block
+            self.shared.close()
+            self.shared = None
+
+    def _shared_fits(self, tensors: dict[str, torch.Tensor], record: AttentionRecord) -> bool:
+        """Whether this call's inputs and its largest well-formed answer fit the shared block."""
+        if self.shared is None or any(str(t.dtype) not in devshare.DTYPES for t in tensors.values()):
+            return False
+        _, used = devshare.layout(tensors)
+        return used <= self._out_at and self._out_at + 4 * math.prod(record.weights_shape) <= self.shared.size
+
+    def _put_inputs(self, tensors: dict[str, torch.Tensor]) -> list[list[Any]]:
+        """Copy the call's tensors into the input region and wait for the copies (the worker reads
+        them as soon as the call arrives); returns where each went."""
+        assert self.shared is not None
+        places, _ = devshare.layout(tensors)
+        for name, _dtype, shape, at in places:
+            self.shared.tensor(at, tensors[name].dtype, tuple(shape)).copy_(tensors[name])
+        torch.cuda.current_stream(self.device).synchronize()
+        return places
+
+    def _shared_selection(self, meta: dict[str, Any], record: AttentionRecord) -> torch.Tensor:
+        """The float32 selection the worker left in the output region, cloned before anything looks at
+        it (the worker can still write there) and repeated for each query head if sent per KV head."""
+        assert self.shared is not None
+        shape = record.weights_shape
+        sent = dense_shape_sent(meta, shape, record.keys.shape[1], record.queries.device)
+        if sent is None:
+            raise ProtocolError("the shared block's selection does not match its metadata")
+        weights = self.shared.tensor(self._out_at, torch.float32, sent).clone()
+        self.shared_calls += 1
+        return per_query_heads(weights, shape[1], sent[1])
 
     def check_output(self) -> None:
         """Raise SessionFailure if the worker printed past the log cap (a quick reply would hide it)."""

@@ -6,6 +6,12 @@ so the candidate is already loaded and every limit is in place. Keeps one key ca
 setup (or from the device, when a warm spare preloaded that file), every call appends its new keys; the masker gets a fresh copy of ``[:end]``, so what it
 scribbles on is its own. Failures end the process through ``finish`` (status.json), which the
 parent reads once it sees the process gone.
+
+With a shared device block (``evaluator.sandbox.devshare``; the parent offered one and this
+worker could map it), a call marked ``shared`` has its inputs in the block's input region and
+a well-formed dense selection goes back as float32 in its output region, written and waited
+for before the reply; the reply then carries only the selection's metadata. The worker's first
+message says whether it mapped the block (``{"op": "hello", "shared": bool}``).
 """
 from __future__ import annotations
 
@@ -19,19 +25,25 @@ import torch
 from evaluator.contract import MaskerInput
 from evaluator.records import record_seed
 from evaluator.sandbox.channel import pack, read_blocking, write_blocking
-from evaluator.sandbox.devicepack import encode_for_wire
+from evaluator.sandbox.devicepack import encode_selection_on_device, is_dense_tensor, wire_form
+from evaluator.sandbox.devshare import DTYPES, SharedBlock
 from evaluator.sandbox.failure_text import failure_status
-from evaluator.sandbox.transport import MappedTensors
+from evaluator.sandbox.transport import MappedTensors, _tensor_meta
 
 
 def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[MaskerInput], Any],
-                  finish: Callable[[dict], None], prefix_keys: dict[str, torch.Tensor] | None = None) -> None:
+                  finish: Callable[[dict], None], prefix_keys: dict[str, torch.Tensor] | None = None,
+                  shared: SharedBlock | None = None) -> None:
     """Answer masker calls until the parent says close; never returns (``finish`` exits).
 
     ``files``: the session's fds from the parent (``req``, ``resp`` pipes, optional ``prefix``);
-    ``prefix_keys``: that prefix's tensors, already on the device (a warm spare's preload)."""
+    ``prefix_keys``: that prefix's tensors, already on the device (a warm spare's preload);
+    ``shared``: the parent's shared block, mapped (None: it offered none, or mapping failed)."""
     setup, device = job["session"], job["device"]
     req, resp = files["req"], files["resp"]
+    if "shared" in setup:
+        write_blocking(resp, pack({"op": "hello", "shared": shared is not None}, {}))
+    out_at = int(setup["shared"]["out_at"]) if shared is not None else 0
     prefix: Callable[[str], torch.Tensor] | None = None  # a layer's prefix keys by name, read on its first call
     if prefix_keys is not None:
         prefix = prefix_keys.__getitem__
@@ -50,6 +62,9 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
         if header.get("op") == "close":
             finish({"ok": True, "calls": served})
         layer, call, start = int(header["layer"]), int(header["call"]), int(header["start"])
+        if shared is not None and "shared" in header:
+            data = {name: shared.tensor(int(at), DTYPES[dtype], tuple(dims)).clone()
+                    for name, dtype, dims, at in header["shared"]}
         lap("wait for and read the call")
         queries = data["q"].to(device)
         new_keys = data["k"].to(device)
@@ -74,18 +89,27 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
         try:
             selection = masker(inp)
             lap("masker")
-            tensors, meta = encode_for_wire(selection, shape, inp.num_kv_heads, device)
+            sel, at = wire_form(selection, shape, inp.num_kv_heads, device)
+            if shared is not None and "shared" in header and is_dense_tensor(sel, at, device) \
+                    and out_at + 4 * sel.numel() <= shared.size:
+                # A candidate's asynchronous error surfaces in this wait, as the candidate's.
+                shared.tensor(out_at, torch.float32, at).copy_(sel)
+                torch.cuda.current_stream().synchronize()
+                tensors, meta, via = {}, {"kind": "dense", **_tensor_meta(sel)}, {"shared": True}
+            else:
+                tensors, meta = encode_selection_on_device(sel, at, device)
+                via = {}
             lap("encode")
         except BaseException as exc:  # noqa: BLE001 - anything raised here is the candidate's
             finish(failure_status(exc, job["candidate"], where=f"call {call}, layer {layer}"))
-        reply = pack({"meta": meta}, tensors)
+        reply = pack({"meta": meta, **via}, tensors)
         lap("pack")
         write_blocking(resp, reply)
         served += 1
         lap("write")
         if served % 100 == 0:
             lap.report(served)
-        del selection, tensors, inp
+        del selection, sel, tensors, inp
 
 
 def _new_cache(prefix: Callable[[str], torch.Tensor] | None, layer: int, rows: int, groups: int, max_len: int,

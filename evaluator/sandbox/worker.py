@@ -14,7 +14,8 @@ before step 5 is trusted code:
    ``preload`` (it loads it and says "R" again); receive the job's files as fds there (the
    workload's inputs unless preloaded, the result pipe, or a session's pipes), then the job
    (JSON line, with the candidate's source) on stdin;
-4. write the candidate into scratch (the cwd), drop to ``nobody`` (root only), audit hook;
+4. write the candidate into scratch (the cwd), map a session's shared device block if offered
+   (``evaluator.sandbox.devshare``), drop to ``nobody`` (root only), audit hook;
 5. load the candidate, run ``masker`` on every record, send each selection down the result
    pipe as soon as it is encoded (the parent scores while the next one is computed);
 6. send the status (success or a categorised failure) last and exit; a session's worker
@@ -34,6 +35,7 @@ import time
 
 from evaluator.sandbox import preimports
 from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, limit_address_space
+from evaluator.sandbox.devshare import attach as attach_shared
 from evaluator.sandbox.failure_text import failure_status
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.warmup import warm_encoder, warm_masker_ops, warm_seed_ops
@@ -148,6 +150,10 @@ def main() -> None:
         # Initialise CUDA and load cuBLAS now: their libraries may be unreadable as nobody.
         x = torch.ones(8, 8, device=job["device"])
         (x @ x).sum().item()
+    shared = None
+    if "shared" in files:
+        # Mapped now: after the drop and the audit hook, ctypes and the driver's device nodes may be closed to us.
+        shared = attach_shared(files.pop("shared"), int(job["session"]["shared"]["bytes"]), job["device"])
     if not cuda_job:
         limit_address_space(limits.memory_mb)  # the driver reserves huge ranges on CUDA: no RLIMIT_AS there
     if is_root() and job.get("drop_privileges", True):
@@ -173,7 +179,7 @@ def main() -> None:
         finish(failure_status(exc, candidate, "import"))
     if records is None:
         # Many calls over pipes (evaluator.sandbox.session); exits.
-        serve_session(job, files, masker, finish, prefix_keys if job.get("prefix_preloaded") else None)
+        serve_session(job, files, masker, finish, prefix_keys if job.get("prefix_preloaded") else None, shared)
 
     serve_records(job, records, masker, results, limits.output_bytes, finish, candidate, job_received)
 
