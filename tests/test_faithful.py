@@ -35,8 +35,8 @@ def masker(inp: MaskerInput):
     if inp.layer_idx == 4 and inp.state["n"] == 2:
 {attack}
     keep = budget(inp)
-    k = torch.arange(inp.num_keys)[None, :]
-    pos = inp.query_positions[:, None]
+    k = torch.arange(inp.num_keys, device=inp.keys.device)[None, :]
+    pos = inp.query_positions.to(inp.keys.device)[:, None]
     sel = ((k < 4) | (k > pos - keep[:, None])) & causal_mask(inp)
     b, h = inp.queries.shape[:2]
     return sel.float().expand(b, h, -1, -1).contiguous()
@@ -214,7 +214,7 @@ from evaluator.contract import MaskerInput, budget, causal_mask
 
 def masker(inp: MaskerInput):
     keep = budget(inp)
-    k = torch.arange(inp.num_keys)[None, :]
+    k = torch.arange(inp.num_keys, device=inp.keys.device)[None, :]
     sel = ((k < 4) | (k > inp.query_positions[:, None] - keep[:, None])) & causal_mask(inp)
     b, h_kv = inp.keys.shape[:2]
     sel = sel.expand(b, h_kv, -1, -1).float().clone()
@@ -303,3 +303,39 @@ def test_session_on_unindexed_cuda_device_serves_dense_selections(tmp_path):
         weights = session_selector(session)(CallInputs(0, 1, 0, q, keys, keys[:, :, 15:], 15, pos, 0.35))
     assert weights.shape == (2, 3, 1, 16) and weights.device.type == "cuda"
     assert int(weights.ne(0).sum()) == 2 * 3 * 8  # 4 sinks + the latest 4: half of 16 causal keys
+
+
+@pytest.fixture(scope="module")
+def gpu_ctx():
+    """'faithful-tiny' on the GPU: its sessions move calls through the shared device block."""
+    context = FaithfulContext("faithful-tiny", "cuda")
+    yield context
+    context.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("seed", ["sink_window", "oracle_topk", "per_kv_head"])
+def test_gpu_sessions_take_the_shared_block_and_score_as_in_process(gpu_ctx, tmp_path, seed):
+    path = tmp_path / "per_kv.py" if seed == "per_kv_head" else ROOT / "seeds" / f"{seed}.py"
+    if seed == "per_kv_head":
+        path.write_text(PER_KV_HEAD)
+    sandboxed = gpu_ctx.score(path, 0.10)
+    in_process = gpu_ctx.score(path, 0.10, in_process=True)
+    assert sandboxed.valid and in_process.valid, (sandboxed.reason, in_process.reason)
+    assert _numbers(sandboxed) == _numbers(in_process)
+    calls, shared = gpu_ctx.last_calls
+    assert calls == shared == gpu_ctx.model.config.num_hidden_layers * (gpu_ctx.spec.decode_steps + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attack", ["nan", "exit", "channel_garbage", "not_a_tensor"])
+def test_gpu_hostile_mid_session_is_contained_with_the_shared_block(gpu_ctx, tmp_path, attack):
+    code, category = ATTACKS[attack]
+    path = tmp_path / f"{attack}.py"
+    path.write_text(HOSTILE.replace("{attack}", textwrap.indent(code, " " * 8)))
+    r = gpu_ctx.score(path, 0.10, limits=SandboxLimits(wall_s=8.0))
+    assert not r.valid and r.category == category, (r.category, r.reason)
+    _assert_no_worker_left(gpu_ctx)
+    assert gpu_ctx.score(SINK_WINDOW, 0.10).valid  # and the parent's GPU still scores

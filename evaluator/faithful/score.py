@@ -131,6 +131,8 @@ class FaithfulContext:
         self._finalizer: Any = None
         # (process group, marker) of the latest sandbox worker: lets tests prove nothing is left.
         self.last_worker: tuple[int, str] | None = None
+        # (masker calls, of which through the shared device block) of the latest sandboxed score.
+        self.last_calls: tuple[int, int] | None = None
 
     def _decode(self, selector: Callable[[CallInputs], torch.Tensor], teacher: torch.Tensor | None) -> DecodeTrace:
         return self.decoder.decode(self.prompts.ids[:, self.context_len:], self.context_len, self.spec.decode_steps,
@@ -176,6 +178,7 @@ class FaithfulContext:
                     session.check_output()
                 candidate_s = session.candidate_s
                 isolation = session.isolation
+                self.last_calls = (session.calls, session.shared_calls)
         except SessionFailure as exc:
             return self._failed(exc.report.category or "crash", exc.report.reason or "", exc.report.details, t0)
         except CandidateFailure as exc:
@@ -187,12 +190,12 @@ class FaithfulContext:
         return report
 
     def _shared_sizes(self) -> dict[str, int]:
-        """The session's shared device block, sized for this model's single-token calls."""
+        """The session's shared device block, sized for this model's largest call: the question's tokens at once."""
         cfg = self.model.config
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return shared_sizes(self.decoder.rows, heads, cfg.num_key_value_heads, head_dim,
-                            self.spec.prompt_tokens + self.spec.decode_steps)
+                            self.spec.prompt_tokens + self.spec.decode_steps, max_q=self.prompts.sparse_tokens)
 
     def _failed(self, category: str, reason: str, details: str | None, t0: float) -> FaithfulReport:
         report = FaithfulReport.failure(category, reason, details, **self._shape())

@@ -70,12 +70,12 @@ def session_spin_s() -> float:
     return SPIN_S if (os.cpu_count() or 1) > SMALL_MACHINE_CORES else 0.0
 
 
-def shared_sizes(rows: int, heads: int, kv_heads: int, head_dim: int, max_len: int) -> dict[str, int]:
-    """``setup["shared"]`` for single-token calls (a decode's all but first): the input region holds
-    queries, new keys and positions (at most 8 bytes an element, plus alignment), the output region
-    the largest well-formed dense selection (float32, every query head)."""
-    inputs = 8 * rows * (heads + kv_heads) * head_dim + 8 + 3 * devshare.ALIGN
-    return {"in": inputs, "out": 4 * rows * heads * max_len}
+def shared_sizes(rows: int, heads: int, kv_heads: int, head_dim: int, max_len: int, max_q: int = 1) -> dict[str, int]:
+    """``setup["shared"]`` for calls of up to ``max_q`` query tokens: the input region holds queries,
+    new keys and positions (at most 8 bytes an element, plus alignment), the output region the
+    largest well-formed dense selection (float32, every query head). Larger calls take the pipes."""
+    inputs = 8 * max_q * (rows * (heads + kv_heads) * head_dim + 1) + 3 * devshare.ALIGN
+    return {"in": inputs, "out": 4 * rows * heads * max_q * max_len}
 
 
 class SessionFailure(Exception):
