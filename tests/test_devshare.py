@@ -25,19 +25,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 ROWS, HEADS, KV_HEADS, DIM, PREFIX, STEPS = 4, 6, 2, 16, 300, 4
 
-PER_KV_HEAD = """import torch
-from evaluator.contract import MaskerInput, budget, causal_mask
-
-def masker(inp: MaskerInput):
-    keep = budget(inp)
-    k = torch.arange(inp.num_keys, device=inp.keys.device)[None, :]
-    sel = ((k < 4) | (k > inp.query_positions[:, None] - keep[:, None])) & causal_mask(inp)
-    b, h_kv = inp.keys.shape[:2]
-    sel = sel.expand(b, h_kv, -1, -1).float().clone()
-    sel[:, 0, :, 1:4] = 0.0
-    sel[:, 1] *= 2.0  # weights other than 1
-    return sel
-"""
+PER_KV_HEAD = ROOT / "tests" / "candidates" / "per_kv_head.py"
 
 # Finds the worker's mapping of the block and fills all of it (input and output regions) with
 # NaN before answering like sink_window: the parent reads nothing back but what the worker
@@ -156,7 +144,7 @@ def test_a_block_is_shared_with_another_process():
 
 @pytest.mark.parametrize("seed", ["sink_window", "oracle_topk", "vattention", "per_kv_head"])
 def test_sessions_through_the_block_equal_pipes_and_in_process(tmp_path, seed):
-    path = _candidate(tmp_path, "per_kv.py", PER_KV_HEAD) if seed == "per_kv_head" else SEEDS / f"{seed}.py"
+    path = PER_KV_HEAD if seed == "per_kv_head" else SEEDS / f"{seed}.py"
     calls = _calls(torch.device("cuda", torch.cuda.current_device()))
     via_block, n_shared = _session_selections(path, calls, shared=True)
     via_pipes, n_pipes = _session_selections(path, calls, shared=False)

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SELECT_ALL = ROOT / "tests" / "candidates" / "select_all.py"
 SINK_WINDOW = ROOT / "seeds" / "sink_window.py"
 ORACLE = ROOT / "seeds" / "oracle_topk.py"
+PER_KV_HEAD = ROOT / "tests" / "candidates" / "per_kv_head.py"
 
 # A valid sink + window masker that misbehaves on its second call of layer 4 (the first decode step).
 HOSTILE = '''
@@ -209,26 +210,12 @@ def test_a_session_closing_after_its_pool_starts_no_spare():
     assert pool.waiting == ()
 
 
-PER_KV_HEAD = """import torch
-from evaluator.contract import MaskerInput, budget, causal_mask
-
-def masker(inp: MaskerInput):
-    keep = budget(inp)
-    k = torch.arange(inp.num_keys, device=inp.keys.device)[None, :]
-    sel = ((k < 4) | (k > inp.query_positions[:, None] - keep[:, None])) & causal_mask(inp)
-    b, h_kv = inp.keys.shape[:2]
-    sel = sel.expand(b, h_kv, -1, -1).float().clone()
-    sel[:, 0, :, 1:4] = 0.0  # the KV heads differ: a wrong broadcast would show
-    sel[:, 1] *= 2.0  # and carry weights other than 1
-    return sel
-"""
 
 
 def test_per_kv_head_session_equals_in_process(ctx, tmp_path):
     """A dense per-KV-head selection crosses the session's reply pipe per KV head; the parent
     repeats it for each query head: the same numbers as in process, kv_density below density."""
-    path = tmp_path / "per_kv.py"
-    path.write_text(PER_KV_HEAD)
+    path = PER_KV_HEAD
     sandboxed = ctx.score(path, 0.10)
     in_process = ctx.score(path, 0.10, in_process=True)
     assert sandboxed.valid and in_process.valid, (sandboxed.reason, in_process.reason)
@@ -245,12 +232,17 @@ def test_faithful_score_function_with_context(ctx):
         faithful_score(SINK_WINDOW, "faithful-small", 0.10, context=ctx)
 
 
-@pytest.mark.parametrize("attack", sorted(ATTACKS))
-def test_hostile_mid_session_is_contained(ctx, tmp_path, attack):
+def _hostile_score(context: FaithfulContext, tmp_path: Path, attack: str) -> tuple[FaithfulReport, str]:
+    """The sandboxed score of HOSTILE with ``attack``, and the category it must fail with."""
     code, category = ATTACKS[attack]
     path = tmp_path / f"{attack}.py"
     path.write_text(HOSTILE.replace("{attack}", textwrap.indent(code, " " * 8)))
-    r = ctx.score(path, 0.10, limits=SandboxLimits(wall_s=8.0))
+    return context.score(path, 0.10, limits=SandboxLimits(wall_s=8.0)), category
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_hostile_mid_session_is_contained(ctx, tmp_path, attack):
+    r, category = _hostile_score(ctx, tmp_path, attack)
     assert not r.valid and r.category == category, (r.category, r.reason)
     # Generous: the bound is the candidate's 8 s plus the trusted decode on a shared 2-core box.
     assert r.wall_s < 120
@@ -317,9 +309,7 @@ def gpu_ctx():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("seed", ["sink_window", "oracle_topk", "per_kv_head"])
 def test_gpu_sessions_take_the_shared_block_and_score_as_in_process(gpu_ctx, tmp_path, seed):
-    path = tmp_path / "per_kv.py" if seed == "per_kv_head" else ROOT / "seeds" / f"{seed}.py"
-    if seed == "per_kv_head":
-        path.write_text(PER_KV_HEAD)
+    path = PER_KV_HEAD if seed == "per_kv_head" else ROOT / "seeds" / f"{seed}.py"
     sandboxed = gpu_ctx.score(path, 0.10)
     in_process = gpu_ctx.score(path, 0.10, in_process=True)
     assert sandboxed.valid and in_process.valid, (sandboxed.reason, in_process.reason)
@@ -332,10 +322,7 @@ def test_gpu_sessions_take_the_shared_block_and_score_as_in_process(gpu_ctx, tmp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("attack", ["nan", "exit", "channel_garbage", "not_a_tensor"])
 def test_gpu_hostile_mid_session_is_contained_with_the_shared_block(gpu_ctx, tmp_path, attack):
-    code, category = ATTACKS[attack]
-    path = tmp_path / f"{attack}.py"
-    path.write_text(HOSTILE.replace("{attack}", textwrap.indent(code, " " * 8)))
-    r = gpu_ctx.score(path, 0.10, limits=SandboxLimits(wall_s=8.0))
+    r, category = _hostile_score(gpu_ctx, tmp_path, attack)
     assert not r.valid and r.category == category, (r.category, r.reason)
     _assert_no_worker_left(gpu_ctx)
     assert gpu_ctx.score(SINK_WINDOW, 0.10).valid  # and the parent's GPU still scores
