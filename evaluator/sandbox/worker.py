@@ -35,7 +35,6 @@ import time
 
 from evaluator.sandbox import preimports
 from evaluator.sandbox.isolation import apply_rlimits, drop_privileges, install_audit_hook, is_root, limit_address_space
-from evaluator.sandbox.devshare import attach as attach_shared
 from evaluator.sandbox.failure_text import failure_status
 from evaluator.sandbox.limits import SandboxLimits
 from evaluator.sandbox.warmup import warm_encoder, warm_masker_ops, warm_seed_ops
@@ -69,6 +68,7 @@ def main() -> None:
     from evaluator.sandbox.transport import SESSION_PREFIX, InputReader, MappedTensors
     from evaluator.sandbox.channel import pack, write_blocking
     from evaluator.sandbox.session_worker import serve_session  # before the drop: imports may fail after
+    from evaluator.sandbox.devshare import attach as attach_shared
     from safetensors.torch import save
 
     # Warm up the write path once, so nothing it lazily imports is needed after the drop.
