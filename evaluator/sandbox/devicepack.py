@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from evaluator.contract import per_query_heads
-from evaluator.sandbox.transport import PLAIN, ProtocolError, _is_float, _tensor_meta, encode_selection
+from evaluator.sandbox.transport import PLAIN, ProtocolError, _is_float, dense_meta, encode_selection
 
 _BITS = (128, 64, 32, 16, 8, 4, 2, 1)
 
@@ -78,7 +78,7 @@ def encode_selection_on_device(sel: Any, shape: tuple[int, ...], device: str) ->
     """``encode_selection`` for well-formed dense tensors, packing before leaving the device."""
     if not is_dense_tensor(sel, shape, device):
         return encode_selection(sel, shape, device)
-    meta = {"kind": "dense", **_tensor_meta(sel)}
+    meta = dense_meta(sel)
     nz = sel.detach().reshape(-1)
     if sel.dtype == torch.bool:
         # A bool mask is 0/1 once cast to float32: every selected weight is exactly 1, so ``ne1``

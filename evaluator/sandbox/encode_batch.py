@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from evaluator.sandbox.devicepack import is_dense_tensor, packbits, unit_weights, wire_form
-from evaluator.sandbox.transport import _tensor_meta
+from evaluator.sandbox.transport import dense_meta
 
 Encoded = tuple[dict[str, torch.Tensor], dict[str, Any]]
 
@@ -49,7 +49,7 @@ class EncodeBatch:
             self._shape = at
         # A float32 copy, as the one-record encoder casts: bool to 0/1, half exactly.
         self._buffer[len(self._metas)].view(at).copy_(sel.detach())
-        self._metas.append({"kind": "dense", **_tensor_meta(sel)})
+        self._metas.append(dense_meta(sel))
         return True
 
     def full(self) -> bool:

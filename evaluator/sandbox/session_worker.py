@@ -28,7 +28,7 @@ from evaluator.sandbox.channel import pack, read_blocking, write_blocking
 from evaluator.sandbox.devicepack import encode_selection_on_device, is_dense_tensor, wire_form
 from evaluator.sandbox.devshare import DTYPES, SharedBlock
 from evaluator.sandbox.failure_text import failure_status
-from evaluator.sandbox.transport import MappedTensors, _tensor_meta
+from evaluator.sandbox.transport import MappedTensors, dense_meta
 
 
 def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[MaskerInput], Any],
@@ -95,7 +95,7 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
                 # A candidate's asynchronous error surfaces in this wait, as the candidate's.
                 shared.tensor(out_at, torch.float32, at).copy_(sel)
                 torch.cuda.current_stream().synchronize()
-                tensors, meta, via = {}, {"kind": "dense", **_tensor_meta(sel)}, {"shared": True}
+                tensors, meta, via = {}, dense_meta(sel), {"shared": True}
             else:
                 tensors, meta = encode_selection_on_device(sel, at, device)
                 via = {}

@@ -192,6 +192,11 @@ def _tensor_meta(x: Any) -> dict[str, Any]:
     return {"type": _type_name(x), "shape": list(x.shape), "dtype": str(x.dtype), "device": str(x.device)}
 
 
+def dense_meta(sel: Any) -> dict[str, Any]:
+    """The metadata a dense selection travels with (the parent judges it with the validator's wording)."""
+    return {"kind": "dense", **_tensor_meta(sel)}
+
+
 def encode_selection(sel: Any, shape: tuple[int, ...], device: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Compact form of what a masker returned: (tensors, metadata).
 
@@ -208,7 +213,7 @@ def encode_selection(sel: Any, shape: tuple[int, ...], device: str) -> tuple[dic
         if not ok:
             return {}, meta
         return {"indices": idx.detach().cpu().contiguous(), "weights": w.detach().to(torch.float32).cpu().contiguous()}, meta
-    meta = {"kind": "dense", **_tensor_meta(sel)}
+    meta = dense_meta(sel)
     if not (type(sel) is torch.Tensor and tuple(sel.shape) == tuple(shape) and str(sel.device) == device
             and (sel.dtype.is_floating_point or sel.dtype == torch.bool)):
         return {}, meta
