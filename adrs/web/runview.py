@@ -63,7 +63,7 @@ class RunView:
     settings: RunSettings
     lock: threading.RLock = field(default_factory=threading.RLock)
     version: int = 1
-    _refs: str = ""
+    _refs: str | None = None  # the last ref listing; None before the first look (an empty run lists "")
     _checked: float = 0.0
     _candidates: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
     _notes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -80,8 +80,9 @@ class RunView:
             self._checked = now
             listing = self.archive.repo.git.for_each_ref("--format=%(refname) %(objectname)")
             if listing != self._refs:
-                if self._refs:  # the first listing describes what open_run_readonly already read
-                    sync_readonly(self.archive)
+                # The first look syncs too: refs may have moved since open_run_readonly read them.
+                changed = sync_readonly(self.archive)
+                if self._refs is not None or changed:
                     self.version += 1
                 self._refs = listing
             return self.version
