@@ -239,7 +239,8 @@ class SyntheticContext:
         else:
             q = self.calls[0][3]  # the question's: the largest call
             setup = {"prefix": str(self.prefix), "row_groups": 2, "max_len": self.max_len,
-                     "shared": shared_sizes(q.shape[0], q.shape[1], 3, q.shape[3], self.max_len, max_q=q.shape[2])}
+                     "shared": shared_sizes(q.shape[0], q.shape[1], self.keys[0].shape[1], q.shape[3], self.max_len,
+                                            max_q=q.shape[2])}
             if pool is not None:
                 pool.prefetch(self.prefix, str(self.device))  # as FaithfulContext.score does
             with SandboxSession(seed, self.device, density_target, 0, setup, pool=pool) as session:

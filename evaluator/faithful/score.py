@@ -191,11 +191,9 @@ class FaithfulContext:
 
     def _shared_sizes(self) -> dict[str, int]:
         """The session's shared device block, sized for this model's largest call: the question's tokens at once."""
-        cfg = self.model.config
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return shared_sizes(self.decoder.rows, heads, cfg.num_key_value_heads, head_dim,
-                            self.spec.prompt_tokens + self.spec.decode_steps, max_q=self.prompts.sparse_tokens)
+        rows, kv_heads, max_len, head_dim = self.decoder.store.keys[0].shape
+        return shared_sizes(rows, self.model.config.num_attention_heads, kv_heads, head_dim, max_len,
+                            max_q=self.prompts.sparse_tokens)
 
     def _failed(self, category: str, reason: str, details: str | None, t0: float) -> FaithfulReport:
         report = FaithfulReport.failure(category, reason, details, **self._shape())

@@ -65,6 +65,7 @@ class _AccessDesc(ctypes.Structure):
 
 @functools.lru_cache(maxsize=1)
 def _driver() -> ctypes.CDLL:
+    """libcuda with the calls used here typed, initialised once per process (raises if it cannot be)."""
     lib = ctypes.CDLL("libcuda.so.1")
     u64, size_t, p = ctypes.c_uint64, ctypes.c_size_t, ctypes.POINTER
     signatures: dict[str, list[Any]] = {
@@ -83,6 +84,8 @@ def _driver() -> ctypes.CDLL:
     for name, args in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, ctypes.c_int
+    torch.cuda.init()  # the device's primary context, which torch's kernels (and so our views) use
+    _check(lib.cuInit(0), "cuInit")
     return lib
 
 
@@ -171,10 +174,8 @@ def allocate(nbytes: int, device: torch.device) -> SharedBlock | None:
     fd in ``.fd``; None where the driver cannot (see the module docstring)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    torch.cuda.init()  # the driver and the device's primary context, which torch's kernels use
     try:
         lib = _driver()
-        _check(lib.cuInit(0), "cuInit")
         ordinal = _ordinal(device)
         prop = _prop(ordinal)
         granularity = ctypes.c_size_t()
@@ -203,9 +204,7 @@ def attach(fd: int, nbytes: int, device: str | torch.device) -> SharedBlock | No
     the driver refuses (the worker then says so and the session keeps the pipes)."""
     device = torch.device(device)
     try:
-        torch.cuda.init()
         lib = _driver()
-        _check(lib.cuInit(0), "cuInit")
         handle = ctypes.c_uint64()
         _check(lib.cuMemImportFromShareableHandle(ctypes.byref(handle), ctypes.c_void_p(fd), _POSIX_FD), "import")
     except (OSError, AttributeError, DriverError):

@@ -232,9 +232,10 @@ class SandboxSession:
                     raise ChannelError("the worker did not say whether it mapped the shared block")
                 if hello.get("shared") is not True:
                     self.close_shared()
-            via_shared = self._shared_fits(tensors, record)
-            if via_shared:
-                places = self._put_inputs(tensors)
+            places = self._shared_places(tensors, record)
+            via_shared = places is not None
+            if places is not None:
+                self._put_inputs(tensors, places)
                 self.io.send(pack({"op": "call", **header, "shared": places}, {}))
             else:
                 self.io.send(pack({"op": "call", **header}, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
@@ -277,22 +278,22 @@ class SandboxSession:
             self.shared.close()
             self.shared = None
 
-    def _shared_fits(self, tensors: dict[str, torch.Tensor], record: AttentionRecord) -> bool:
-        """Whether this call's inputs and its largest well-formed answer fit the shared block."""
+    def _shared_places(self, tensors: dict[str, torch.Tensor], record: AttentionRecord) -> list[list[Any]] | None:
+        """Where this call's tensors go in the input region (``devshare.layout``), or None when they or
+        its largest well-formed answer do not fit the shared block (the call then takes the pipes)."""
         if self.shared is None or any(str(t.dtype) not in devshare.DTYPES for t in tensors.values()):
-            return False
-        _, used = devshare.layout(tensors)
-        return used <= self._out_at and self._out_at + 4 * math.prod(record.weights_shape) <= self.shared.size
+            return None
+        places, used = devshare.layout(tensors)
+        fits = used <= self._out_at and self._out_at + 4 * math.prod(record.weights_shape) <= self.shared.size
+        return places if fits else None
 
-    def _put_inputs(self, tensors: dict[str, torch.Tensor]) -> list[list[Any]]:
-        """Copy the call's tensors into the input region and wait for the copies (the worker reads
-        them as soon as the call arrives); returns where each went."""
+    def _put_inputs(self, tensors: dict[str, torch.Tensor], places: list[list[Any]]) -> None:
+        """Copy the call's tensors to their ``places`` and wait for the copies (the worker reads them
+        as soon as the call arrives)."""
         assert self.shared is not None
-        places, _ = devshare.layout(tensors)
         for name, _dtype, shape, at in places:
             self.shared.tensor(at, tensors[name].dtype, tuple(shape)).copy_(tensors[name])
         torch.cuda.current_stream(self.device).synchronize()
-        return places
 
     def _shared_selection(self, meta: dict[str, Any], record: AttentionRecord) -> torch.Tensor:
         """The float32 selection the worker left in the output region, cloned before anything looks at

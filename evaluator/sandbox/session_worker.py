@@ -62,7 +62,8 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
         if header.get("op") == "close":
             finish({"ok": True, "calls": served})
         layer, call, start = int(header["layer"]), int(header["call"]), int(header["start"])
-        if shared is not None and "shared" in header:
+        via_block = shared is not None and "shared" in header
+        if via_block:
             data = {name: shared.tensor(int(at), DTYPES[dtype], tuple(dims)).clone()
                     for name, dtype, dims, at in header["shared"]}
         lap("wait for and read the call")
@@ -90,8 +91,7 @@ def serve_session(job: dict[str, Any], files: dict[str, int], masker: Callable[[
             selection = masker(inp)
             lap("masker")
             sel, at = wire_form(selection, shape, inp.num_kv_heads, device)
-            if shared is not None and "shared" in header and is_dense_tensor(sel, at, device) \
-                    and out_at + 4 * sel.numel() <= shared.size:
+            if via_block and is_dense_tensor(sel, at, device) and out_at + 4 * sel.numel() <= shared.size:
                 # A candidate's asynchronous error surfaces in this wait, as the candidate's.
                 shared.tensor(out_at, torch.float32, at).copy_(sel)
                 torch.cuda.current_stream().synchronize()
