@@ -47,6 +47,11 @@ class EvaluationConfig(BaseModel):
         "context: seconds) overlaps earlier candidates; null = 1 on CPU or a small machine, on a GPU up to 8 bounded by "
         "cores and GPU memory; each warm spare on a GPU holds a CUDA context and the workload's inputs (~2 GB for default)",
     )
+    slot_processes: bool | None = Field(
+        None, description="executor local: each GPU's evaluations are scored by a harness process of its own, which "
+        "loads the workloads from the disk cache, instead of by a thread of the run's process (null = when there is "
+        "more than one GPU: threads would share one interpreter lock)",
+    )
     in_flight: int | None = Field(
         None, gt=0, description="LLM-free mutators: proposals being scored at once (null = one per evaluation worker); "
         "a run replays exactly for the same value, which is recorded in the run's config",

@@ -249,9 +249,9 @@ def test_a_harness_error_reaches_the_caller():
 
 
 def test_a_worker_that_fails_to_start_is_retried(tiny_workload, monkeypatch):
-    import adrs.scheduler.local as local
+    import adrs.scheduler.host as host
 
-    real = local.run_candidate
+    real = host.run_candidate
     calls: list[int] = []
 
     def flaky_start(*args, **kwargs):
@@ -262,7 +262,7 @@ def test_a_worker_that_fails_to_start_is_retried(tiny_workload, monkeypatch):
             return SandboxRun(ScoreReport.failure("harness", "the sandbox worker failed to start (no candidate code ran)"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(local, "run_candidate", flaky_start)
+    monkeypatch.setattr(host, "run_candidate", flaky_start)
     cfg = parse_config({"workload": "tiny", "heldout_workload": None, "evaluation": {"workers": 1}})
     with make_scheduler(cfg, lambda which: tiny_workload) as sched:
         report = sched.submit(SEED.read_text()).result(timeout=60)
@@ -284,12 +284,14 @@ def test_wait_started_tells_a_scheduler_whose_slots_cannot_start():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_one_slot_per_gpu_each_scoring_on_its_own_gpu(tiny_workload):
-    from evaluator.workload import load_workload
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_one_slot_per_gpu_each_scoring_on_its_own_gpu(tiny_workload, processes):
+    from evaluator.workload import load_workload, resolve_spec
 
     devices = local_devices()
     assert devices == [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    with LocalScheduler(lambda which: tiny_workload, 0.1, SandboxLimits(), devices=devices) as sched:
+    specs = {"search": resolve_spec("tiny"), "heldout": None} if processes else None
+    with LocalScheduler(lambda which: tiny_workload, 0.1, SandboxLimits(), devices=devices, specs=specs) as sched:
         futures = [sched.submit(SEED.read_text()) for _ in range(2 * len(devices))]
         reports = [f.result(timeout=300) for f in futures]
     expected = score_file(SEED, load_workload("tiny", device="cuda:0", progress=False), 0.1).combined_score

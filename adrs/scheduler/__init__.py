@@ -13,9 +13,10 @@ from adrs.scheduler.base import Scheduler, SchedulerClosed, Which, WorkerLost
 from adrs.scheduler.local import LocalScheduler, WorkloadSource, local_devices
 from evaluator.sandbox import SandboxLimits
 from evaluator.speedup import SpeedupOptions
+from evaluator.workload import WorkloadSpec
 
 __all__ = ["Scheduler", "SchedulerClosed", "Which", "WorkerLost", "LocalScheduler", "WorkloadSource",
-           "local_devices", "make_scheduler", "sandbox_limits", "speedup_options"]
+           "local_devices", "make_scheduler", "sandbox_limits", "speedup_options", "workload_specs"]
 
 
 def sandbox_limits(config: RunConfig) -> SandboxLimits:
@@ -34,8 +35,9 @@ def speedup_options(config: RunConfig) -> SpeedupOptions | None:
 def make_scheduler(config: RunConfig, workloads: WorkloadSource) -> Scheduler:
     """The scheduler ``config.evaluation`` asks for.
 
-    ``workloads`` gives the local backend the search and held-out workloads (it copies them to
-    each GPU); Ray actors load the config's workload specs themselves, on their own nodes.
+    ``workloads`` gives the local backend's thread slots the search and held-out workloads (they
+    copy them to each GPU); slot processes (``evaluation.slot_processes``, by default with more
+    than one GPU) and Ray actors load the config's workload specs themselves.
     """
     ev = config.evaluation
     if ev.executor == "ray":
@@ -46,9 +48,18 @@ def make_scheduler(config: RunConfig, workloads: WorkloadSource) -> Scheduler:
                                "(the same Ray version as the cluster)") from None
         from adrs.scheduler.ray_backend import RayScheduler
 
-        specs = {"search": config.workload_spec(), "heldout": config.heldout_spec()}
-        return RayScheduler(specs, config.density_target, sandbox_limits(config), address=ev.ray_address,
+        return RayScheduler(workload_specs(config), config.density_target, sandbox_limits(config), address=ev.ray_address,
                             workers=ev.workers, max_attempts=ev.max_attempts, speedup=speedup_options(config),
                             spares=ev.spares)
-    return LocalScheduler(workloads, config.density_target, sandbox_limits(config), devices=local_devices(ev.workers),
-                          max_attempts=ev.max_attempts, speedup=speedup_options(config), spares=ev.spares)
+    devices = local_devices(ev.workers)
+    processes = ev.slot_processes
+    if processes is None:
+        processes = sum(d.startswith("cuda") for d in devices) > 1
+    return LocalScheduler(workloads, config.density_target, sandbox_limits(config), devices=devices,
+                          max_attempts=ev.max_attempts, speedup=speedup_options(config), spares=ev.spares,
+                          specs=workload_specs(config) if processes else None)
+
+
+def workload_specs(config: RunConfig) -> dict[str, WorkloadSpec | None]:
+    """The specs a slot outside this process loads its workloads from (the audit's is the search's)."""
+    return {"search": config.workload_spec(), "heldout": config.heldout_spec()}

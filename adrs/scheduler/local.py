@@ -6,12 +6,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from adrs.scheduler.base import Slot, SlotScheduler, Which, WorkerLost
-from evaluator.candidate import candidate_file
-from evaluator.sandbox import SandboxLimits, WorkerPool, auto_spares, run_candidate
+from adrs.scheduler.base import Slot, SlotScheduler, Which
+from adrs.scheduler.host import lost_if_unstarted, sandboxed_report
+from adrs.scheduler.process import ProcessSlot
+from evaluator.sandbox import SandboxLimits, WorkerPool, auto_spares
 from evaluator.scoring import ScoreReport
-from evaluator.speedup import SpeedupOptions, with_speedup
-from evaluator.workload import Workload
+from evaluator.speedup import SpeedupOptions
+from evaluator.workload import Workload, WorkloadSpec
 
 WorkloadSource = Callable[[Which], Workload]
 
@@ -68,16 +69,8 @@ class LocalSlot(Slot):
         return self._workloads[which]
 
     def evaluate(self, code: str, which: Which) -> ScoreReport:
-        wl = self.workload(which)
-        with candidate_file(code) as path:
-            # The decode speedup (search workload only) times the trusted kernel on the validated selections.
-            report = with_speedup(lambda hook: run_candidate(path, wl, self._density_target, pool=self._pool,
-                                                             on_selection=hook).report,
-                                  wl, self._speedup if which == "search" else None)
-        if report.category == "harness":
-            # The worker died or hung before it took the job: no candidate code ran, try again.
-            raise WorkerLost(report.reason or "the sandbox worker failed to start")
-        return report
+        return lost_if_unstarted(sandboxed_report(code, self.workload(which), self._density_target, self._pool,
+                                                  self._speedup if which == "search" else None))
 
     def recover(self) -> bool:
         return True  # every evaluation gets a fresh worker from the pool anyway
@@ -93,10 +86,19 @@ class LocalScheduler(SlotScheduler):
 
     def __init__(self, workloads: WorkloadSource, density_target: float, limits: SandboxLimits,
                  devices: Sequence[str] | None = None, max_attempts: int = 3, speedup: SpeedupOptions | None = None,
-                 spares: int | None = None) -> None:
-        """``spares``: warm sandbox workers per slot (None: ``auto_spares`` for these devices)."""
+                 spares: int | None = None, specs: dict[str, WorkloadSpec | None] | None = None) -> None:
+        """``spares``: warm sandbox workers per slot (None: ``auto_spares`` for these devices).
+
+        ``specs``: serve each device from a harness process of its own (``ProcessSlot``), which loads
+        the workloads from these specs; None: serve them from threads of this process, with ``workloads``.
+        """
         self.devices = list(devices) if devices is not None else local_devices()
         self.spares = spares if spares is not None else local_spares(self.devices)
-        slots = [LocalSlot(i, d, workloads, density_target, limits, speedup, self.spares)
-                 for i, d in enumerate(self.devices)]
+        self.processes = specs is not None
+        if specs is not None:
+            slots: list[Slot] = [ProcessSlot(i, d, specs, density_target, limits, speedup, self.spares)
+                                 for i, d in enumerate(self.devices)]
+        else:
+            slots = [LocalSlot(i, d, workloads, density_target, limits, speedup, self.spares)
+                     for i, d in enumerate(self.devices)]
         super().__init__(slots, max_attempts)

@@ -26,17 +26,14 @@ from typing import Any
 import torch
 
 from adrs.scheduler.base import WHICH, Slot, SlotScheduler, Which, WorkerLost
-from evaluator.candidate import candidate_file
-from evaluator.sandbox import SandboxLimits, Worker, WorkerPool, auto_spares, run_candidate
+from adrs.scheduler.host import GUARD_MARGIN_S, SlotHost
+from evaluator.sandbox import SandboxLimits, Worker, WorkerPool, auto_spares
 from evaluator.sandbox.isolation import kill_tree
 from evaluator.scoring import ScoreReport
-from evaluator.speedup import SpeedupOptions, with_speedup
-from evaluator.workload import Workload, WorkloadSpec, at_precision, load_workload
+from evaluator.speedup import SpeedupOptions
+from evaluator.workload import WorkloadSpec
 
 log = logging.getLogger(__name__)
-
-# Slack on top of the sandbox's own limits before the driver gives up on an actor.
-GUARD_MARGIN_S = 120.0
 
 
 def _inflight_dir() -> Path:
@@ -97,22 +94,19 @@ def _node_gpus() -> int:
 
 
 class EvalActor:
-    """Runs in a Ray worker process: workloads in memory, one sandboxed evaluation at a time."""
+    """Runs in a Ray worker process: a ``SlotHost`` on the actor's device, noting its in-flight worker."""
 
     def __init__(self, specs: dict[str, WorkloadSpec | None], density_target: float, limits: SandboxLimits,
                  use_gpu: bool, speedup: SpeedupOptions | None = None, spares: int | None = None) -> None:
         """``spares``: warm sandbox workers (None: ``auto_spares`` for this node, one GPU actor per GPU)."""
         sweep_orphans(os.getpid())
-        self._specs = specs
-        self._speedup = speedup
-        self._density_target = density_target
         self._device = "cuda:0" if use_gpu else "cpu"
-        self._workloads: dict[str, Workload] = {}
         if spares is None:
             gpu_bytes = torch.cuda.get_device_properties(0).total_memory if use_gpu else None
             spares = auto_spares(use_gpu, _node_gpus() if use_gpu else 1, gpu_bytes=gpu_bytes)
         self.spares = spares
-        self._pool = _TrackedPool(limits, cuda=use_gpu, device=self._device, spares=spares)
+        pool = _TrackedPool(limits, cuda=use_gpu, device=self._device, spares=spares)
+        self._host = SlotHost(specs, density_target, pool, speedup)
 
     def info(self) -> dict[str, Any]:
         """Where this actor runs (tests kill it by pid; logs name the node)."""
@@ -123,27 +117,16 @@ class EvalActor:
 
     def load(self, which: str) -> str:
         """Make sure ``which`` workload is in memory; returns its label."""
-        if which not in self._workloads:
-            spec = self._specs.get("search" if which == "audit" else which)
-            if spec is None:
-                raise ValueError(f"this run has no {which} workload")
-            workload = load_workload(spec, device=self._device, progress=False)
-            self._workloads[which] = at_precision(workload, torch.float64) if which == "audit" else workload
-        return self._workloads[which].label
+        return self._host.load(which)
 
     def evaluate(self, code: str, which: str) -> ScoreReport:
-        self.load(which)
-        with candidate_file(code) as path:
-            try:
-                wl = self._workloads[which]
-                return with_speedup(lambda hook: run_candidate(path, wl, self._density_target, pool=self._pool,
-                                                               on_selection=hook).report,
-                                    wl, self._speedup if which == "search" else None)
-            finally:
-                (_inflight_dir() / f"{os.getpid()}.json").unlink(missing_ok=True)
+        try:
+            return self._host.evaluate(code, which)
+        finally:
+            (_inflight_dir() / f"{os.getpid()}.json").unlink(missing_ok=True)
 
     def close(self) -> None:
-        self._pool.close()
+        self._host.close()
 
 
 def _lost_errors() -> tuple[type[BaseException], ...]:
