@@ -60,12 +60,12 @@ def masker(inp: MaskerInput) -> Selection:
 
 
 def measure(latency: float, in_flight: int, iterations: int, workload: str, in_process: bool,
-            workers: int | None = None, mutator: str = "loopback") -> dict:
+            workers: int | None = None, mutator: str = "loopback", slot_processes: bool | None = None) -> dict:
     # Every reply is new code (SINK_TOKENS = 8, 9, ...): a repeated reply would be recorded as a
     # duplicate without being evaluated, and the run would measure the LLM alone.
     replies = [lambda body, n=n: Reply(REWRITE.replace("{n}", str(n)), delay_s=latency) for n in range(8, 8 + 4 * iterations + 64)]
     with LoopbackOpenAI(replies) as server, tempfile.TemporaryDirectory() as tmp:
-        evaluation = {"in_process": in_process, **({"workers": workers} if workers else {})}
+        evaluation = {"in_process": in_process, "slot_processes": slot_processes, **({"workers": workers} if workers else {})}
         if mutator == "loopback":
             llm: object = {"models": [{"name": "loopback", "base_url": server.base_url, "api_key_env": None}],
                            "max_in_flight": in_flight}
@@ -112,7 +112,7 @@ def measure(latency: float, in_flight: int, iterations: int, workload: str, in_p
     rate = iterations / elapsed * 3600
     bound = (min(in_flight / (latency + t_eval), w / t_eval) if mutator == "loopback" else w / t_eval) * 3600
     return {"mutator": mutator, "latency_s": latency if mutator == "loopback" else None, "in_flight": in_flight,
-            "workers": workers, "iterations": iterations, "t_eval_s": t_eval, "elapsed_s": elapsed,
+            "workers": workers, "slot_processes": slot_processes, "iterations": iterations, "t_eval_s": t_eval, "elapsed_s": elapsed,
             "evals_per_hour": rate, "bound_per_hour": bound, "fraction_of_bound": rate / bound, "audited": audits,
             "duplicates": duplicates, "slot_busy": slot_busy, "gpu_busy": gpu_busy}
 
@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[None],
                         help="evaluation workers (one per GPU); default: the config's (one per visible GPU, or 1)")
     parser.add_argument("--mutator", nargs="+", default=["loopback"], choices=["loopback", "structural", "offline"])
+    parser.add_argument("--slot-processes", nargs="+", default=["auto"], choices=["auto", "on", "off"],
+                        help="evaluation.slot_processes: each GPU's harness in a process of its own (auto: with 2+ GPUs)")
     parser.add_argument("--in-process", action="store_true", help="score without the sandbox")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loop_latency.json"))
     args = parser.parse_args()
@@ -142,18 +144,22 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for m in args.mutator:
         for n in args.in_flight:
-            for w in args.workers:
-                rows.append(measure(args.latency, n, args.iterations, args.workload, args.in_process, w, m))
-                print(rows[-1], flush=True)
-                _write(args, rows)  # what is measured survives a time limit
+            for procs in args.slot_processes:
+                for w in args.workers:
+                    rows.append(measure(args.latency, n, args.iterations, args.workload, args.in_process, w, m,
+                                        {"auto": None, "on": True, "off": False}[procs]))
+                    print(rows[-1], flush=True)
+                    _write(args, rows)  # what is measured survives a time limit
     table = Table(title=f"loop throughput ({args.workload}, {'in process' if args.in_process else 'sandbox'}; "
                         f"loopback LLM latency {args.latency}s)")
-    for col in ("mutator", "in flight", "workers", "t_eval s", "evals/hour", "bound/hour", "of bound", "x first workers",
+    for col in ("mutator", "in flight", "slot procs", "workers", "t_eval s", "evals/hour", "bound/hour", "of bound", "x first workers",
                 "audited", "dup.", "slots busy", "GPUs busy"):
         table.add_column(col)
     for r in rows:
-        first = next(x for x in rows if x["mutator"] == r["mutator"] and x["in_flight"] == r["in_flight"])
-        table.add_row(r["mutator"], str(r["in_flight"]), str(r["workers"] or "auto"), f"{r['t_eval_s']:.2f}",
+        first = next(x for x in rows if x["mutator"] == r["mutator"] and x["in_flight"] == r["in_flight"]
+                     and x["slot_processes"] == r["slot_processes"])
+        procs = {None: "auto", True: "on", False: "off"}[r["slot_processes"]]
+        table.add_row(r["mutator"], str(r["in_flight"]), procs, str(r["workers"] or "auto"), f"{r['t_eval_s']:.2f}",
                       f"{r['evals_per_hour']:.0f}", f"{r['bound_per_hour']:.0f}", f"{r['fraction_of_bound']:.0%}",
                       f"{r['evals_per_hour'] / first['evals_per_hour']:.2f}", str(r["audited"]), str(r["duplicates"]),
                       _shares(r["slot_busy"]), _shares(r["gpu_busy"]))

@@ -4,6 +4,7 @@ and evaluations per minute on 1..N GPUs, for this tree and, optionally, an older
     python benchmarks/bench_throughput.py --before /path/to/old/checkout [--slots 1 2] [--repeat 3]
     python benchmarks/bench_throughput.py --before OLD --workload synthetic --parts fast,scale   # no model needed
     python benchmarks/bench_throughput.py --fresh-workers --parts scale   # fork server against fresh workers
+    python benchmarks/bench_throughput.py --slot-processes --parts scale   # thread slots against slot processes
 
 Each tree is measured in its own child process (``PYTHONPATH`` = that tree), with the same
 calls both trees have: ``score_file``, ``run_candidate`` with a warm ``WorkerPool`` (the
@@ -52,6 +53,19 @@ def _workload(name: str, device: str, records: int | None = None) -> Any:
         return synthetic_workload(device, records)
     workload = load_workload(name, device=device, progress=False)
     return dataclasses.replace(workload, records=workload.records[:records]) if records else workload
+
+
+def _spec(name: str, records: int | None) -> Any:
+    """The workload's spec, for slots that load it themselves (``synthetic``: written into the cache once)."""
+    from evaluator.workload import resolve_spec
+
+    if records:
+        raise SystemExit("--records cannot be combined with slot processes (they load whole workloads by spec)")
+    if name == "synthetic":
+        from synthetic import cached_synthetic_spec
+
+        return cached_synthetic_spec()
+    return resolve_spec(name)
 
 
 def part_fast(args: argparse.Namespace) -> dict[str, Any]:
@@ -203,6 +217,8 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
             rows[str(slots)] = {"skipped": f"{len(devices)} GPU(s) here"}
             continue
         extra = {"spares": args.spares} if takes_spares else {}
+        if os.environ.get("BENCH_SLOT_PROCESSES") == "1":  # after-processes: each slot's harness in its own process
+            extra["specs"] = {"search": _spec(args.workload, args.records), "heldout": None}
         sched = LocalScheduler(lambda which: workload, 0.10, SandboxLimits(wall_s=600), devices=devices, **extra)
         sampler, clock = BusySampler(len(set(devices))), SlotClock(sched)
         during = [clock, sampler] + ([_prefilled(sched)] if args.scale_mode == "prefilled" else [])
@@ -221,7 +237,7 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
 PARTS = {"fast": part_fast, "faithful": part_faithful, "scale": part_scale}
 # Variants of this tree measured under their own label: the environment their child gets.
 FLAVOURS = {"after-fresh": {"ADRS_FORK_SERVER": "0"}, "after-norehearse": {"ADRS_SPARE_REHEARSAL": "0"},
-            "after-flipped": {"BENCH_SCORING_FLIP": "1"}}
+            "after-flipped": {"BENCH_SCORING_FLIP": "1"}, "after-processes": {"BENCH_SLOT_PROCESSES": "1"}}
 
 
 def run_child(args: argparse.Namespace) -> None:
@@ -301,6 +317,8 @@ def main() -> None:
     ap.add_argument("--flip-scoring", action="store_true",
                     help="also measure this tree with the parent scoring the other way round from its default "
                          "(after the worker or alongside it): 'after-flipped'")
+    ap.add_argument("--slot-processes", action="store_true",
+                    help="also measure this tree with each slot's harness in a process of its own (scale part)")
     ap.add_argument("--interleave", action="store_true",
                     help="fast part: both trees' children alive at once, candidates alternated (fair on a busy machine)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip parts once this much time is spent")
@@ -318,7 +336,8 @@ def main() -> None:
     trees = {"after": REPO, **({"before": args.before.resolve()} if args.before else {}),
              **({"after-fresh": REPO} if args.fresh_workers else {}),
              **({"after-norehearse": REPO} if args.no_rehearsal else {}),
-             **({"after-flipped": REPO} if args.flip_scoring else {})}
+             **({"after-flipped": REPO} if args.flip_scoring else {}),
+             **({"after-processes": REPO} if args.slot_processes else {})}
     results: dict[str, dict[str, Any]] = {label: {} for label in trees}
     t_start = time.perf_counter()
     if args.interleave and "fast" in args.parts:
