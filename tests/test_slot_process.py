@@ -17,7 +17,6 @@ from adrs.scheduler import LocalScheduler, make_scheduler
 from adrs.scheduler.base import SlotScheduler
 from adrs.scheduler.process import ProcessSlot
 from conftest import ROOT, sandbox_workers_of
-from evaluator.candidate import candidate_file
 from evaluator.inprocess import score_file
 from evaluator.sandbox import IsolationUnavailable, SandboxLimits
 from evaluator.workload import at_precision, load_workload, resolve_spec
@@ -147,9 +146,9 @@ def test_slot_processes_follow_the_config(tiny_workload):
     cfg = parse_config({"workload": "tiny", "evaluation": {"slot_processes": True, "spares": 1}})
     with make_scheduler(cfg, lambda which: tiny_workload) as sched:
         assert sched.processes and all(isinstance(s, ProcessSlot) for s in sched._slots)
-        with candidate_file(SEED.read_text()) as path:
-            assert sched.submit(SEED.read_text()).result(timeout=120).combined_score == \
-                score_file(path, tiny_workload, 0.1).combined_score
+        # Scored on the slot's device (a GPU where there is one): compared with the same device in process.
+        expected = score_file(SEED, load_workload("tiny", device=sched.devices[0], progress=False), 0.1).combined_score
+        assert sched.submit(SEED.read_text()).result(timeout=120).combined_score == pytest.approx(expected, abs=1e-6)
     # Default on a machine with at most one GPU: thread slots, no extra process.
     if torch.cuda.device_count() <= 1:
         with make_scheduler(parse_config({"workload": "tiny", "evaluation": {"spares": 1}}), lambda w: tiny_workload) as sched:
